@@ -1,0 +1,25 @@
+"""MVFA for anomalib: multi-level visual feature adapters on a frozen CLIP.
+
+Example:
+    >>> from anomalib_mvfa import MvfaModel
+    >>> model = MvfaModel(backbone="ViT-L-14-336", pretrained="openai", image_size=240)  # doctest: +SKIP
+"""
+
+from .augmentation import SupportSet, augment_support_set
+from .backbone import PretrainedWeightsError, load_clip
+from .loss import DetectionLoss, MvfaLoss
+from .torch_model import BranchOutputs, MvfaModel, TrainingOutputs
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BranchOutputs",
+    "DetectionLoss",
+    "MvfaLoss",
+    "MvfaModel",
+    "PretrainedWeightsError",
+    "SupportSet",
+    "TrainingOutputs",
+    "augment_support_set",
+    "load_clip",
+]

@@ -1,0 +1,333 @@
+"""Frozen open_clip backbones for MVFA.
+
+This module builds the CLIP model that MVFA adapts. The architecture comes from an
+open_clip model name (``"ViT-L-14-336"``) or from an open_clip model-config JSON file
+(keys ``embed_dim``, ``vision_cfg`` and ``text_cfg``). The weights come from an
+open_clip pretrained tag (``"openai"``), a local weights file, or nowhere
+(``None``: random weights, announced with a warning because every score is then
+meaningless).
+
+Example:
+    >>> from anomalib_mvfa.backbone import load_clip
+    >>> clip, tokenizer = load_clip("ViT-B-16", pretrained="openai", image_size=224)  # doctest: +SKIP
+    >>> clip.visual.grid_size  # doctest: +SKIP
+    (14, 14)
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import socket
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import huggingface_hub
+import open_clip
+import torch
+from open_clip.model import resize_pos_embed, resize_text_pos_embed
+from open_clip.transformer import VisionTransformer
+from safetensors.torch import load_file as load_safetensors
+
+logger = logging.getLogger(__name__)
+
+# Keys that OpenAI's TorchScript archives carry next to the weights.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Seconds a weight download may wait for the network before it is treated as offline.
+DOWNLOAD_TIMEOUT_S = 30.0
+_WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Raised when the requested CLIP weights cannot be obtained or do not fit."""
+
+
+def resolve_model_config(backbone: str | Path) -> tuple[str, dict[str, Any]]:
+    """Return the name and the open_clip model config of ``backbone``.
+
+    Args:
+        backbone: An open_clip model name or the path of an open_clip model-config
+            JSON file.
+
+    Returns:
+        The model name (the file stem for a JSON file) and a copy of its config.
+
+    Raises:
+        ValueError: If the name is unknown or the file is not a CLIP model config.
+
+    Example:
+        >>> name, config = resolve_model_config("ViT-B-16")
+        >>> name, config["vision_cfg"]["patch_size"]
+        ('ViT-B-16', 16)
+    """
+    path = Path(backbone)
+    if path.suffix.lower() == ".json" or path.is_file():
+        if not path.is_file():
+            msg = f"Backbone config file '{backbone}' does not exist."
+            raise ValueError(msg)
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            msg = f"Backbone config file '{backbone}' is not valid JSON: {error}"
+            raise ValueError(msg) from error
+        missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
+        if not isinstance(config, dict) or missing:
+            msg = (
+                f"Backbone config file '{backbone}' is not an open_clip model config: "
+                f"expected the keys 'embed_dim', 'vision_cfg' and 'text_cfg', missing {missing}."
+            )
+            raise ValueError(msg)
+        return path.stem, config
+
+    name = str(backbone).replace("/", "-")
+    config = open_clip.get_model_config(name)
+    if config is None:
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else ""
+        msg = (
+            f"Unknown backbone '{backbone}': expected an open_clip model name "
+            f"(see open_clip.list_models()) or the path of an open_clip model-config JSON file.{hint}"
+        )
+        raise ValueError(msg)
+    return name, config
+
+
+def _check_vision_transformer(name: str, config: dict[str, Any], image_size: int) -> None:
+    vision_cfg = config["vision_cfg"]
+    if "timm_model_name" in vision_cfg or isinstance(vision_cfg.get("layers"), list | tuple):
+        msg = f"Backbone '{name}' has no open_clip VisionTransformer image tower; MVFA needs a CLIP ViT."
+        raise ValueError(msg)
+    patch_size = vision_cfg.get("patch_size", 16)
+    if image_size < patch_size:
+        msg = f"image_size={image_size} is smaller than one patch of backbone '{name}' ({patch_size} pixels)."
+        raise ValueError(msg)
+
+
+def _build_model(name: str, config: dict[str, Any], image_size: int, quick_gelu: bool) -> torch.nn.Module:
+    config = json.loads(json.dumps(config))  # deep copy, config may come from the caller
+    config["vision_cfg"]["image_size"] = image_size
+    if quick_gelu:
+        config["quick_gelu"] = True
+    custom_text = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
+    if "hf_model_name" in config.get("text_cfg", {}):
+        config["text_cfg"]["hf_model_pretrained"] = False
+    model_class = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
+    try:
+        model = model_class(**config)
+    except TypeError as error:
+        msg = f"Backbone config '{name}' does not describe an open_clip CLIP model: {error}"
+        raise ValueError(msg) from error
+    if not isinstance(model.visual, VisionTransformer):
+        msg = f"Backbone '{name}' has no open_clip VisionTransformer image tower; MVFA needs a CLIP ViT."
+        raise ValueError(msg)
+    return model
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a CLIP state dict from a local file.
+
+    Accepted: a ``state_dict`` saved with ``torch.save`` (optionally under the key
+    ``"state_dict"``), a ``.safetensors`` file, and OpenAI's TorchScript archives
+    (``ViT-L-14-336px.pt``). Pickled files are read with ``weights_only=True``.
+
+    Args:
+        path: The weights file.
+
+    Returns:
+        The state dict, without a ``module.`` prefix and without OpenAI's extra keys.
+
+    Raises:
+        PretrainedWeightsError: If the file is missing or holds no state dict.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"Weights file '{path}' does not exist."
+        raise PretrainedWeightsError(msg)
+    try:
+        if path.suffix == ".safetensors":
+            state_dict = load_safetensors(str(path))
+        elif is_torchscript_archive(path):
+            # OpenAI's own release format: a TorchScript archive (no Python is executed).
+            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        else:
+            state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        msg = f"Weights file '{path}' could not be read as a CLIP state dict: {error}"
+        raise PretrainedWeightsError(msg) from error
+    if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
+        state_dict = state_dict["state_dict"]
+    if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
+        msg = f"Weights file '{path}' does not hold a state dict of tensors."
+        raise PretrainedWeightsError(msg)
+    state_dict = {key.removeprefix("module."): value for key, value in state_dict.items()}
+    for key in _OPENAI_EXTRA_KEYS:
+        state_dict.pop(key, None)
+    return state_dict
+
+
+def is_torchscript_archive(path: str | Path) -> bool:
+    """Return whether ``path`` is a TorchScript archive, the format of OpenAI's CLIP releases."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(entry.endswith("constants.pkl") for entry in archive.namelist())
+
+
+def _looks_like_path(pretrained: str | Path) -> bool:
+    text = str(pretrained)
+    return Path(text).exists() or "/" in text or "\\" in text or Path(text).suffix.lower() in _WEIGHT_SUFFIXES
+
+
+@contextmanager
+def _network_timeout(seconds: float) -> Iterator[None]:
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(seconds)
+    try:
+        yield
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def _cached_hf_file(hf_hub: str, cache_dir: str | None) -> Path | None:
+    """Return the cached file of an open_clip ``hf_hub`` entry (``org/model/[file]``), if any."""
+    model_id, filename = hf_hub.rsplit("/", 1)  # a trailing slash means open_clip's default file name
+    try:
+        path = huggingface_hub.hf_hub_download(
+            model_id, filename or "open_clip_pytorch_model.bin", cache_dir=cache_dir, local_files_only=True
+        )
+    except Exception:  # not cached: any error of the look-up means "download it"
+        return None
+    return Path(path)
+
+
+def _check_reachable(url: str, timeout_s: float = 5.0) -> None:
+    """Raise ``OSError`` if the host of ``url`` cannot be connected to within ``timeout_s``."""
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    with socket.create_connection((parts.hostname, port), timeout=timeout_s):
+        pass
+
+
+def fetch_pretrained(name: str, tag: str, cache_dir: str | None = None) -> Path:
+    """Return the local path of open_clip's pretrained weights ``tag`` for ``name``.
+
+    Downloads them into open_clip's cache when they are not there yet; fails fast,
+    naming the tag and the offline alternative, when that is impossible.
+
+    Args:
+        name: open_clip model name.
+        tag: open_clip pretrained tag, for example ``"openai"``.
+        cache_dir: Optional download folder (open_clip's default otherwise).
+
+    Raises:
+        PretrainedWeightsError: If the tag is unknown for the model or cannot be fetched.
+    """
+    config = open_clip.get_pretrained_cfg(name, tag)
+    if not config:
+        available = open_clip.list_pretrained_tags_by_model(name)
+        msg = (
+            f"Unknown pretrained tag '{tag}' for backbone '{name}'. Tags open_clip knows for it: "
+            f"{available or 'none'}; or pass the path of a local weights file as `pretrained`."
+        )
+        raise PretrainedWeightsError(msg)
+    source = config.get("url") or config.get("hf_hub")
+    try:
+        if not config.get("url"):
+            cached = _cached_hf_file(config["hf_hub"], cache_dir)
+            if cached is not None:
+                return cached
+            # huggingface_hub retries unreachable hosts for half a minute: check once, quickly.
+            _check_reachable(huggingface_hub.constants.ENDPOINT)
+        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+            target = open_clip.download_pretrained(config, cache_dir=cache_dir)
+    except Exception as error:
+        msg = (
+            f"Could not obtain the pretrained weights '{tag}' of backbone '{name}' from {source} "
+            f"({type(error).__name__}: {error}). Without network access, download the file elsewhere "
+            f"and pass its path instead of the tag, for example pretrained='/path/to/{name}-{tag}.pt' "
+            f"(a torch state_dict, a .safetensors file or OpenAI's .pt archive)."
+        )
+        raise PretrainedWeightsError(msg) from error
+    if not target:
+        msg = f"open_clip returned no file for the pretrained weights '{tag}' of backbone '{name}'."
+        raise PretrainedWeightsError(msg)
+    return Path(target)
+
+
+def load_clip(
+    backbone: str | Path,
+    pretrained: str | Path | None,
+    image_size: int,
+    cache_dir: str | None = None,
+    quick_gelu: bool | None = None,
+) -> tuple[torch.nn.Module, Any]:
+    """Build a frozen open_clip CLIP model at ``image_size`` and its tokenizer.
+
+    The position embedding is resized (open_clip's bicubic interpolation) when
+    ``image_size`` differs from the size the weights were made for.
+
+    Args:
+        backbone: open_clip model name or path of an open_clip model-config JSON file.
+        pretrained: open_clip pretrained tag, path of a weights file, or ``None`` for
+            random weights (a warning says the scores are then meaningless).
+        image_size: Side of the square input images.
+        cache_dir: Optional download folder for pretrained tags.
+        quick_gelu: Use QuickGELU activations, as OpenAI's CLIP weights need. ``None``
+            decides from the weights: on for the tag ``"openai"`` and for OpenAI's
+            TorchScript archives, otherwise as the model config says.
+
+    Returns:
+        The CLIP model in eval mode with ``requires_grad=False`` everywhere, and the
+        tokenizer that belongs to it.
+
+    Example:
+        >>> clip, tokenizer = load_clip("ViT-L-14-336", "openai", image_size=240)  # doctest: +SKIP
+        >>> clip.visual.grid_size  # doctest: +SKIP
+        (17, 17)
+    """
+    name, config = resolve_model_config(backbone)
+    _check_vision_transformer(name, config, image_size)
+    weights_path = None
+    if pretrained is not None:
+        is_tag = not _looks_like_path(pretrained)
+        weights_path = fetch_pretrained(name, str(pretrained), cache_dir) if is_tag else Path(pretrained)
+        if quick_gelu is None:
+            # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU.
+            quick_gelu = (is_tag and str(pretrained).lower() == "openai") or is_torchscript_archive(weights_path)
+    model = _build_model(name, config, image_size, quick_gelu=bool(quick_gelu))
+
+    if weights_path is None:
+        logger.warning(
+            "MVFA backbone '%s' has RANDOM weights (pretrained=None): its anomaly scores are meaningless. "
+            "Pass an open_clip pretrained tag or a local weights file for real use.",
+            name,
+        )
+    else:
+        state_dict = read_weights_file(weights_path)
+        resize_pos_embed(state_dict, model)
+        resize_text_pos_embed(state_dict, model)
+        try:
+            model.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:
+            msg = f"Weights '{pretrained}' do not fit backbone '{name}': {error}"
+            raise PretrainedWeightsError(msg) from error
+        logger.info("Loaded CLIP weights '%s' into backbone '%s'.", pretrained, name)
+
+    model.requires_grad_(False)
+    model.eval()
+    tokenizer = _make_tokenizer(config)
+    return model, tokenizer
+
+
+def _make_tokenizer(config: dict[str, Any]) -> Any:
+    text_cfg = config.get("text_cfg", {})
+    context_length = text_cfg.get("context_length", 77)
+    kwargs = text_cfg.get("tokenizer_kwargs", {})
+    if "hf_tokenizer_name" in text_cfg:
+        return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)
+    return open_clip.SimpleTokenizer(context_length=context_length, **kwargs)

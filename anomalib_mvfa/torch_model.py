@@ -1,0 +1,565 @@
+"""PyTorch model of MVFA: a frozen CLIP ViT with multi-level visual feature adapters.
+
+Residual adapters after several blocks of CLIP's image encoder project the patch
+tokens into CLIP's joint image-text space. Two adapter sets exist: one for
+segmentation (pixel level) and one for detection (image level). Each adapted token
+is scored against text features of normal and abnormal prompts (zero-shot branch)
+and against a memory bank of adapted tokens of a few normal images (few-shot
+branch).
+
+Example:
+    >>> import torch
+    >>> from anomalib_mvfa import MvfaModel
+    >>> model = MvfaModel()  # ViT-L-14-336 with OpenAI weights, image size 240  # doctest: +SKIP
+    >>> model.setup(class_name="Brain", reference_images=normal_images)  # doctest: +SKIP
+    >>> prediction = model.eval()(images)  # doctest: +SKIP
+    >>> prediction.pred_score.shape, prediction.anomaly_map.shape  # doctest: +SKIP
+    (torch.Size([8]), torch.Size([8, 240, 240]))
+
+Paper:
+    Huang et al., "Adapting Visual-Language Models for Generalizable Anomaly Detection
+    in Medical Images", CVPR 2024.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from anomalib.data import InferenceBatch
+from anomalib.models.components import DynamicBufferMixin
+from torch import nn
+from torch.nn import functional as F  # noqa: N812
+
+from .backbone import load_clip
+from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
+
+logger = logging.getLogger(__name__)
+
+# Weights of the residual stream and the two adapter outputs after each feature layer.
+RESIDUAL_WEIGHT = 0.8
+ADAPTER_WEIGHT = 0.1
+# CLIP's logit scale applied to cosine similarities between tokens and text features.
+LOGIT_SCALE = 100.0
+# Rows of the calibration buffer: (branch, level) pairs, each with (mean, std) of normal images.
+CALIBRATION_ROWS = ("zero_shot_image", "zero_shot_pixel", "few_shot_image", "few_shot_pixel")
+UNCALIBRATED = torch.tensor([[0.0, 1.0]] * len(CALIBRATION_ROWS))
+# Query tokens compared with a memory bank at once (bounds the memory of the distance matrix).
+NEAREST_NEIGHBOUR_CHUNK = 4096
+
+
+class Adapter(nn.Module):
+    """Residual adapter of one feature layer.
+
+    ``mid = LeakyReLU(x W1)`` (dimension ``embed_dim``) is the adapted token used for
+    scoring; ``out = LeakyReLU(mid W2)`` (dimension ``width``) goes back into the
+    residual stream. The module names give the authors' checkpoint keys
+    ``fc1.0.weight`` and ``fc2.0.weight``.
+
+    Args:
+        width: Width of the vision transformer.
+        embed_dim: Dimension of CLIP's joint image-text space.
+
+    Example:
+        >>> adapter = Adapter(width=1024, embed_dim=768)
+        >>> mid, out = adapter(torch.rand(2, 290, 1024))
+        >>> mid.shape, out.shape
+        (torch.Size([2, 290, 768]), torch.Size([2, 290, 1024]))
+    """
+
+    def __init__(self, width: int, embed_dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Sequential(nn.Linear(width, embed_dim, bias=False), nn.LeakyReLU(negative_slope=0.01))
+        self.fc2 = nn.Sequential(nn.Linear(embed_dim, width, bias=False), nn.LeakyReLU(negative_slope=0.01))
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the adapted token and the residual update."""
+        mid = self.fc1(tokens)
+        return mid, self.fc2(mid)
+
+
+@dataclass
+class AdaptedTokens:
+    """Adapted patch tokens (CLS token removed), one ``B x L x C`` tensor per feature layer."""
+
+    segmentation: list[torch.Tensor]
+    detection: list[torch.Tensor]
+
+
+@dataclass
+class BranchOutputs:
+    """Raw outputs of MVFA's two branches, summed over the feature layers.
+
+    Attributes:
+        zero_shot_map: ``B x H x W`` abnormal probability from the segmentation tokens.
+        zero_shot_score: ``B`` mean abnormal probability of the detection tokens.
+        few_shot_map: ``B x H x W`` nearest-neighbour cosine distance of the
+            segmentation tokens, ``None`` without a memory bank.
+        few_shot_score: ``B`` mean of the detection tokens' distance map, ``None``
+            without a memory bank.
+    """
+
+    zero_shot_map: torch.Tensor
+    zero_shot_score: torch.Tensor
+    few_shot_map: torch.Tensor | None = None
+    few_shot_score: torch.Tensor | None = None
+
+
+@dataclass
+class TrainingOutputs:
+    """What MVFA's losses need, one tensor per feature layer.
+
+    Attributes:
+        segmentation_logits: ``B x 2 x H x W`` text logits of the segmentation tokens,
+            upsampled to the input size (channel 1: abnormal).
+        detection_logits: ``B x L x 2`` text logits of the detection tokens.
+    """
+
+    segmentation_logits: list[torch.Tensor]
+    detection_logits: list[torch.Tensor]
+
+
+class MvfaModel(DynamicBufferMixin, nn.Module):
+    """MVFA: frozen CLIP ViT with segmentation and detection adapters.
+
+    Args:
+        backbone: open_clip model name or path of an open_clip model-config JSON file.
+        pretrained: open_clip pretrained tag, path of a weights file, or ``None`` for
+            random CLIP weights (a warning says that the scores are then meaningless).
+        image_size: Side of the square input images; the position embedding is
+            resized when it differs from the backbone's.
+        feature_layers: 1-based indices of the transformer blocks followed by an
+            adapter, strictly increasing.
+        image_score_from_map: In ``forward``, take the image score as the maximum of
+            the fused anomaly map (the authors' choice for datasets with masks)
+            instead of the fused detection score.
+        cache_dir: Download folder for pretrained tags.
+        quick_gelu: Force QuickGELU on or off; ``None`` decides from the weights.
+
+    Example:
+        >>> model = MvfaModel("ViT-B-16", pretrained="openai", image_size=224,
+        ...                   feature_layers=(3, 6, 9, 12))  # doctest: +SKIP
+        >>> model.setup("bottle", reference_images=torch.rand(4, 3, 224, 224))  # doctest: +SKIP
+        >>> outputs = model.branch_outputs(torch.rand(2, 3, 224, 224))  # doctest: +SKIP
+        >>> outputs.zero_shot_map.shape, outputs.few_shot_score.shape  # doctest: +SKIP
+        (torch.Size([2, 224, 224]), torch.Size([2]))
+    """
+
+    def __init__(
+        self,
+        backbone: str | Path = "ViT-L-14-336",
+        pretrained: str | Path | None = "openai",
+        image_size: int = 240,
+        feature_layers: Sequence[int] = (6, 12, 18, 24),
+        image_score_from_map: bool = False,
+        cache_dir: str | None = None,
+        quick_gelu: bool | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone = str(backbone)
+        self.image_size = int(image_size)
+        self.image_score_from_map = image_score_from_map
+        self.clip, self.tokenizer = load_clip(backbone, pretrained, self.image_size, cache_dir, quick_gelu)
+        visual = self.clip.visual
+        self.depth = len(visual.transformer.resblocks)
+        self.feature_layers = self._check_feature_layers(feature_layers, self.depth)
+        self.grid_size = tuple(visual.grid_size)
+        self.width = visual.conv1.out_channels
+        self.embed_dim = visual.output_dim
+
+        self.seg_adapters = nn.ModuleList(Adapter(self.width, self.embed_dim) for _ in self.feature_layers)
+        self.det_adapters = nn.ModuleList(Adapter(self.width, self.embed_dim) for _ in self.feature_layers)
+
+        self.class_name: str | None = None
+        self.register_buffer("text_features", torch.empty(0))
+        self.register_buffer("seg_memory_bank", torch.empty(0))
+        self.register_buffer("det_memory_bank", torch.empty(0))
+        self.register_buffer("calibration", torch.empty(0))
+
+    @staticmethod
+    def _check_feature_layers(feature_layers: Sequence[int], depth: int) -> tuple[int, ...]:
+        layers = tuple(int(layer) for layer in feature_layers)
+        if (
+            not layers
+            or any(layer < 1 or layer > depth for layer in layers)
+            or any(b <= a for a, b in itertools.pairwise(layers))
+        ):
+            msg = (
+                f"feature_layers={tuple(feature_layers)} is not valid for a backbone with {depth} blocks: "
+                f"expected strictly increasing 1-based block indices between 1 and {depth}."
+            )
+            raise ValueError(msg)
+        return layers
+
+    def train(self, mode: bool = True) -> MvfaModel:
+        """Set the adapters' mode; CLIP stays in eval mode (it is frozen)."""
+        super().train(mode)
+        self.clip.eval()
+        return self
+
+    # ------------------------------------------------------------------ setup
+
+    @property
+    def has_memory_bank(self) -> bool:
+        """Whether few-shot memory banks have been built."""
+        return self.seg_memory_bank.numel() > 0
+
+    @property
+    def is_calibrated(self) -> bool:
+        """Whether the branch calibration has been computed."""
+        return self.calibration.numel() > 0
+
+    @torch.no_grad()
+    def setup(
+        self,
+        class_name: str | None = None,
+        reference_images: torch.Tensor | None = None,
+        reference_groups: torch.Tensor | None = None,
+        batch_size: int = 8,
+    ) -> None:
+        """Build the text features and, given normal images, the few-shot memory banks.
+
+        The memory banks hold the adapted patch tokens of exactly ``reference_images``
+        (augment them beforehand with :func:`anomalib_mvfa.augment_support_set` to
+        follow the paper). The same images then calibrate the two branches for
+        ``forward`` (see :meth:`calibrate`).
+
+        Args:
+            class_name: Object named in the prompts. ``None`` keeps the current text
+                features, or uses ``"object"`` when there are none yet.
+            reference_images: Normal images, ``N x 3 x H x W``, preprocessed.
+            reference_groups: ``N`` integers naming the source image of each reference
+                image (augmented copies share their source's group), used for the
+                leave-one-out calibration. Defaults to one group per image.
+            batch_size: Images encoded at once.
+
+        Example:
+            >>> model.setup("Brain")  # zero-shot only  # doctest: +SKIP
+            >>> model.setup(reference_images=support_images, reference_groups=groups)  # doctest: +SKIP
+        """
+        if class_name is not None or self.text_features.numel() == 0:
+            self.set_text_features(class_name or self.class_name or DEFAULT_CLASS_NAME)
+        if reference_images is None:
+            return
+        self._check_images(reference_images, "reference_images")
+        tokens = self.encode_batched(reference_images, batch_size)
+        self.seg_memory_bank = self._memory_bank(tokens.segmentation)
+        self.det_memory_bank = self._memory_bank(tokens.detection)
+        self.calibrate(reference_images, reference_groups, batch_size, tokens=tokens)
+
+    def set_text_features(self, class_name: str) -> None:
+        """Encode the prompt ensemble of ``class_name`` into ``text_features`` (``C x 2``)."""
+        device = self.clip.logit_scale.device
+        self.text_features = encode_prompt_ensemble(class_name, self.clip.encode_text, self.tokenizer, device)
+        self.class_name = class_name
+
+    @staticmethod
+    def _memory_bank(layer_tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Stack normalised tokens of all images per layer: ``n_layers x (N * L) x C``."""
+        return torch.stack([F.normalize(tokens, dim=-1).flatten(0, 1) for tokens in layer_tokens])
+
+    # ---------------------------------------------------------------- encoder
+
+    def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
+        expected = (3, self.image_size, self.image_size)
+        if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
+            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+            msg = f"{name} must be a tensor of shape B x {' x '.join(map(str, expected))}, got {shape}."
+            raise ValueError(msg)
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch-embed ``images`` into the token sequence (``B x (1 + L) x W``) entering block 1."""
+        visual = self.clip.visual
+        tokens = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
+        class_token = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+        tokens = torch.cat([class_token, tokens], dim=1) + visual.positional_embedding.to(tokens.dtype)
+        return visual.ln_pre(tokens)
+
+    def run_blocks(self, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Run blocks ``start + 1`` to ``stop`` (1-based) without adapters on ``B x T x W`` tokens."""
+        transformer = self.clip.visual.transformer
+        batch_first = getattr(transformer, "batch_first", False)
+        tokens = tokens if batch_first else tokens.transpose(0, 1)
+        for block in transformer.resblocks[start:stop]:
+            tokens = block(tokens)
+        return tokens if batch_first else tokens.transpose(0, 1)
+
+    def encode(self, images: torch.Tensor) -> AdaptedTokens:
+        """Run the adapted image encoder and return the adapted patch tokens per feature layer.
+
+        After each feature layer ``x <- 0.8 x + 0.1 seg_out + 0.1 det_out``. Blocks after
+        the last feature layer are not run.
+        """
+        tokens = self.embed(images)
+        return self.encode_from(tokens, start=0)
+
+    def encode_from(self, tokens: torch.Tensor, start: int) -> AdaptedTokens:
+        """Continue the adapted encoder from the output of block ``start`` (``B x T x W``).
+
+        ``start`` must not exceed the first feature layer; ``start=0`` means the
+        embedded tokens of :meth:`embed`.
+        """
+        segmentation, detection = [], []
+        for index, layer in enumerate(self.feature_layers):
+            tokens = self.run_blocks(tokens, start, layer)
+            start = layer
+            seg_mid, seg_out = self.seg_adapters[index](tokens)
+            det_mid, det_out = self.det_adapters[index](tokens)
+            tokens = RESIDUAL_WEIGHT * tokens + ADAPTER_WEIGHT * seg_out + ADAPTER_WEIGHT * det_out
+            segmentation.append(seg_mid[:, 1:])
+            detection.append(det_mid[:, 1:])
+        return AdaptedTokens(segmentation, detection)
+
+    @torch.no_grad()
+    def encode_batched(self, images: torch.Tensor, batch_size: int = 8) -> AdaptedTokens:
+        """:meth:`encode` in chunks of ``batch_size`` images, without gradients."""
+        chunks = [self.encode(chunk) for chunk in images.split(batch_size)]
+        return AdaptedTokens(
+            [torch.cat([c.segmentation[i] for c in chunks]) for i in range(len(self.feature_layers))],
+            [torch.cat([c.detection[i] for c in chunks]) for i in range(len(self.feature_layers))],
+        )
+
+    # ---------------------------------------------------------------- scoring
+
+    def _require_text_features(self) -> torch.Tensor:
+        if self.text_features.numel() == 0:
+            msg = "MvfaModel has no text features: call model.setup(class_name=...) first."
+            raise RuntimeError(msg)
+        return self.text_features
+
+    def text_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``100 * normalise(tokens) @ T``: ``B x L x 2`` logits (normal, abnormal)."""
+        return LOGIT_SCALE * F.normalize(tokens, dim=-1) @ self._require_text_features().to(tokens.dtype)
+
+    def to_map(self, patch_values: torch.Tensor) -> torch.Tensor:
+        """Reshape ``B x L x K`` patch values to ``B x K x h x w`` and upsample to the input size.
+
+        Bilinear interpolation with ``align_corners=True``, as in MVFA.
+        """
+        height, width = self.grid_size
+        grid = patch_values.transpose(1, 2).reshape(patch_values.shape[0], -1, height, width)
+        return F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+
+    def zero_shot_branch(self, tokens: AdaptedTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero-shot anomaly map (``B x H x W``) and score (``B``), summed over feature layers."""
+        anomaly_map = sum(
+            torch.softmax(self.to_map(self.text_logits(layer)), dim=1)[:, 1] for layer in tokens.segmentation
+        )
+        score = sum(torch.softmax(self.text_logits(layer), dim=-1)[..., 1].mean(dim=-1) for layer in tokens.detection)
+        return anomaly_map, score
+
+    @staticmethod
+    def nearest_neighbour_distance(queries: torch.Tensor, memory_bank: torch.Tensor) -> torch.Tensor:
+        """``min_m (1 - cos(q, m))`` for ``B x L x C`` queries and a normalised ``N x C`` memory bank."""
+        flat = F.normalize(queries, dim=-1).flatten(0, 1)
+        memory = memory_bank.to(flat.dtype)
+        similarity = torch.cat([(chunk @ memory.T).amax(dim=1) for chunk in flat.split(NEAREST_NEIGHBOUR_CHUNK)])
+        return (1.0 - similarity).reshape(queries.shape[:2])
+
+    def few_shot_branch(
+        self,
+        tokens: AdaptedTokens,
+        seg_memory_bank: torch.Tensor,
+        det_memory_bank: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Few-shot anomaly map (``B x H x W``) and score (``B``) against the given memory banks."""
+        anomaly_map = sum(
+            self.to_map(self.nearest_neighbour_distance(layer, memory)[..., None])[:, 0]
+            for layer, memory in zip(tokens.segmentation, seg_memory_bank, strict=True)
+        )
+        score = sum(
+            self.to_map(self.nearest_neighbour_distance(layer, memory)[..., None])[:, 0].mean(dim=(-2, -1))
+            for layer, memory in zip(tokens.detection, det_memory_bank, strict=True)
+        )
+        return anomaly_map, score
+
+    def branch_outputs(self, images: torch.Tensor) -> BranchOutputs:
+        """Raw outputs of both branches for preprocessed ``B x 3 x H x W`` images.
+
+        The few-shot fields are ``None`` while no memory bank exists (call
+        :meth:`setup` with reference images first).
+        """
+        self._check_images(images)
+        tokens = self.encode(images)
+        zero_shot_map, zero_shot_score = self.zero_shot_branch(tokens)
+        if not self.has_memory_bank:
+            return BranchOutputs(zero_shot_map, zero_shot_score)
+        few_shot_map, few_shot_score = self.few_shot_branch(tokens, self.seg_memory_bank, self.det_memory_bank)
+        return BranchOutputs(zero_shot_map, zero_shot_score, few_shot_map, few_shot_score)
+
+    # ------------------------------------------------------------ calibration
+
+    @torch.no_grad()
+    def calibrate(
+        self,
+        normal_images: torch.Tensor,
+        groups: torch.Tensor | None = None,
+        batch_size: int = 8,
+        tokens: AdaptedTokens | None = None,
+    ) -> None:
+        """Calibrate both branches on normal support images, never on test data.
+
+        For each branch and level (image score, pixel map), the mean and standard
+        deviation over the normal images are stored; ``forward`` turns each branch
+        into a z-score with them and averages the two. Few-shot values of a normal
+        image are computed leave-one-group-out: against the tokens of the other
+        groups only, because its own tokens are in the memory bank.
+
+        Args:
+            normal_images: ``N x 3 x H x W`` normal images (the support set).
+            groups: ``N`` source-image ids; augmented copies of one image share an id.
+                Defaults to one group per image. With a single group, each image is
+                its own group (a warning says the few-shot statistics are optimistic).
+            batch_size: Images encoded at once.
+            tokens: Adapted tokens of ``normal_images`` if already computed.
+        """
+        if normal_images.shape[0] < 2:
+            logger.warning("Calibration needs at least 2 normal images; forward will fuse uncalibrated branches.")
+            self.calibration = torch.empty(0, device=normal_images.device)
+            return
+        groups = torch.arange(normal_images.shape[0]) if groups is None else torch.as_tensor(groups).cpu()
+        if groups.shape != (normal_images.shape[0],):
+            msg = (
+                f"groups must hold one id per normal image ({normal_images.shape[0]}), got shape {tuple(groups.shape)}."
+            )
+            raise ValueError(msg)
+        if groups.unique().numel() < 2:
+            logger.warning("All normal images share one group: few-shot calibration treats each image as a group.")
+            groups = torch.arange(normal_images.shape[0])
+        if tokens is None:
+            tokens = self.encode_batched(normal_images, batch_size)
+        zero_shot_map, zero_shot_score = self.zero_shot_branch(tokens)
+
+        few_shot_map = torch.empty_like(zero_shot_map)
+        few_shot_score = torch.empty_like(zero_shot_score)
+        for group in groups.unique():
+            inside = (groups == group).to(zero_shot_map.device)
+            held_out = AdaptedTokens(
+                [layer[inside] for layer in tokens.segmentation], [layer[inside] for layer in tokens.detection]
+            )
+            seg_bank = self._memory_bank([layer[~inside] for layer in tokens.segmentation])
+            det_bank = self._memory_bank([layer[~inside] for layer in tokens.detection])
+            few_shot_map[inside], few_shot_score[inside] = self.few_shot_branch(held_out, seg_bank, det_bank)
+
+        values = (zero_shot_score, zero_shot_map, few_shot_score, few_shot_map)
+        self.calibration = torch.stack([torch.stack([value.mean(), value.std()]) for value in values]).float()
+
+    def fuse(self, outputs: BranchOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fuse branch outputs into an image score (``B``) and an anomaly map (``B x H x W``).
+
+        With a memory bank: the average of the two branches' z-scores with respect to
+        the calibration statistics (raw sum when not calibrated). Without: the
+        zero-shot branch alone.
+        """
+        if outputs.few_shot_map is None or outputs.few_shot_score is None:
+            return outputs.zero_shot_score, outputs.zero_shot_map
+        calibration = self.calibration if self.is_calibrated else UNCALIBRATED.to(outputs.zero_shot_map.device)
+        mean, std = calibration[:, 0], calibration[:, 1].clamp_min(torch.finfo(torch.float32).eps)
+        branch_values = (outputs.zero_shot_score, outputs.zero_shot_map, outputs.few_shot_score, outputs.few_shot_map)
+        zs_score, zs_map, fs_score, fs_map = ((v - m) / s for v, m, s in zip(branch_values, mean, std, strict=True))
+        return 0.5 * (zs_score + fs_score), 0.5 * (zs_map + fs_map)
+
+    # ---------------------------------------------------------------- forward
+
+    def forward(self, images: torch.Tensor) -> InferenceBatch | TrainingOutputs:
+        """Score images (eval mode) or return the losses' inputs (training mode).
+
+        Args:
+            images: Preprocessed ``B x 3 x H x W`` images, ``H = W = image_size``.
+
+        Returns:
+            In eval mode, an ``InferenceBatch`` with ``pred_score`` (``B``) and
+            ``anomaly_map`` (``B x H x W``). In training mode, :class:`TrainingOutputs`.
+        """
+        if self.training:
+            self._check_images(images)
+            tokens = self.encode(images)
+            return TrainingOutputs(
+                [self.to_map(self.text_logits(layer)) for layer in tokens.segmentation],
+                [self.text_logits(layer) for layer in tokens.detection],
+            )
+        with torch.no_grad():
+            outputs = self.branch_outputs(images)
+            pred_score, anomaly_map = self.fuse(outputs)
+        if self.image_score_from_map:
+            pred_score = anomaly_map.flatten(1).amax(dim=1)
+        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    # --------------------------------------------------------------- adapters
+
+    def adapter_state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Adapters in the authors' layout: ``{"seg_adapters": ..., "det_adapters": ...}``."""
+        return {
+            "seg_adapters": {key: value.detach().cpu() for key, value in self.seg_adapters.state_dict().items()},
+            "det_adapters": {key: value.detach().cpu() for key, value in self.det_adapters.state_dict().items()},
+        }
+
+    def save_adapters(self, path: str | Path) -> Path:
+        """Save the adapters in the authors' layout; the file appears whole or not at all.
+
+        Example:
+            >>> model.save_adapters("Brain.pth")  # doctest: +SKIP
+        """
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(descriptor)
+        try:
+            torch.save(self.adapter_state_dict(), temporary)
+            Path(temporary).replace(path)
+        finally:
+            Path(temporary).unlink(missing_ok=True)
+        return path
+
+    def load_adapters(self, path: str | Path) -> None:
+        """Load adapters saved in the authors' layout (``weights_only=True``).
+
+        Raises:
+            ValueError: If the file is not such a checkpoint or its layer count or
+                shapes do not fit this backbone and these feature layers.
+
+        Example:
+            >>> model.load_adapters("Brain.pth")  # doctest: +SKIP
+        """
+        path = Path(path)
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError as error:
+            msg = f"Adapter checkpoint '{path}' does not exist."
+            raise ValueError(msg) from error
+        except Exception as error:
+            msg = f"Adapter checkpoint '{path}' could not be loaded safely (weights_only=True): {error}"
+            raise ValueError(msg) from error
+        if not isinstance(checkpoint, dict) or not {"seg_adapters", "det_adapters"} <= set(checkpoint):
+            found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+            msg = f"Adapter checkpoint '{path}' must hold 'seg_adapters' and 'det_adapters', found {found}."
+            raise ValueError(msg)
+        for name in ("seg_adapters", "det_adapters"):
+            self._check_adapter_state(path, name, checkpoint[name])
+        self.seg_adapters.load_state_dict(checkpoint["seg_adapters"])
+        self.det_adapters.load_state_dict(checkpoint["det_adapters"])
+
+    def _check_adapter_state(self, path: Path, name: str, state: object) -> None:
+        expected = {key: tuple(value.shape) for key, value in getattr(self, name).state_dict().items()}
+        found = (
+            {key: tuple(value.shape) for key, value in state.items() if isinstance(value, torch.Tensor)}
+            if isinstance(state, dict)
+            else {}
+        )
+        if found == expected:
+            return
+        layers = len({key.split(".")[0] for key in found})
+        shapes = sorted({shape for key, shape in found.items() if key.endswith("fc1.0.weight")})
+        msg = (
+            f"Adapter checkpoint '{path}' does not fit: its '{name}' has {layers} layer(s) with fc1 weight "
+            f"shape(s) {shapes}, but backbone '{self.backbone}' with feature_layers={self.feature_layers} "
+            f"expects {len(self.feature_layers)} layer(s) with fc1 weight shape "
+            f"{(self.embed_dim, self.width)} (embed_dim x width)."
+        )
+        raise ValueError(msg)
