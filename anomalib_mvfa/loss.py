@@ -138,7 +138,24 @@ class MvfaLoss(nn.Module):
         outputs: TrainingOutputs,
         labels: torch.Tensor,
         masks: torch.Tensor | None = None,
+        has_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """Return ``(segmentation_loss, detection_loss)``; the first is ``None`` without masks."""
-        segmentation = None if masks is None else self.segmentation(outputs.segmentation_logits, masks)
+        """Return ``(segmentation_loss, detection_loss)``.
+
+        Args:
+            outputs: The model's training outputs.
+            labels: ``B`` image labels (1: abnormal).
+            masks: ``B x H x W`` masks, or ``None`` when no sample has one.
+            has_mask: Optional ``B`` booleans: only these samples enter the segmentation loss.
+
+        Returns:
+            The segmentation loss (``None`` when no sample has a mask) and the detection loss.
+        """
+        segmentation = None
+        logits = outputs.segmentation_logits
+        if masks is not None and has_mask is not None:
+            has_mask = has_mask.reshape(-1).bool()
+            logits, masks = [layer[has_mask] for layer in logits], masks[has_mask]
+        if masks is not None and masks.shape[0] > 0:
+            segmentation = self.segmentation(logits, masks)
         return segmentation, self.detection(outputs.detection_logits, labels)

@@ -25,8 +25,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +37,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from .backbone import load_clip
 from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
+from .utils import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +49,8 @@ LOGIT_SCALE = 100.0
 # Rows of the calibration buffer: (branch, level) pairs, each with (mean, std) of normal images.
 CALIBRATION_ROWS = ("zero_shot_image", "zero_shot_pixel", "few_shot_image", "few_shot_pixel")
 UNCALIBRATED = torch.tensor([[0.0, 1.0]] * len(CALIBRATION_ROWS))
-# Query tokens compared with a memory bank at once (bounds the memory of the distance matrix).
-NEAREST_NEIGHBOUR_CHUNK = 4096
+# Memory-bank tokens compared with the queries at once (bounds the memory of the distance matrix).
+NEAREST_NEIGHBOUR_CHUNK = 8192
 
 
 class Adapter(nn.Module):
@@ -356,10 +355,16 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
 
     @staticmethod
     def nearest_neighbour_distance(queries: torch.Tensor, memory_bank: torch.Tensor) -> torch.Tensor:
-        """``min_m (1 - cos(q, m))`` for ``B x L x C`` queries and a normalised ``N x C`` memory bank."""
+        """``min_m (1 - cos(q, m))`` for ``B x L x C`` queries and a normalised ``N x C`` memory bank.
+
+        The memory bank is processed in fixed chunks, so the peak memory does not grow with its
+        size and the number of chunks does not depend on the batch (export-friendly).
+        """
         flat = F.normalize(queries, dim=-1).flatten(0, 1)
         memory = memory_bank.to(flat.dtype)
-        similarity = torch.cat([(chunk @ memory.T).amax(dim=1) for chunk in flat.split(NEAREST_NEIGHBOUR_CHUNK)])
+        similarity = torch.stack(
+            [(flat @ chunk.T).amax(dim=1) for chunk in memory.split(NEAREST_NEIGHBOUR_CHUNK)]
+        ).amax(dim=0)
         return (1.0 - similarity).reshape(queries.shape[:2])
 
     def few_shot_branch(
@@ -506,16 +511,8 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         Example:
             >>> model.save_adapters("Brain.pth")  # doctest: +SKIP
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(descriptor)
-        try:
-            torch.save(self.adapter_state_dict(), temporary)
-            Path(temporary).replace(path)
-        finally:
-            Path(temporary).unlink(missing_ok=True)
-        return path
+        state = self.adapter_state_dict()
+        return write_atomically(path, lambda name: torch.save(state, name))
 
     def load_adapters(self, path: str | Path) -> None:
         """Load adapters saved in the authors' layout (``weights_only=True``).
