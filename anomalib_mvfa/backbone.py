@@ -41,6 +41,9 @@ _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Seconds a weight download may wait for the network before it is treated as offline.
 DOWNLOAD_TIMEOUT_S = 30.0
 _WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
+# Architectures shipped with the package: "tiny-random" is a 4-block CLIP for tests and
+# offline demos, meaningful with random weights only (no weights exist for it).
+SHIPPED_CONFIGS = {"tiny-random": Path(__file__).parent / "backbones" / "tiny-random.json"}
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -51,8 +54,8 @@ def resolve_model_config(backbone: str | Path) -> tuple[str, dict[str, Any]]:
     """Return the name and the open_clip model config of ``backbone``.
 
     Args:
-        backbone: An open_clip model name or the path of an open_clip model-config
-            JSON file.
+        backbone: An open_clip model name, the path of an open_clip model-config JSON
+            file, or ``"tiny-random"`` (a tiny architecture shipped with the package).
 
     Returns:
         The model name (the file stem for a JSON file) and a copy of its config.
@@ -65,7 +68,7 @@ def resolve_model_config(backbone: str | Path) -> tuple[str, dict[str, Any]]:
         >>> name, config["vision_cfg"]["patch_size"]
         ('ViT-B-16', 16)
     """
-    path = Path(backbone)
+    path = SHIPPED_CONFIGS.get(str(backbone), Path(backbone))
     if path.suffix.lower() == ".json" or path.is_file():
         if not path.is_file():
             msg = f"Backbone config file '{backbone}' does not exist."

@@ -6,8 +6,10 @@ import json
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anomalib_mvfa import MvfaModel
 
@@ -55,3 +57,47 @@ def tiny_model(tiny_config: Path) -> MvfaModel:
     model = MvfaModel(tiny_config, pretrained=None, image_size=TINY_IMAGE_SIZE, feature_layers=(1, 2, 4))
     model.setup("bottle")
     return model
+
+
+def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
+    x = np.linspace(0, 6 * np.pi, size)
+    image = np.sin(x)[None, :] * np.cos(x)[:, None] * 60 + 128 + rng.normal(0, 8, (size, size))
+    return np.clip(np.stack([image] * 3, axis=-1), 0, 255).astype(np.uint8)
+
+
+def _defective(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]:
+    image, mask = _texture(rng, size), np.zeros((size, size), np.uint8)
+    row, col = rng.integers(8, size - 24, 2)
+    mask[row : row + 14, col : col + 14] = 255
+    image[mask > 0] = (250, 30, 30)
+    return image, mask
+
+
+def write_dataset(root: Path, layout: str, seed: int = 0, size: int = TINY_IMAGE_SIZE) -> Path:
+    """Write a small dataset: ``layout`` 'mvtec' (MVTec AD folders) or 'folder' (train/test/ground_truth)."""
+    rng = np.random.default_rng(seed)
+    base = root / "bottle" if layout == "mvtec" else root
+    mask_suffix = "_mask" if layout == "mvtec" else ""
+    for index in range(8):
+        (base / "train" / "good").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_texture(rng, size)).save(base / "train" / "good" / f"{index:03d}.png")
+    for index in range(6):
+        for folder in ("test/good", "test/broken", "ground_truth/broken"):
+            (base / folder).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_texture(rng, size)).save(base / "test" / "good" / f"{index:03d}.png")
+        image, mask = _defective(rng, size)
+        Image.fromarray(image).save(base / "test" / "broken" / f"{index:03d}.png")
+        Image.fromarray(mask).save(base / "ground_truth" / "broken" / f"{index:03d}{mask_suffix}.png")
+    return root
+
+
+@pytest.fixture(scope="session")
+def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An MVTec AD-layout dataset with the category 'bottle' (64 x 64 images)."""
+    return write_dataset(tmp_path_factory.mktemp("mvtec"), "mvtec")
+
+
+@pytest.fixture(scope="session")
+def folder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder dataset: train/good, test/good, test/broken, ground_truth/broken (64 x 64 images)."""
+    return write_dataset(tmp_path_factory.mktemp("folder"), "folder", seed=1)

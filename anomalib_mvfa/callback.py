@@ -1,0 +1,204 @@
+"""Few-shot memory-bank callback of MVFA.
+
+``Mvfa`` registers this callback itself (``configure_callbacks``). It
+
+1. draws the K normal support images (seeded) from the datamodule's training split or
+   from the model's ``few_shot_source`` folder, and K abnormal ones from the model's
+   ``abnormal_source``;
+2. augments the support set into MVFA's 11 variants and hands it to Lightning's fit loop
+   in place of the datamodule's training loader (anomalib's training split of normal
+   images is not what MVFA trains on);
+3. builds the memory banks and the calibration with the trained adapters before each
+   validation, test and prediction that needs them;
+4. logs the selected files, writes them to ``support_set.json`` in the run folder, keeps
+   them in checkpoints, and writes the adapters in the authors' layout after training.
+
+Example:
+    >>> from anomalib_mvfa import Mvfa
+    >>> model = Mvfa(k_shot=4)  # doctest: +SKIP
+    >>> [type(c).__name__ for c in model.configure_callbacks()]  # doctest: +SKIP
+    ['PreProcessor', 'PostProcessor', 'Evaluator', 'ImageVisualizer', 'FewShotMemoryBankCallback']
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.trainer.states import TrainerFn
+from torch.utils.data import DataLoader
+
+from .augmentation import augment_support_set
+from .support import (
+    SupportDataset,
+    SupportImages,
+    draw_from_dataset,
+    draw_from_folder,
+    synthesize_abnormal,
+)
+from .utils import write_atomically
+
+if TYPE_CHECKING:
+    from .lightning_model import Mvfa
+
+logger = logging.getLogger(__name__)
+
+SUPPORT_RECORD = "support_set.json"
+ADAPTER_FILE = Path("weights") / "mvfa_adapters.pth"
+
+
+class FewShotMemoryBankCallback(Callback):
+    """Select, augment and serve MVFA's support set; build memory banks with trained adapters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.normal: SupportImages | None = None
+        self.abnormal: SupportImages | None = None
+        self.selected_files: dict[str, list[str]] = {}
+        self._bank_step: int | None = None
+        self._patched_datamodule: Any = None
+
+    # ------------------------------------------------------------- selection
+
+    def select_support(self, trainer: Trainer, model: Mvfa) -> None:
+        """Draw the normal (and, for training, abnormal) support images once per callback."""
+        if self.normal is not None:
+            return
+        datamodule = getattr(trainer, "datamodule", None)
+        if model.few_shot_source:
+            self.normal = draw_from_folder(model.few_shot_source, model.k_shot, model.seed, model.image_size)
+        elif datamodule is not None and getattr(datamodule, "train_data", None) is not None:
+            self.normal = draw_from_dataset(
+                datamodule.train_data, 0, model.k_shot, model.seed, model.image_size, "The training split"
+            )
+        else:
+            msg = (
+                "Mvfa needs normal support images: give the trainer a datamodule with a training split, "
+                "or set few_shot_source to a folder of normal images."
+            )
+            raise ValueError(msg)
+        self.selected_files["normal"] = self.normal.sources
+        logger.info("MVFA normal support images (seed %d): %s", model.seed, self.normal.sources)
+
+    def select_abnormal(self, trainer: Trainer, model: Mvfa) -> None:
+        """Draw or synthesise the K abnormal support images from ``model.abnormal_source``."""
+        if self.abnormal is not None:
+            return
+        source = model.resolve_abnormal_source(getattr(trainer, "datamodule", None))
+        datamodule = getattr(trainer, "datamodule", None)
+        if source == "synthetic":
+            self.abnormal = synthesize_abnormal(self.normal, model.seed)
+        elif source in {"validation", "train"}:
+            split = "val_data" if source == "validation" else "train_data"
+            dataset = getattr(datamodule, split, None)
+            if dataset is None:
+                msg = f"abnormal_source='{source}' needs a datamodule with a {split} split; none was found."
+                raise ValueError(msg)
+            name = "The validation split" if source == "validation" else "The training split"
+            self.abnormal = draw_from_dataset(dataset, 1, model.k_shot, model.seed, model.image_size, name)
+        else:
+            self.abnormal = draw_from_folder(source, model.k_shot, model.seed, model.image_size, label=1)
+        self.selected_files["abnormal"] = self.abnormal.sources
+        logger.info("MVFA abnormal support images (%s): %s", source, self.abnormal.sources)
+
+    def _record(self, trainer: Trainer, model: Mvfa) -> None:
+        record = {"seed": model.seed, "k_shot": model.k_shot, **self.selected_files}
+        path = Path(trainer.default_root_dir) / SUPPORT_RECORD
+        write_atomically(path, lambda name: Path(name).write_text(json.dumps(record, indent=2)))
+        logger.info("MVFA support selection written to %s", path)
+
+    # ------------------------------------------------------------ fit stage
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Before fitting: select the support set and serve it as the training data."""
+        if stage != TrainerFn.FITTING or not pl_module.trains_adapters:
+            return
+        self.select_support(trainer, pl_module)
+        self.select_abnormal(trainer, pl_module)
+        self._record(trainer, pl_module)
+        support = SupportImages.concatenate([self.normal, self.abnormal])
+        if not self.abnormal.has_mask.any():
+            # As in MVFA, without abnormal masks the segmentation loss is left out for all images:
+            # all-zero targets of normal images alone would teach the maps to see nothing.
+            support.has_mask = torch.zeros_like(support.has_mask)
+            logger.info("MVFA abnormal support images have no masks: only the detection loss is trained.")
+        dataset = SupportDataset(support)
+        loader = DataLoader(
+            dataset,
+            batch_size=pl_module.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(pl_module.seed),
+            collate_fn=SupportDataset.collate,
+        )
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            msg = "Mvfa trains through a datamodule: pass `datamodule=` to Engine.fit/Engine.train."
+            raise ValueError(msg)
+        # anomalib's Engine gives the trainer the datamodule; MVFA's fit loop must iterate over
+        # the augmented support set instead of the training split, so this datamodule serves it
+        # for this run (restored in teardown).
+        datamodule.train_dataloader = lambda: loader
+        self._patched_datamodule = datamodule
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Give the datamodule its own training loader back."""
+        del trainer, pl_module, stage
+        if self._patched_datamodule is not None:
+            vars(self._patched_datamodule).pop("train_dataloader", None)
+            self._patched_datamodule = None
+
+    # --------------------------------------------------------- memory banks
+
+    def refresh_memory_bank(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Build memory banks and calibration from the normal support images when needed.
+
+        While fitting, they are rebuilt whenever the adapters have changed since the last
+        build; otherwise (test, predict, validate) a memory bank restored from a checkpoint
+        is kept.
+        """
+        model: Mvfa = pl_module
+        if model.k_shot == 0:
+            return
+        fitting = trainer.state.fn == TrainerFn.FITTING
+        if model.model.has_memory_bank and not (fitting and self._bank_step != trainer.global_step):
+            return
+        if self.normal is None and getattr(trainer, "datamodule", None) is None and not model.few_shot_source:
+            logger.warning("Mvfa has no memory bank and no support images here: scoring with the zero-shot branch.")
+            return
+        self.select_support(trainer, model)
+        normal = augment_support_set(self.normal.images)
+        model.build_memory_bank(normal.images, normal.groups)
+        self._bank_step = trainer.global_step
+
+    def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Refresh the memory bank before validation."""
+        self.refresh_memory_bank(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Make sure a memory bank exists before testing."""
+        self.refresh_memory_bank(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Make sure a memory bank exists before predicting."""
+        self.refresh_memory_bank(trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """After the last epoch: memory bank from the final adapters; adapters saved alone."""
+        self.refresh_memory_bank(trainer, pl_module)
+        path = Path(trainer.default_root_dir) / ADAPTER_FILE
+        pl_module.model.save_adapters(path)
+        logger.info("MVFA adapters (authors' layout) written to %s", path)
+
+    # ---------------------------------------------------------- checkpoints
+
+    def state_dict(self) -> dict[str, Any]:
+        """The selected support files travel with the checkpoint."""
+        return {"selected_files": self.selected_files}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the record of selected support files."""
+        self.selected_files = dict(state_dict.get("selected_files", {}))

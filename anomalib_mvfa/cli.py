@@ -1,0 +1,38 @@
+"""Command line of anomalib-mvfa: ``anomalib-mvfa <command>`` (or ``python -m anomalib_mvfa``).
+
+Training, testing, prediction and export go through anomalib's own CLI
+(``anomalib train --model anomalib_mvfa.Mvfa ...``); this entry point holds what anomalib
+has no command for.
+
+Example:
+    anomalib-mvfa demo --backbone tiny-random --epochs 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import demo
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``anomalib-mvfa`` parser with its subcommands."""
+    parser = argparse.ArgumentParser(prog="anomalib-mvfa", description="MVFA for anomalib.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo_parser = commands.add_parser("demo", help="train and test few-shot MVFA on a generated histology dataset")
+    demo.add_arguments(demo_parser)
+    demo_parser.set_defaults(run=demo.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run a command; return its exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,355 @@
+"""Lightning module of MVFA for anomalib.
+
+``Mvfa`` runs MVFA like any model that ships inside anomalib: ``anomalib train --model
+anomalib_mvfa.Mvfa --data ...``, the ``Engine`` API, checkpoints, export.
+
+How training gets through anomalib's Engine: ``Engine.fit`` and ``Engine.train`` skip
+``trainer.fit`` for models whose ``learning_type`` is ZERO_SHOT or FEW_SHOT. MVFA trains
+its adapters in both settings, so ``Mvfa`` reports ``LearningType.ONE_CLASS`` whenever it
+has epochs to train (its support set is drawn from the normal training split, the
+abnormal half synthesised from it by default), and FEW_SHOT or ZERO_SHOT only when
+``epochs=0`` (for example with ``adapter_checkpoint``). The optimisation then runs in
+Lightning's own fit loop: the few-shot callback serves the augmented support set as the
+training data, two Adam optimisers step in ``training_step`` (manual optimisation), and
+losses are logged per step and per epoch.
+
+Example:
+    >>> from anomalib.data import MVTecAD
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_mvfa import Mvfa
+    >>> model = Mvfa(backbone="ViT-B-16", pretrained="openai", image_size=224,
+    ...              feature_layers=(3, 6, 9, 12), k_shot=4, epochs=5)  # doctest: +SKIP
+    >>> engine = Engine()  # doctest: +SKIP
+    >>> engine.train(model, datamodule=MVTecAD(category="bottle"))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib import LearningType
+from anomalib.data import Batch
+from anomalib.metrics import Evaluator
+from anomalib.models.components import AnomalibModule
+from anomalib.post_processing import PostProcessor
+from anomalib.pre_processing import PreProcessor
+from anomalib.visualization import Visualizer
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from torch import nn
+from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
+
+from .callback import FewShotMemoryBankCallback
+from .loss import DetectionLoss, MvfaLoss
+from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
+from .support import SupportBatch
+from .torch_model import MvfaModel
+
+logger = logging.getLogger(__name__)
+
+ABNORMAL_SOURCES = ("auto", "synthetic", "validation", "train")
+# Hyperparameters that fix the architecture: a checkpoint only loads into the same ones.
+ARCHITECTURE_KEYS = ("backbone", "image_size", "feature_layers")
+
+
+class Mvfa(AnomalibModule):
+    """MVFA: multi-level visual feature adapters on a frozen CLIP, as an anomalib model.
+
+    Args:
+        backbone: open_clip model name or path of an open_clip model-config JSON file
+            (``"tiny-random"`` names a tiny test architecture shipped with the package).
+        pretrained: open_clip pretrained tag, path of a weights file, or ``None`` for random
+            CLIP weights (scores are then meaningless; a warning says so).
+        image_size: Side of the square input images.
+        feature_layers: 1-based blocks followed by an adapter.
+        k_shot: Normal support images (and as many abnormal ones). ``0``: zero-shot only.
+        class_name: Object named in the prompts. Default: the datamodule's category (the
+            paper's names for the medical categories), else ``"object"``.
+        abnormal_source: Where the K abnormal support images come from: ``"synthetic"``
+            (anomalib's Perlin anomaly generator on the K normal images, its masks as
+            targets), ``"validation"`` (abnormal images of the datamodule's validation
+            split, never the test split), ``"train"`` (abnormal images of the training
+            split), a folder of abnormal images (masks in its ``masks/`` subfolder, same
+            file stems; without masks they train the detection adapters only), or
+            ``"auto"``: ``"train"`` when the training split holds abnormal images,
+            ``"synthetic"`` otherwise.
+        few_shot_source: Folder of normal support images instead of the training split.
+        epochs: Training epochs over the augmented support set (the paper: 50). ``0``
+            trains nothing (use with ``adapter_checkpoint``).
+        batch_size: Support images per optimisation step (the paper: 1).
+        seg_learning_rate: Adam learning rate of the segmentation adapters (paper: 1e-3).
+        det_learning_rate: Adam learning rate of the detection adapters (paper: 1e-3).
+        detection_loss: ``"authors"`` (BCE-with-logits on a probability, as published) or
+            ``"bce"`` (corrected).
+        seed: Seed of the support selection, the synthetic anomalies and the shuffling.
+        adapter_checkpoint: Adapters to start from, in the authors' layout.
+        image_score_from_map: Image score = maximum of the fused anomaly map.
+        pre_processor: Pre-processor, or ``True`` for resize to ``image_size`` + CLIP normalisation.
+        post_processor: Post-processor, or ``True`` for anomalib's default.
+        evaluator: Evaluator, or ``True`` for image/pixel AUROC and F1.
+        visualizer: Visualizer, or ``True`` for anomalib's image visualizer.
+
+    Example:
+        >>> model = Mvfa(backbone="tiny-random", pretrained=None, image_size=64,
+        ...              feature_layers=(1, 2, 4), epochs=2)  # doctest: +SKIP
+        >>> model.learning_type  # doctest: +SKIP
+        <LearningType.ONE_CLASS: 'one_class'>
+    """
+
+    def __init__(
+        self,
+        backbone: str = "ViT-L-14-336",
+        pretrained: str | None = "openai",
+        image_size: int = 240,
+        feature_layers: Sequence[int] = (6, 12, 18, 24),
+        k_shot: int = 4,
+        class_name: str | None = None,
+        abnormal_source: str = "auto",
+        few_shot_source: str | None = None,
+        epochs: int = 50,
+        batch_size: int = 1,
+        seg_learning_rate: float = 1e-3,
+        det_learning_rate: float = 1e-3,
+        detection_loss: str = "authors",
+        seed: int = 0,
+        adapter_checkpoint: str | None = None,
+        image_score_from_map: bool = False,
+        pre_processor: nn.Module | bool = True,
+        post_processor: nn.Module | bool = True,
+        evaluator: Evaluator | bool = True,
+        visualizer: Visualizer | bool = True,
+    ) -> None:
+        self._check_arguments(k_shot, epochs, batch_size, abnormal_source, class_name)
+        if pre_processor is True:
+            pre_processor = self.configure_pre_processor((image_size, image_size))
+        super().__init__(
+            pre_processor=pre_processor,
+            post_processor=post_processor,
+            evaluator=evaluator,
+            visualizer=visualizer,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # reproducible adapter (and random CLIP) initialisation
+            self.model = MvfaModel(
+                backbone=backbone,
+                pretrained=pretrained,
+                image_size=image_size,
+                feature_layers=feature_layers,
+                image_score_from_map=image_score_from_map,
+            )
+        if adapter_checkpoint:
+            self.model.load_adapters(adapter_checkpoint)
+        self.loss = MvfaLoss(detection_loss=DetectionLoss(detection_loss))
+        self.image_size = image_size
+        self.k_shot = k_shot
+        self.class_name = class_name
+        self.abnormal_source = abnormal_source
+        self.few_shot_source = few_shot_source
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.seg_learning_rate = seg_learning_rate
+        self.det_learning_rate = det_learning_rate
+        self.seed = seed
+        self.automatic_optimization = False  # two optimisers, stepped together in training_step
+        self._epoch_loss_sums: torch.Tensor | None = None  # (steps, total, segmentation, detection)
+
+    @staticmethod
+    def _check_arguments(
+        k_shot: int, epochs: int, batch_size: int, abnormal_source: str, class_name: str | None
+    ) -> None:
+        if k_shot < 0 or epochs < 0 or batch_size < 1:
+            msg = f"Expected k_shot >= 0, epochs >= 0 and batch_size >= 1, got {k_shot}, {epochs} and {batch_size}."
+            raise ValueError(msg)
+        if epochs > 0 and k_shot == 0:
+            msg = "Training (epochs > 0) needs support images: set k_shot >= 1, or epochs=0 for zero-shot use."
+            raise ValueError(msg)
+        if abnormal_source not in ABNORMAL_SOURCES and not Path(abnormal_source).is_dir():
+            msg = f"abnormal_source must be one of {ABNORMAL_SOURCES} or an existing folder, got '{abnormal_source}'."
+            raise ValueError(msg)
+        if class_name is not None and not class_name.strip():
+            msg = "class_name must not be empty: give a name or leave it unset to use the datamodule's category."
+            raise ValueError(msg)
+
+    # ------------------------------------------------------------- settings
+
+    @property
+    def trains_adapters(self) -> bool:
+        """Whether this run optimises the adapters (``epochs > 0``)."""
+        return self.epochs > 0
+
+    @property
+    def learning_type(self) -> LearningType:
+        """ONE_CLASS while adapters train (so that anomalib's Engine runs ``trainer.fit``), else FEW/ZERO_SHOT."""
+        if self.trains_adapters:
+            return LearningType.ONE_CLASS
+        return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
+
+    @property
+    def trainer_arguments(self) -> dict[str, Any]:
+        """The paper's epochs; one validation after the last epoch; no sanity validation."""
+        return {
+            "max_epochs": self.epochs,
+            "check_val_every_n_epoch": max(self.epochs, 1),
+            "num_sanity_val_steps": 0,
+        }
+
+    @classmethod
+    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
+        """Resize (bicubic) to the model's input size and normalise with CLIP's statistics."""
+        image_size = image_size or (240, 240)
+        return PreProcessor(
+            transform=Compose(
+                [
+                    Resize(image_size, antialias=True, interpolation=InterpolationMode.BICUBIC),
+                    Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD),
+                ]
+            ),
+        )
+
+    def configure_post_processor(self) -> PostProcessor:
+        """Anomalib's default post-processor: thresholds and normalisation from the validation split."""
+        return PostProcessor()
+
+    def configure_callbacks(self) -> list[Callback]:
+        """Anomalib's components plus the few-shot memory-bank callback (no flag needed)."""
+        return [*super().configure_callbacks(), FewShotMemoryBankCallback()]
+
+    def resolve_abnormal_source(self, datamodule: Any) -> str:
+        """The abnormal source this run uses (``"auto"`` resolved against the datamodule)."""
+        if self.abnormal_source != "auto":
+            return self.abnormal_source
+        train_data = getattr(datamodule, "train_data", None)
+        if train_data is not None and (train_data.samples.label_index == 1).sum() >= self.k_shot:
+            return "train"
+        return "synthetic"
+
+    # ------------------------------------------------------------------ setup
+
+    def setup(self, stage: str | None = None) -> None:
+        """Build the text features for the class name, unless already there (checkpoint)."""
+        del stage
+        if self.model.text_features.numel() == 0:
+            self.model.setup(class_name=self._resolve_class_name())
+
+    def _resolve_class_name(self) -> str:
+        if self.class_name:
+            return self.class_name
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        category = getattr(datamodule, "category", None)
+        if category:
+            name = prompt_class_name(category)
+            logger.info("Mvfa prompts use the datamodule's category: '%s'.", name)
+            return name
+        logger.info("Mvfa has no class name and the datamodule no category: prompts use '%s'.", DEFAULT_CLASS_NAME)
+        return DEFAULT_CLASS_NAME
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """Apply the pre-processor's transform to ``[0, 1]`` images."""
+        transform = self.pre_processor.transform if self.pre_processor is not None else None
+        return transform(images) if transform is not None else images
+
+    @torch.no_grad()
+    def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor) -> None:
+        """Memory banks and calibration from normal ``[0, 1]`` support images with the current adapters."""
+        was_training = self.model.training
+        self.model.eval()
+        self.model.setup(reference_images=self.preprocess(images.to(self.device)), reference_groups=groups)
+        self.model.train(was_training)
+
+    # --------------------------------------------------------------- training
+
+    def configure_optimizers(self) -> list[torch.optim.Optimizer]:
+        """Two Adam optimisers (segmentation, detection adapters) with betas (0.5, 0.999)."""
+        return [
+            torch.optim.Adam(self.model.seg_adapters.parameters(), lr=self.seg_learning_rate, betas=(0.5, 0.999)),
+            torch.optim.Adam(self.model.det_adapters.parameters(), lr=self.det_learning_rate, betas=(0.5, 0.999)),
+        ]
+
+    def training_step(self, batch: SupportBatch, batch_idx: int) -> STEP_OUTPUT:
+        """One MVFA step on a batch of augmented support images."""
+        del batch_idx
+        seg_optimizer, det_optimizer = self.optimizers()
+        outputs = self.model(batch.image)
+        seg_loss, det_loss = self.loss(outputs, batch.gt_label, batch.gt_mask, batch.has_mask)
+        loss = det_loss if seg_loss is None else seg_loss + det_loss
+        seg_optimizer.zero_grad()
+        det_optimizer.zero_grad()
+        self.manual_backward(loss)
+        seg_optimizer.step()
+        det_optimizer.step()
+        size = batch.image.shape[0]
+        step_losses = torch.stack(
+            [torch.ones_like(loss), loss, seg_loss if seg_loss is not None else 0 * loss, det_loss]
+        )
+        sums = step_losses.detach() if self._epoch_loss_sums is None else self._epoch_loss_sums + step_losses.detach()
+        self._epoch_loss_sums = sums
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=size)
+        self.log("train_det_loss", det_loss, on_step=False, on_epoch=True, batch_size=size)
+        if seg_loss is not None:
+            self.log("train_seg_loss", seg_loss, on_step=False, on_epoch=True, batch_size=size)
+        return {"loss": loss.detach()}
+
+    def on_train_epoch_end(self) -> None:
+        """Log the epoch's mean losses (also in the console, so that a run shows them falling)."""
+        if self._epoch_loss_sums is None:
+            return
+        steps, total, segmentation, detection = (self._epoch_loss_sums / self._epoch_loss_sums[0]).tolist()
+        del steps
+        logger.info(
+            "Mvfa epoch %d/%d: loss %.4f (segmentation %.4f, detection %.4f)",
+            self.current_epoch + 1,
+            self.epochs,
+            total,
+            segmentation,
+            detection,
+        )
+        self._epoch_loss_sums = None
+
+    def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
+        """Score a validation batch (thresholds and normalisation come from these scores)."""
+        del args, kwargs
+        predictions = self.model(batch.image)
+        return batch.update(**predictions._asdict())
+
+    # ------------------------------------------------------------ checkpoints
+
+    def save_adapters(self, path: str | Path) -> Path:
+        """Write the adapters alone, in the authors' layout."""
+        return self.model.save_adapters(path)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Leave pretrained CLIP weights out: they come back from ``pretrained`` on loading.
+
+        Random CLIP weights (``pretrained=None``) cannot be rebuilt and stay in the checkpoint.
+        """
+        super().on_save_checkpoint(checkpoint)
+        if self.hparams.get("pretrained") is None:
+            return
+        checkpoint["state_dict"] = {
+            key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("model.clip.")
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of another architecture; put this model's CLIP weights back in."""
+        saved = checkpoint.get("hyper_parameters", {})
+        mismatched = {
+            key: (_as_list(saved[key]), _as_list(self.hparams[key]))
+            for key in ARCHITECTURE_KEYS
+            if key in saved and key in self.hparams and _as_list(saved[key]) != _as_list(self.hparams[key])
+        }
+        if mismatched:
+            details = ", ".join(f"{key}: checkpoint {old}, model {new}" for key, (old, new) in mismatched.items())
+            msg = f"This checkpoint was made for another Mvfa architecture ({details}); pass the same model arguments."
+            raise ValueError(msg)
+        super().on_load_checkpoint(checkpoint)
+        clip_state = {f"model.clip.{key}": value for key, value in self.model.clip.state_dict().items()}
+        checkpoint["state_dict"] = {**clip_state, **checkpoint["state_dict"]}  # saved CLIP weights win
+
+
+def _as_list(value: object) -> object:
+    return list(value) if isinstance(value, list | tuple) else value
