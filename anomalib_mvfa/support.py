@@ -205,10 +205,8 @@ def draw_from_folder(folder: str | Path, k: int, seed: int, image_size: int, lab
         raise ValueError(msg)
     chosen = [files[i] for i in seeded_choice(len(files), k, seed)]
     mask_folder = Path(folder) / MASK_FOLDER
-    masks: list[torch.Tensor | None] = []
-    for path in chosen:
-        candidates = [m for m in list_images(mask_folder) if m.stem == path.stem] if mask_folder.is_dir() else []
-        masks.append(read_mask(candidates[0], as_tensor=True) if candidates and label else None)
+    mask_files = {path.stem: path for path in list_images(mask_folder)} if label and mask_folder.is_dir() else {}
+    masks = [read_mask(mask_files[path.stem], as_tensor=True) if path.stem in mask_files else None for path in chosen]
     images = [read_image(path, as_tensor=True) for path in chosen]
     return _support_from_items(images, masks, label, [str(path) for path in chosen], image_size)
 
@@ -219,10 +217,9 @@ def synthesize_abnormal(normal: SupportImages, seed: int) -> SupportImages:
     The generator's masks become the segmentation targets. The global random state is
     left as it was.
     """
-    generator = PerlinAnomalyGenerator(probability=1.0)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        images, masks = generator(normal.images)
+        images, masks = PerlinAnomalyGenerator(probability=1.0)(normal.images)  # its init draws numbers too
     return SupportImages(
         images=images.clamp(0.0, 1.0),
         masks=(masks[:, 0] > 0.5).float(),
