@@ -51,6 +51,14 @@ SUPPORT_RECORD = "support_set.json"
 ADAPTER_FILE = Path("weights") / "mvfa_adapters.pth"
 
 
+def test_overlap(datamodule: Any, dataset: Any) -> bool:
+    """Whether ``dataset`` shares image files with the datamodule's test split."""
+    test_data = getattr(datamodule, "test_data", None)
+    if test_data is None or dataset is None:
+        return False
+    return not set(dataset.samples.image_path).isdisjoint(test_data.samples.image_path)
+
+
 class FewShotMemoryBankCallback(Callback):
     """Select, augment and serve MVFA's support set; build memory banks with trained adapters."""
 
@@ -97,6 +105,13 @@ class FewShotMemoryBankCallback(Callback):
             dataset = getattr(datamodule, split, None)
             if dataset is None:
                 msg = f"abnormal_source='{source}' needs a datamodule with a {split} split; none was found."
+                raise ValueError(msg)
+            if test_overlap(datamodule, dataset):
+                msg = (
+                    f"abnormal_source='{source}' would draw support images from the test split: the datamodule's "
+                    f"{split} shares images with test_data (anomalib's val_split_mode 'same_as_test' does this). "
+                    "Use a disjoint validation split, for example --data.val_split_mode from_test."
+                )
                 raise ValueError(msg)
             name = "The validation split" if source == "validation" else "The training split"
             self.abnormal = draw_from_dataset(dataset, 1, model.k_shot, model.seed, model.image_size, name)
@@ -175,7 +190,14 @@ class FewShotMemoryBankCallback(Callback):
         self._bank_step = trainer.global_step
 
     def on_validation_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Refresh the memory bank before validation."""
+        """Refresh the memory bank before validation; warn when validation images are test images."""
+        datamodule = getattr(trainer, "datamodule", None)
+        if test_overlap(datamodule, getattr(datamodule, "val_data", None)):
+            logger.warning(
+                "The validation split shares images with the test split (val_split_mode 'same_as_test'): "
+                "anomalib's threshold and normalisation are then set on test images and F1 scores are optimistic. "
+                "Use --data.val_split_mode from_test for an honest evaluation."
+            )
         self.refresh_memory_bank(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:

@@ -216,6 +216,13 @@ def test_each_abnormal_source_trains(source, tmp_path, folder_root, caplog) -> N
     assert ("only the detection loss is trained" in caplog.text) == (source == "folder")
 
 
+def test_validation_source_refuses_a_validation_split_that_is_the_test_split(tmp_path, mvtec_root) -> None:
+    datamodule = mvtec(mvtec_root)  # anomalib's MVTecAD default: val_split_mode same_as_test
+    model = Mvfa(**TINY_MODEL, abnormal_source="validation", epochs=1)
+    with pytest.raises(ValueError, match=r"from the test split.*val_split_mode from_test"):
+        engine(tmp_path).fit(model, datamodule=datamodule)
+
+
 def folder_datamodule_split(root: Path, split: str) -> list[str]:
     datamodule = folder(root)
     datamodule.setup()
