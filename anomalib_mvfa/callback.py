@@ -30,10 +30,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from .augmentation import augment_support_set
+from .prompting import prompt_class_name
 from .support import (
+    LabelledDataset,
     SupportDataset,
     SupportImages,
     draw_from_dataset,
@@ -81,7 +83,13 @@ class FewShotMemoryBankCallback(Callback):
             self.normal = draw_from_folder(model.few_shot_source, model.k_shot, model.seed, model.image_size)
         elif datamodule is not None and getattr(datamodule, "train_data", None) is not None:
             self.normal = draw_from_dataset(
-                datamodule.train_data, 0, model.k_shot, model.seed, model.image_size, "The training split"
+                datamodule.train_data,
+                0,
+                model.k_shot,
+                model.seed,
+                model.image_size,
+                "The training split",
+                files=self._fixed_files(datamodule, model, "normal"),
             )
         else:
             msg = (
@@ -114,11 +122,19 @@ class FewShotMemoryBankCallback(Callback):
                 )
                 raise ValueError(msg)
             name = "The validation split" if source == "validation" else "The training split"
-            self.abnormal = draw_from_dataset(dataset, 1, model.k_shot, model.seed, model.image_size, name)
+            files = self._fixed_files(datamodule, model, "abnormal")
+            self.abnormal = draw_from_dataset(dataset, 1, model.k_shot, model.seed, model.image_size, name, files)
         else:
             self.abnormal = draw_from_folder(source, model.k_shot, model.seed, model.image_size, label=1)
         self.selected_files["abnormal"] = self.abnormal.sources
         logger.info("MVFA abnormal support images (%s): %s", source, self.abnormal.sources)
+
+    @staticmethod
+    def _fixed_files(datamodule: Any, model: Mvfa, kind: str) -> list[str] | None:
+        """Files a datamodule's seed file fixes for the model's seed (``MedicalAD(seed_file=...)``)."""
+        support_files = getattr(datamodule, "support_files", None)
+        fixed = support_files(model.seed) if callable(support_files) else None
+        return None if fixed is None else fixed[kind]
 
     def _record(self, trainer: Trainer, model: Mvfa) -> None:
         record = {"seed": model.seed, "k_shot": model.k_shot, **self.selected_files}
@@ -132,6 +148,13 @@ class FewShotMemoryBankCallback(Callback):
         """Before fitting: select the support set and serve it as the training data."""
         if stage != TrainerFn.FITTING or not pl_module.trains_adapters:
             return
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None:
+            msg = "Mvfa trains through a datamodule: pass `datamodule=` to Engine.fit/Engine.train."
+            raise ValueError(msg)
+        if pl_module.k_shot == 0:
+            self._serve(datamodule, self._zero_shot_training_data(datamodule, pl_module), pl_module)
+            return
         self.select_support(trainer, pl_module)
         self.select_abnormal(trainer, pl_module)
         self._record(trainer, pl_module)
@@ -141,21 +164,36 @@ class FewShotMemoryBankCallback(Callback):
             # all-zero targets of normal images alone would teach the maps to see nothing.
             support.has_mask = torch.zeros_like(support.has_mask)
             logger.info("MVFA abnormal support images have no masks: only the detection loss is trained.")
-        dataset = SupportDataset(support)
+        self._serve(datamodule, SupportDataset(support), pl_module)
+
+    def _zero_shot_training_data(self, datamodule: Any, model: Mvfa) -> LabelledDataset:
+        """Labelled images of the training split, each with its own category's prompts."""
+        samples = datamodule.train_data.samples
+        if "category" in samples:
+            categories = sorted(set(samples["category"]))
+            prompt_name = getattr(datamodule, "prompt_name", prompt_class_name)
+            names = [prompt_name(category) for category in categories]
+        else:
+            categories = names = [model.resolve_class_name()]
+        model.set_training_prompts(names)
+        self.selected_files["zero_shot_training"] = [f"{c}: {n}" for c, n in zip(categories, names, strict=True)]
+        logger.info("MVFA zero-shot training on %d labelled images of %s.", len(samples), categories)
+        return LabelledDataset(datamodule.train_data, model.image_size, categories)
+
+    def _serve(self, datamodule: Any, dataset: Dataset, model: Mvfa) -> None:
+        """Make ``dataset`` the training data of this fit (restored in teardown).
+
+        anomalib's Engine hands the trainer the datamodule; MVFA's fit loop must iterate over the
+        augmented support set (or the labelled zero-shot images) instead of the training split,
+        so the datamodule serves it for this run.
+        """
         loader = DataLoader(
             dataset,
-            batch_size=pl_module.batch_size,
+            batch_size=model.batch_size,
             shuffle=True,
-            generator=torch.Generator().manual_seed(pl_module.seed),
+            generator=torch.Generator().manual_seed(model.seed),
             collate_fn=SupportDataset.collate,
         )
-        datamodule = getattr(trainer, "datamodule", None)
-        if datamodule is None:
-            msg = "Mvfa trains through a datamodule: pass `datamodule=` to Engine.fit/Engine.train."
-            raise ValueError(msg)
-        # anomalib's Engine gives the trainer the datamodule; MVFA's fit loop must iterate over
-        # the augmented support set instead of the training split, so this datamodule serves it
-        # for this run (restored in teardown).
         datamodule.train_dataloader = lambda: loader
         self._patched_datamodule = datamodule
 

@@ -53,6 +53,8 @@ from .torch_model import MvfaModel
 logger = logging.getLogger(__name__)
 
 ABNORMAL_SOURCES = ("auto", "synthetic", "validation", "train")
+FEW_SHOT_LEARNING_RATE = 1e-3
+ZERO_SHOT_LEARNING_RATE = 1e-4
 # Hyperparameters that fix the architecture: a checkpoint only loads into the same ones.
 ARCHITECTURE_KEYS = ("backbone", "image_size", "feature_layers")
 
@@ -67,7 +69,9 @@ class Mvfa(AnomalibModule):
             CLIP weights (scores are then meaningless; a warning says so).
         image_size: Side of the square input images.
         feature_layers: 1-based blocks followed by an adapter.
-        k_shot: Normal support images (and as many abnormal ones). ``0``: zero-shot only.
+        k_shot: Normal support images (and as many abnormal ones). ``0``: zero-shot; with
+            ``epochs > 0`` the adapters then train on the labelled images of the datamodule's
+            training split (zero-shot across datasets), each with its own category's prompts.
         class_name: Object named in the prompts. Default: the datamodule's category (the
             paper's names for the medical categories), else ``"object"``.
         abnormal_source: Where the K abnormal support images come from: ``"synthetic"``
@@ -82,8 +86,9 @@ class Mvfa(AnomalibModule):
         epochs: Training epochs over the augmented support set (the paper: 50). ``0``
             trains nothing (use with ``adapter_checkpoint``).
         batch_size: Support images per optimisation step (the paper: 1).
-        seg_learning_rate: Adam learning rate of the segmentation adapters (paper: 1e-3).
-        det_learning_rate: Adam learning rate of the detection adapters (paper: 1e-3).
+        seg_learning_rate: Adam learning rate of the segmentation adapters. Default: the paper's
+            1e-3 few-shot, 1e-4 zero-shot (``k_shot=0``).
+        det_learning_rate: Adam learning rate of the detection adapters (same defaults).
         detection_loss: ``"authors"`` (BCE-with-logits on a probability, as published) or
             ``"bce"`` (corrected).
         seed: Seed of the support selection, the synthetic anomalies and the shuffling.
@@ -113,8 +118,8 @@ class Mvfa(AnomalibModule):
         few_shot_source: str | None = None,
         epochs: int = 50,
         batch_size: int = 1,
-        seg_learning_rate: float = 1e-3,
-        det_learning_rate: float = 1e-3,
+        seg_learning_rate: float | None = None,
+        det_learning_rate: float | None = None,
         detection_loss: str = "authors",
         seed: int = 0,
         adapter_checkpoint: str | None = None,
@@ -152,8 +157,10 @@ class Mvfa(AnomalibModule):
         self.few_shot_source = few_shot_source
         self.epochs = epochs
         self.batch_size = batch_size
-        self.seg_learning_rate = seg_learning_rate
-        self.det_learning_rate = det_learning_rate
+        default_learning_rate = FEW_SHOT_LEARNING_RATE if k_shot else ZERO_SHOT_LEARNING_RATE
+        self.seg_learning_rate = seg_learning_rate or default_learning_rate
+        self.det_learning_rate = det_learning_rate or default_learning_rate
+        self.training_text_features: torch.Tensor | None = None  # C x 2 per training prompt class
         self.seed = seed
         self.automatic_optimization = False  # two optimisers, stepped together in training_step
         self._epoch_loss_sums: torch.Tensor | None = None  # (steps, total, segmentation, detection)
@@ -164,9 +171,6 @@ class Mvfa(AnomalibModule):
     ) -> None:
         if k_shot < 0 or epochs < 0 or batch_size < 1:
             msg = f"Expected k_shot >= 0, epochs >= 0 and batch_size >= 1, got {k_shot}, {epochs} and {batch_size}."
-            raise ValueError(msg)
-        if epochs > 0 and k_shot == 0:
-            msg = "Training (epochs > 0) needs support images: set k_shot >= 1, or epochs=0 for zero-shot use."
             raise ValueError(msg)
         if abnormal_source not in ABNORMAL_SOURCES and not Path(abnormal_source).is_dir():
             msg = f"abnormal_source must be one of {ABNORMAL_SOURCES} or an existing folder, got '{abnormal_source}'."
@@ -234,15 +238,16 @@ class Mvfa(AnomalibModule):
         """Build the text features for the class name, unless already there (checkpoint)."""
         del stage
         if self.model.text_features.numel() == 0:
-            self.model.setup(class_name=self._resolve_class_name())
+            self.model.setup(class_name=self.resolve_class_name())
 
-    def _resolve_class_name(self) -> str:
+    def resolve_class_name(self) -> str:
+        """``class_name``, else the datamodule's name for its category, else ``"object"``."""
         if self.class_name:
             return self.class_name
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         category = getattr(datamodule, "category", None)
         if category:
-            name = prompt_class_name(category)
+            name = getattr(datamodule, "prompt_name", prompt_class_name)(category)
             logger.info("Mvfa prompts use the datamodule's category: '%s'.", name)
             return name
         logger.info("Mvfa has no class name and the datamodule no category: prompts use '%s'.", DEFAULT_CLASS_NAME)
@@ -252,6 +257,16 @@ class Mvfa(AnomalibModule):
         """Apply the pre-processor's transform to ``[0, 1]`` images."""
         transform = self.pre_processor.transform if self.pre_processor is not None else None
         return transform(images) if transform is not None else images
+
+    @torch.no_grad()
+    def set_training_prompts(self, class_names: Sequence[str]) -> None:
+        """Text features of each training prompt class (``n x C x 2``), used by ``training_step``."""
+        features = []
+        for name in class_names:
+            self.model.set_text_features(name)
+            features.append(self.model.text_features)
+        self.model.setup(class_name=self.resolve_class_name())  # the test category's prompts again
+        self.training_text_features = torch.stack(features)
 
     @torch.no_grad()
     def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor) -> None:
@@ -274,7 +289,10 @@ class Mvfa(AnomalibModule):
         """One MVFA step on a batch of augmented support images."""
         del batch_idx
         seg_optimizer, det_optimizer = self.optimizers()
-        outputs = self.model(batch.image)
+        text_features = None
+        if self.training_text_features is not None:
+            text_features = self.training_text_features.to(batch.image.device)[batch.class_index]
+        outputs = self.model(batch.image, text_features=text_features)
         seg_loss, det_loss = self.loss(outputs, batch.gt_label, batch.gt_mask, batch.has_mask)
         loss = det_loss if seg_loss is None else seg_loss + det_loss
         seg_optimizer.zero_grad()

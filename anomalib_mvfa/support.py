@@ -70,12 +70,17 @@ class SupportImages:
 
 @dataclass
 class SupportBatch:
-    """A training batch of support images; ``PreProcessor`` normalises ``image`` in place."""
+    """A training batch; ``PreProcessor`` normalises ``image`` in place.
+
+    ``class_index`` says which prompt class each image belongs to (zero-shot training over
+    several categories); it is 0 for a single class.
+    """
 
     image: torch.Tensor
     gt_mask: torch.Tensor
     gt_label: torch.Tensor
     has_mask: torch.Tensor
+    class_index: torch.Tensor
 
 
 class SupportDataset(Dataset):
@@ -100,15 +105,48 @@ class SupportDataset(Dataset):
         """Number of augmented images."""
         return self.images.shape[0]
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Image, mask, label and mask flag of one augmented image."""
-        return self.images[index], self.masks[index], self.labels[index], self.has_mask[index]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Image, mask, label, mask flag and class index (0) of one augmented image."""
+        return self.images[index], self.masks[index], self.labels[index], self.has_mask[index], torch.tensor(0)
 
     @staticmethod
     def collate(items: list[tuple[torch.Tensor, ...]]) -> SupportBatch:
         """Stack items into a :class:`SupportBatch`."""
-        images, masks, labels, has_mask = (torch.stack(column) for column in zip(*items, strict=True))
-        return SupportBatch(image=images, gt_mask=masks, gt_label=labels, has_mask=has_mask)
+        columns = [torch.stack(column) for column in zip(*items, strict=True)]
+        return SupportBatch(*columns)
+
+
+class LabelledDataset(Dataset):
+    """Labelled images of an anomalib dataset for zero-shot training, read lazily.
+
+    Each image is resized to ``image_size``; its mask is used where the dataset has one
+    (otherwise it enters the detection loss only); ``class_index`` points into
+    ``class_names`` through the sample's ``category`` column.
+
+    Args:
+        dataset: An anomalib dataset whose ``samples`` may carry a ``category`` column.
+        image_size: Side of the returned images.
+        categories: Categories in the order of the prompt classes.
+    """
+
+    def __init__(self, dataset: Dataset, image_size: int, categories: Sequence[str]) -> None:
+        self.dataset = dataset
+        self.image_size = image_size
+        samples = dataset.samples
+        sample_categories = samples["category"] if "category" in samples else [categories[0]] * len(samples)
+        self.class_index = torch.tensor([list(categories).index(category) for category in sample_categories])
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        """Image, mask, label, mask flag and class index of one image."""
+        item = self.dataset[index]
+        has_mask = item.gt_mask is not None
+        mask = resize_mask(item.gt_mask, self.image_size) if has_mask else torch.zeros(self.image_size, self.image_size)
+        label = torch.as_tensor(item.gt_label).long()
+        return resize_image(item.image, self.image_size), mask, label, torch.tensor(has_mask), self.class_index[index]
 
 
 def resize_image(image: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -151,7 +189,15 @@ def _support_from_items(
     )
 
 
-def draw_from_dataset(dataset: Dataset, label: int, k: int, seed: int, image_size: int, name: str) -> SupportImages:
+def draw_from_dataset(
+    dataset: Dataset,
+    label: int,
+    k: int,
+    seed: int,
+    image_size: int,
+    name: str,
+    files: Sequence[str] | None = None,
+) -> SupportImages:
     """Draw ``k`` images with ``label`` from an anomalib dataset (its ``samples`` table), seeded.
 
     Args:
@@ -161,17 +207,27 @@ def draw_from_dataset(dataset: Dataset, label: int, k: int, seed: int, image_siz
         seed: Seed of the draw.
         image_size: Side of the returned images.
         name: How error messages name the dataset (for example "the training split").
+        files: File names (or paths) to take instead of a random draw (a seed file's line).
 
     Raises:
-        ValueError: If the dataset holds fewer than ``k`` images with ``label``.
+        ValueError: If the dataset holds fewer than ``k`` images with ``label``, or a named
+            file is not among them.
     """
     samples = dataset.samples
     candidates = samples.index[samples.label_index == label].tolist()
     kind = "abnormal" if label else "normal"
-    if len(candidates) < k:
+    if files is not None:
+        by_name = {Path(samples.loc[i, "image_path"]).name: i for i in candidates}
+        missing = [file for file in files if Path(file).name not in by_name]
+        if missing:
+            msg = f"{name} has no {kind} image named {missing} (named by the seed file)."
+            raise ValueError(msg)
+        chosen = [by_name[Path(file).name] for file in files]
+    elif len(candidates) < k:
         msg = f"{name} holds {len(candidates)} {kind} image(s); k_shot={k} needs at least {k}."
         raise ValueError(msg)
-    chosen = [candidates[i] for i in seeded_choice(len(candidates), k, seed)]
+    else:
+        chosen = [candidates[i] for i in seeded_choice(len(candidates), k, seed)]
     positions = [samples.index.get_loc(index) for index in chosen]
     items = [dataset[position] for position in positions]
     has_masks = [bool(str(samples.iloc[p].get("mask_path", "") or "").strip()) for p in positions]

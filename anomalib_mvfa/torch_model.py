@@ -332,9 +332,14 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             raise RuntimeError(msg)
         return self.text_features
 
-    def text_logits(self, tokens: torch.Tensor) -> torch.Tensor:
-        """``100 * normalise(tokens) @ T``: ``B x L x 2`` logits (normal, abnormal)."""
-        return LOGIT_SCALE * F.normalize(tokens, dim=-1) @ self._require_text_features().to(tokens.dtype)
+    def text_logits(self, tokens: torch.Tensor, text_features: torch.Tensor | None = None) -> torch.Tensor:
+        """``100 * normalise(tokens) @ T``: ``B x L x 2`` logits (normal, abnormal).
+
+        ``text_features`` replaces ``T``: ``C x 2`` for all images or ``B x C x 2`` per image
+        (zero-shot training over several categories, each with its own prompts).
+        """
+        text = self._require_text_features() if text_features is None else text_features
+        return LOGIT_SCALE * F.normalize(tokens, dim=-1) @ text.to(tokens.dtype)
 
     def to_map(self, patch_values: torch.Tensor) -> torch.Tensor:
         """Reshape ``B x L x K`` patch values to ``B x K x h x w`` and upsample to the input size.
@@ -472,11 +477,17 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def forward(self, images: torch.Tensor) -> InferenceBatch | TrainingOutputs:
+    def forward(
+        self,
+        images: torch.Tensor,
+        text_features: torch.Tensor | None = None,
+    ) -> InferenceBatch | TrainingOutputs:
         """Score images (eval mode) or return the losses' inputs (training mode).
 
         Args:
             images: Preprocessed ``B x 3 x H x W`` images, ``H = W = image_size``.
+            text_features: Training only: text features replacing ``text_features``,
+                ``C x 2`` or ``B x C x 2`` (one set per image).
 
         Returns:
             In eval mode, an ``InferenceBatch`` with ``pred_score`` (``B``) and
@@ -486,8 +497,8 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             self._check_images(images)
             tokens = self.encode(images)
             return TrainingOutputs(
-                [self.to_map(self.text_logits(layer)) for layer in tokens.segmentation],
-                [self.text_logits(layer) for layer in tokens.detection],
+                [self.to_map(self.text_logits(layer, text_features)) for layer in tokens.segmentation],
+                [self.text_logits(layer, text_features) for layer in tokens.detection],
             )
         with torch.no_grad():
             outputs = self.branch_outputs(images)

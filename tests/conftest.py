@@ -101,3 +101,45 @@ def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def folder_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder dataset: train/good, test/good, test/broken, ground_truth/broken (64 x 64 images)."""
     return write_dataset(tmp_path_factory.mktemp("folder"), "folder", seed=1)
+
+
+def write_medical_category(root: Path, category: str, masks: bool, seed: int = 0, size: int = 48) -> Path:
+    """A ``<category>_AD`` folder in the medical layout: valid and test splits, 16-bit grey PNG and RGB JPEG.
+
+    Each split holds 6 normal and 6 abnormal images (a bright square); masks in
+    ``Ungood/anomaly_mask`` when ``masks`` is set.
+    """
+    rng = np.random.default_rng(seed)
+    for split in ("valid", "test"):
+        for label in ("good", "Ungood"):
+            (root / f"{category}_AD" / split / label / "img").mkdir(parents=True, exist_ok=True)
+            if masks and label == "Ungood":
+                (root / f"{category}_AD" / split / label / "anomaly_mask").mkdir(parents=True, exist_ok=True)
+            for index in range(6):
+                grey = rng.normal(0.4, 0.05, (size, size)).clip(0, 1)
+                mask = np.zeros((size, size), np.uint8)
+                if label == "Ungood":
+                    row, col = rng.integers(4, size - 16, 2)
+                    mask[row : row + 12, col : col + 12] = 255
+                    grey[mask > 0] = 0.95
+                folder = root / f"{category}_AD" / split / label
+                if index % 2 == 0:  # 16-bit single-channel PNG
+                    name = f"{split}_{label}_{index}.png"
+                    Image.fromarray((grey * 65535).astype(np.uint16)).save(folder / "img" / name)
+                else:  # 8-bit RGB JPEG with an upper-case suffix
+                    name = f"{split}_{label}_{index}.JPEG"
+                    rgb = np.stack([(grey * 255).astype(np.uint8)] * 3, axis=-1)
+                    Image.fromarray(rgb).save(folder / "img" / name, format="JPEG", quality=95)
+                if masks and label == "Ungood":
+                    Image.fromarray(mask).save(folder / "anomaly_mask" / name, format="PNG")
+    return root / f"{category}_AD"
+
+
+@pytest.fixture(scope="session")
+def medical_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Three categories in the medical layout: Brain and Liver with masks, Chest without."""
+    root = tmp_path_factory.mktemp("medical")
+    write_medical_category(root, "Brain", masks=True, seed=0)
+    write_medical_category(root, "Liver", masks=True, seed=1)
+    write_medical_category(root, "Chest", masks=False, seed=2)
+    return root

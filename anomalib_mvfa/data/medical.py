@@ -1,0 +1,327 @@
+"""The medical anomaly-detection benchmark layout used by MVFA (BMAD-derived).
+
+Layout: ``<root>/<Name>_AD/{valid,test}/{good,Ungood}/img/<file>``, with masks for the
+segmentation categories at ``<root>/<Name>_AD/<split>/Ungood/anomaly_mask/<same file>``.
+``Name`` is one of Brain, Liver, Retina_RESC, Retina_OCT2017, Chest, Histopathology, or any
+other ``<Name>_AD`` folder laid out the same way.
+
+Splits of :class:`MedicalAD`:
+
+- few-shot (default): ``train_data`` and ``val_data`` are the category's ``valid`` split (the
+  pool of normal and abnormal support images, and of anomalib's thresholds); ``test_data`` is
+  its ``test`` split.
+- zero-shot across datasets (``train_categories`` given): ``train_data`` holds the labelled
+  images of the other categories (their ``test`` split, as in the paper, or ``valid``), each
+  prompted with its own category's class name; ``val_data`` and ``test_data`` are as above.
+
+Images are read as they come: 8- and 16-bit PNG, JPEG, TIFF, one to four channels (grey is
+replicated to three), any letter case of the file suffix.
+
+Example:
+    >>> from anomalib_mvfa.data import MedicalAD
+    >>> datamodule = MedicalAD(root="datasets/MVFA", category="Brain")  # doctest: +SKIP
+    >>> datamodule.setup()  # doctest: +SKIP
+    >>> len(datamodule.test_data)  # doctest: +SKIP
+    3715
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from anomalib.data import AnomalibDataModule, AnomalibDataset, ImageItem
+from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
+from PIL import Image
+from torchvision.transforms.v2 import Transform
+from torchvision.tv_tensors import Mask
+
+from ..prompting import prompt_class_name
+from ..support import IMAGE_SUFFIXES
+
+logger = logging.getLogger(__name__)
+
+MEDICAL_CATEGORIES = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest", "Histopathology")
+SEGMENTATION_CATEGORIES = ("Brain", "Liver", "Retina_RESC")
+SPLITS = ("valid", "test")
+SEED_LINE = re.compile(r"^\s*([an])-(\d+)\s*:\s*(.*)$")
+
+
+def read_medical_image(path: str | Path) -> torch.Tensor:
+    """Read an image as a ``3 x H x W`` float tensor in ``[0, 1]``.
+
+    8-bit images are divided by 255, 16-bit ones by 65535; floating-point images are clipped
+    to ``[0, 1]``. One or two channels become three (grey replicated), four become three.
+
+    Raises:
+        ValueError: If the file cannot be decoded, naming it.
+    """
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except Exception as error:
+        msg = f"Image '{path}' cannot be decoded: {error}"
+        raise ValueError(msg) from error
+    if array.dtype in {np.dtype(np.uint8), np.dtype(bool)}:
+        scaled = array.astype(np.float32) / (1.0 if array.dtype == bool else 255.0)
+    elif array.dtype.kind in "ui":
+        scaled = array.astype(np.float32) / 65535.0
+    else:
+        scaled = np.clip(array.astype(np.float32), 0.0, 1.0)
+    if scaled.ndim == 2:
+        scaled = scaled[..., None]
+    channels = scaled.shape[-1]
+    scaled = np.repeat(scaled[..., :1], 3, axis=-1) if channels < 3 else scaled[..., :3]
+    return torch.from_numpy(np.ascontiguousarray(scaled)).permute(2, 0, 1)
+
+
+def read_medical_mask(path: str | Path) -> torch.Tensor:
+    """Read a mask as an ``H x W`` uint8 tensor of 0 and 1 (any non-zero pixel is abnormal)."""
+    return (read_medical_image(path)[0] > 0).to(torch.uint8)
+
+
+def _image_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def category_folder(root: str | Path, category: str) -> Path:
+    """``<root>/<category>_AD``, checked to exist.
+
+    Raises:
+        ValueError: If the folder is missing; the message lists the categories found.
+    """
+    folder = Path(root) / f"{category}_AD"
+    if not folder.is_dir():
+        found = sorted(p.name.removesuffix("_AD") for p in Path(root).glob("*_AD") if p.is_dir())
+        msg = f"Category folder '{folder}' does not exist. Categories under '{root}': {found or 'none'}."
+        raise ValueError(msg)
+    return folder
+
+
+def make_medical_samples(root: str | Path, category: str, split: str) -> pd.DataFrame:
+    """Samples table (anomalib's columns plus ``category``) of one category and split.
+
+    Raises:
+        ValueError: If the split holds no image.
+    """
+    base = category_folder(root, category) / split
+    rows = []
+    for label, label_index in (("good", LabelName.NORMAL), ("Ungood", LabelName.ABNORMAL)):
+        mask_folder = base / label / "anomaly_mask"
+        masks = {path.name: path for path in _image_files(mask_folder)}
+        masks_by_stem = {path.stem: path for path in masks.values()}
+        for path in _image_files(base / label / "img"):
+            mask = masks.get(path.name) or masks_by_stem.get(path.stem)
+            rows.append({
+                "path": str(base),
+                "split": split,
+                "label": label,
+                "image_path": str(path),
+                "mask_path": str(mask) if mask is not None and label_index == LabelName.ABNORMAL else "",
+                "label_index": int(label_index),
+                "category": category,
+            })
+    if not rows:
+        msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
+        raise ValueError(msg)
+    return pd.DataFrame(rows)
+
+
+class MedicalADDataset(AnomalibDataset):
+    """Images of one or several categories of the medical layout.
+
+    Args:
+        root: Folder holding the ``<Name>_AD`` folders.
+        categories: Category names (``Brain``, ...).
+        split: ``"valid"`` or ``"test"``.
+        augmentations: Optional transforms applied to each item.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        categories: Sequence[str],
+        split: str,
+        augmentations: Transform | None = None,
+    ) -> None:
+        super().__init__(augmentations=augmentations)
+        if split not in SPLITS:
+            msg = f"split must be one of {SPLITS}, got '{split}'."
+            raise ValueError(msg)
+        self.root = Path(root)
+        self.split = split
+        self._category = categories[0] if len(categories) == 1 else "+".join(categories)
+        samples = pd.concat([make_medical_samples(root, category, split) for category in categories])
+        samples = samples.reset_index(drop=True)
+        has_masks = (samples.mask_path != "").any()
+        samples.attrs["task"] = "segmentation" if has_masks else "classification"
+        self.samples = samples
+
+    def __getitem__(self, index: int) -> ImageItem:
+        """Image (``[0, 1]``, three channels), label and mask (where the layout has one)."""
+        sample = self.samples.iloc[index]
+        image = read_medical_image(sample.image_path)
+        gt_mask = None
+        if sample.mask_path:
+            gt_mask = Mask(read_medical_mask(sample.mask_path))
+            if gt_mask.shape[-2:] != image.shape[-2:]:
+                msg = (
+                    f"Mask '{sample.mask_path}' is {tuple(gt_mask.shape[-2:])} pixels but its image "
+                    f"'{sample.image_path}' is {tuple(image.shape[-2:])}."
+                )
+                raise ValueError(msg)
+        elif self.task.value == "segmentation" and sample.label_index == LabelName.NORMAL:
+            gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+        if self.augmentations:
+            if gt_mask is None:
+                image = self.augmentations(image)
+            else:
+                image, gt_mask = self.augmentations(image, gt_mask)
+        return ImageItem(
+            image=image,
+            gt_mask=gt_mask,
+            gt_label=torch.tensor(int(sample.label_index)),
+            image_path=sample.image_path,
+            mask_path=sample.mask_path,
+        )
+
+
+def parse_seed_file(path: str | Path) -> dict[int, dict[str, list[str]]]:
+    """Parse an authors'-format seed file: lines ``a-<i>: files...`` and ``n-<i>: files...``.
+
+    Returns:
+        ``{i: {"abnormal": [...], "normal": [...]}}``.
+
+    Raises:
+        ValueError: If the file is missing or a line does not follow the format.
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"Seed file '{path}' does not exist."
+        raise ValueError(msg)
+    draws: dict[int, dict[str, list[str]]] = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        match = SEED_LINE.match(line)
+        if match is None:
+            msg = f"Seed file '{path}', line {number}: expected 'a-<i>: files...' or 'n-<i>: files...', got {line!r}."
+            raise ValueError(msg)
+        kind, index, files = match.groups()
+        group = draws.setdefault(int(index), {"abnormal": [], "normal": []})
+        group["abnormal" if kind == "a" else "normal"] = files.replace(",", " ").split()
+    return draws
+
+
+class MedicalAD(AnomalibDataModule):
+    """Datamodule of the medical benchmark layout (see the module docstring).
+
+    Args:
+        root: Folder holding the ``<Name>_AD`` folders.
+        category: The category to test on (and, few-shot, to draw support images from).
+        train_categories: Zero-shot across datasets: categories whose labelled images train
+            the adapters. ``["others"]`` means every other category under ``root``.
+        zero_shot_split: Split of the training categories used for zero-shot training:
+            ``"test"`` (the paper) or ``"valid"``.
+        seed_file: Authors'-format seed file fixing the few-shot subsets; the model's seed
+            selects the line (``a-<seed>``, ``n-<seed>``).
+        class_names: Prompt class name per category, overriding the paper's names.
+        train_batch_size: Training batch size.
+        eval_batch_size: Validation and test batch size.
+        num_workers: Data-loading workers.
+        augmentations: Transforms applied to every split.
+        seed: Seed of anomalib's data handling.
+
+    Example:
+        >>> MedicalAD(root="datasets/MVFA", category="Liver", train_categories=["others"])  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        root: str | Path = "./datasets/MVFA",
+        category: str = "Brain",
+        train_categories: Sequence[str] | None = None,
+        zero_shot_split: str = "test",
+        seed_file: str | Path | None = None,
+        class_names: dict[str, str] | None = None,
+        train_batch_size: int = 32,
+        eval_batch_size: int = 32,
+        num_workers: int = 8,
+        augmentations: Transform | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(
+            train_batch_size=train_batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            augmentations=augmentations,
+            test_split_mode=TestSplitMode.FROM_DIR,  # the test split as it is on disk
+            val_split_mode=ValSplitMode.FROM_DIR,
+            seed=seed,
+        )
+        if zero_shot_split not in SPLITS:
+            msg = f"zero_shot_split must be one of {SPLITS}, got '{zero_shot_split}'."
+            raise ValueError(msg)
+        if class_names is not None and any(not str(name).strip() for name in class_names.values()):
+            msg = f"class_names must map categories to non-empty names, got {class_names}."
+            raise ValueError(msg)
+        self.root = Path(root)
+        self.category = category
+        self.train_categories = list(train_categories) if train_categories else None
+        self.zero_shot_split = zero_shot_split
+        self.seed_file = Path(seed_file) if seed_file else None
+        self.class_names = dict(class_names or {})
+
+    @property
+    def name(self) -> str:
+        """Name used in anomalib's result folders."""
+        return "MedicalAD"
+
+    def resolved_train_categories(self) -> list[str] | None:
+        """The zero-shot training categories, ``"others"`` expanded; ``None`` few-shot."""
+        if not self.train_categories:
+            return None
+        if self.train_categories == ["others"]:
+            found = sorted(p.name.removesuffix("_AD") for p in self.root.glob("*_AD") if p.is_dir())
+            return [category for category in found if category != self.category]
+        if self.category in self.train_categories:
+            msg = f"train_categories {self.train_categories} contain the test category '{self.category}'."
+            raise ValueError(msg)
+        return self.train_categories
+
+    def _setup(self, _stage: str | None = None) -> None:
+        train_categories = self.resolved_train_categories()
+        if train_categories is None:
+            self.train_data = MedicalADDataset(self.root, [self.category], "valid")
+        else:
+            if not train_categories:
+                msg = f"No category besides '{self.category}' under '{self.root}' to train zero-shot on."
+                raise ValueError(msg)
+            self.train_data = MedicalADDataset(self.root, train_categories, self.zero_shot_split)
+        self.val_data = MedicalADDataset(self.root, [self.category], "valid")
+        self.test_data = MedicalADDataset(self.root, [self.category], "test")
+
+    def prompt_name(self, category: str) -> str:
+        """Class name in the prompts for ``category`` (``class_names`` first, then the paper's)."""
+        return self.class_names.get(category) or prompt_class_name(category)
+
+    def support_files(self, seed: int) -> dict[str, list[str]] | None:
+        """File names the seed file fixes for ``seed`` (``None`` without a seed file).
+
+        Raises:
+            ValueError: If the seed file has no line for ``seed``.
+        """
+        if self.seed_file is None:
+            return None
+        draws = parse_seed_file(self.seed_file)
+        if seed not in draws:
+            msg = f"Seed file '{self.seed_file}' has no lines 'a-{seed}'/'n-{seed}'; it has seeds {sorted(draws)}."
+            raise ValueError(msg)
+        return draws[seed]
