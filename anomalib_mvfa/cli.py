@@ -6,6 +6,7 @@ has no command for.
 
 Example:
     anomalib-mvfa demo --backbone tiny-random --epochs 1
+    anomalib-mvfa evaluate --root datasets/MVFA --categories Brain --k-shot 4 --seeds 0 1 2
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from . import demo
+from . import demo, evaluation
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser = commands.add_parser("demo", help="train and test few-shot MVFA on a generated histology dataset")
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.run)
+    evaluate_parser = commands.add_parser(
+        "evaluate", help="AC/AS on the medical benchmark layout under both fusions, over K-shot seeds"
+    )
+    evaluation.add_arguments(evaluate_parser)
+    evaluate_parser.set_defaults(run=evaluation.run)
     return parser
 
 

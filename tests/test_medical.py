@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,8 @@ from PIL import Image
 
 from anomalib_mvfa import Mvfa
 from anomalib_mvfa.data import MedicalAD, parse_seed_file, read_medical_image
+
+from .test_lightning import CONFIGS, TINY_CLI, run_anomalib
 
 TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": 64, "feature_layers": (1, 2, 4)}
 
@@ -106,3 +110,17 @@ def test_zero_shot_leave_one_out_run(medical_root, tmp_path, caplog) -> None:
     assert "zero-shot training on 24 labelled images of ['Brain', 'Chest']" in caplog.text
     assert model.training_text_features.shape == (2, 32, 2)
     assert model.resolve_class_name() == "Liver"
+
+
+@pytest.mark.parametrize(
+    ("config", "k_shot"), [("mvfa_medical_few_shot.yaml", "2"), ("mvfa_medical_zero_shot.yaml", "0")]
+)
+def test_shipped_medical_configs_run_from_the_cli(medical_root, tmp_path, config, k_shot) -> None:
+    output = run_anomalib(
+        "train", "--config", CONFIGS / config, *TINY_CLI, "--model.epochs", "1", "--model.k_shot", k_shot,
+        "--data.root", medical_root, "--data.category", "Liver", "--data.num_workers", "0",
+        "--default_root_dir", tmp_path,
+    )  # fmt: skip
+    assert "Mvfa epoch 1/1: loss" in output
+    assert re.search(r"image_AUROC\s*│\s*\d\.\d+", output)
+    assert re.search(r"pixel_AUROC\s*│\s*\d\.\d+", output)

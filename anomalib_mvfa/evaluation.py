@@ -1,0 +1,271 @@
+"""The paper's evaluation protocol: AC and AS under two fusions, over several K-shot draws.
+
+``anomalib-mvfa evaluate`` trains (or loads) MVFA per category and seed on the medical
+benchmark layout, scores the test split, and reports image AUROC (AC) and pixel AUROC (AS)
+under two fusions of the zero-shot and few-shot branches:
+
+- ``ours``: the model's own online fusion (z-scores calibrated on the normal support images;
+  no test statistics), what ``anomalib test`` and deployment see;
+- ``authors``: the authors' offline fusion, which min-max normalises each branch over the
+  whole test set, averages them 0.5/0.5 and, for categories with masks, takes the image score
+  as the maximum of the fused map. It uses test-set statistics and exists only to compare
+  with the published numbers.
+
+Example:
+    anomalib-mvfa evaluate --root datasets/MVFA --categories Brain Liver --k-shot 4 --seeds 0 1 2
+    anomalib-mvfa evaluate --root datasets/MVFA --setting zero-shot --categories all
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import logging
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from anomalib.engine import Engine
+from torch.utils.data import DataLoader
+from torchmetrics.functional.classification import binary_auroc
+from torchvision.transforms.v2 import InterpolationMode, Resize
+
+from .data.medical import MEDICAL_CATEGORIES, MedicalAD
+from .lightning_model import Mvfa
+from .utils import write_atomically
+
+logger = logging.getLogger(__name__)
+
+FUSIONS = ("ours", "authors")
+
+
+@dataclass
+class SplitScores:
+    """Everything both fusions need, over a whole test split.
+
+    Attributes:
+        labels: ``N`` image labels. masks: ``N x H x W`` or ``None`` (classification category).
+        zero_shot_score, zero_shot_map: raw zero-shot branch. few_shot_score, few_shot_map:
+            raw few-shot branch, ``None`` without a memory bank.
+        score, anomaly_map: the model's own fused outputs.
+    """
+
+    labels: torch.Tensor
+    masks: torch.Tensor | None
+    zero_shot_score: torch.Tensor
+    zero_shot_map: torch.Tensor
+    few_shot_score: torch.Tensor | None
+    few_shot_map: torch.Tensor | None
+    score: torch.Tensor
+    anomaly_map: torch.Tensor
+
+
+def min_max(values: torch.Tensor) -> torch.Tensor:
+    """Min-max normalisation over all values (the authors' per-branch test-set normalisation)."""
+    low, high = values.min(), values.max()
+    return (values - low) / (high - low).clamp_min(torch.finfo(values.dtype).eps)
+
+
+def authors_fusion(outputs: SplitScores) -> tuple[torch.Tensor, torch.Tensor]:
+    """The authors' fusion: image scores (``N``) and maps (``N x H x W``) from test-set min-max.
+
+    With masks, the image score is the maximum of the fused map; without, the fused detection
+    score. Without a memory bank (zero-shot), the zero-shot branch alone takes the same roles.
+    """
+    if outputs.few_shot_map is None or outputs.few_shot_score is None:
+        anomaly_map, detection = outputs.zero_shot_map, outputs.zero_shot_score
+    else:
+        anomaly_map = 0.5 * min_max(outputs.zero_shot_map) + 0.5 * min_max(outputs.few_shot_map)
+        detection = 0.5 * min_max(outputs.zero_shot_score) + 0.5 * min_max(outputs.few_shot_score)
+    score = anomaly_map.flatten(1).amax(dim=1) if outputs.masks is not None else detection
+    return score, anomaly_map
+
+
+def auroc_metrics(score: torch.Tensor, anomaly_map: torch.Tensor, outputs: SplitScores) -> dict[str, float]:
+    """AC (image AUROC) and, with masks, AS (pixel AUROC over all test pixels), in percent."""
+    metrics = {"AC": 100 * binary_auroc(score.float(), outputs.labels.long()).item()}
+    if outputs.masks is not None:
+        metrics["AS"] = 100 * binary_auroc(anomaly_map.flatten().float(), outputs.masks.flatten().long()).item()
+    return metrics
+
+
+def fusion_metrics(outputs: SplitScores) -> dict[str, dict[str, float]]:
+    """AC/AS under both fusions: ``{"ours": {...}, "authors": {...}}``."""
+    return {
+        "ours": auroc_metrics(outputs.score, outputs.anomaly_map, outputs),
+        "authors": auroc_metrics(*authors_fusion(outputs), outputs),
+    }
+
+
+@torch.no_grad()
+def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) -> SplitScores:
+    """Run the model's branches over the datamodule's test split (images resized to the model's size)."""
+    datamodule.setup()
+    test_data = datamodule.test_data
+    size = model.image_size
+    test_data.augmentations = Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+    loader = DataLoader(test_data, batch_size=batch_size, shuffle=False, collate_fn=test_data.collate_fn)
+    model.eval()
+    columns: dict[str, list[torch.Tensor]] = {}
+    for batch in loader:
+        images = model.preprocess(batch.image.to(model.device))
+        branches = model.model.branch_outputs(images)
+        score, anomaly_map = model.model.fuse(branches)
+        if model.model.image_score_from_map:
+            score = anomaly_map.flatten(1).amax(dim=1)
+        values = {
+            "labels": batch.gt_label,
+            "masks": None if batch.gt_mask is None else (batch.gt_mask > 0),
+            "zero_shot_score": branches.zero_shot_score,
+            "zero_shot_map": branches.zero_shot_map,
+            "few_shot_score": branches.few_shot_score,
+            "few_shot_map": branches.few_shot_map,
+            "score": score,
+            "anomaly_map": anomaly_map,
+        }
+        for key, value in values.items():
+            if value is not None:
+                columns.setdefault(key, []).append(value.cpu())
+    joined = {key: torch.cat(parts) for key, parts in columns.items()}
+    return SplitScores(**{field: joined.get(field) for field in SplitScores.__dataclass_fields__})
+
+
+def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Mean and standard deviation over seeds per category, plus the average row."""
+    metrics = [key for key in rows[0] if key not in {"category", "seed"}] if rows else []
+    categories = list(dict.fromkeys(str(row["category"]) for row in rows))
+    summary = []
+    for category in [*categories, "Average"]:
+        if category == "Average":
+            group = [row for row in summary if row["category"] != "Average"]
+            entry: dict[str, object] = {"category": "Average", "seeds": ""}
+            for metric in metrics:
+                means = [row[f"{metric}_mean"] for row in group if row.get(f"{metric}_mean") is not None]
+                entry[f"{metric}_mean"] = statistics.fmean(means) if means else None
+                entry[f"{metric}_std"] = None
+        else:
+            group = [row for row in rows if row["category"] == category]
+            entry = {"category": category, "seeds": len(group)}
+            for metric in metrics:
+                values = [float(row[metric]) for row in group if row.get(metric) is not None]
+                entry[f"{metric}_mean"] = statistics.fmean(values) if values else None
+                entry[f"{metric}_std"] = statistics.stdev(values) if len(values) > 1 else None
+        summary.append(entry)
+    return summary
+
+
+def markdown_table(summary: list[dict[str, object]], title: str) -> str:
+    """The summary in the shape of the paper's table (AC and AS, mean ± std over seeds)."""
+    columns = [f"{fusion} {metric}" for fusion in FUSIONS for metric in ("AC", "AS")]
+    lines = [f"### {title}", "", "| dataset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    for row in summary:
+        cells = []
+        for column in columns:
+            fusion, metric = column.split()
+            mean, std = row.get(f"{fusion}_{metric}_mean"), row.get(f"{fusion}_{metric}_std")
+            cells.append("-" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}"))
+        lines.append(f"| {row['category']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``anomalib-mvfa evaluate``."""
+    parser.add_argument("--root", required=True, help="folder holding the <Name>_AD folders")
+    parser.add_argument("--categories", nargs="+", default=["all"], help="categories, or 'all' (the six)")
+    parser.add_argument("--setting", choices=("few-shot", "zero-shot"), default="few-shot")
+    parser.add_argument("--k-shot", type=int, default=4)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="K-shot draws (seed-file lines)")
+    parser.add_argument("--seed-files", default=None, help="seed-file path template with {category} and {k_shot}")
+    parser.add_argument("--epochs", type=int, default=50, help="0 evaluates --adapter-checkpoint without training")
+    parser.add_argument("--adapter-checkpoint", default=None, help="adapters file, or template with {category}")
+    parser.add_argument("--ckpt-path", default=None, help="a Lightning checkpoint of Mvfa to evaluate as it is")
+    parser.add_argument("--backbone", default="ViT-L-14-336")
+    parser.add_argument("--pretrained", default="openai", help="open_clip tag, weights file, or 'none'")
+    parser.add_argument("--image-size", type=int, default=240)
+    parser.add_argument("--feature-layers", type=int, nargs="+", default=[6, 12, 18, 24])
+    parser.add_argument("--batch-size", type=int, default=8, help="test images scored at once")
+    parser.add_argument("--output", default="results/evaluation", help="folder for the CSV and Markdown tables")
+
+
+def _categories(args: argparse.Namespace) -> list[str]:
+    if args.categories == ["all"]:
+        return [c for c in MEDICAL_CATEGORIES if (Path(args.root) / f"{c}_AD").is_dir()]
+    return list(args.categories)
+
+
+def _model(args: argparse.Namespace, category: str, seed: int) -> Mvfa:
+    if args.ckpt_path:
+        return Mvfa.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    adapters = args.adapter_checkpoint.format(category=category) if args.adapter_checkpoint else None
+    return Mvfa(
+        backbone=args.backbone,
+        pretrained=pretrained,
+        image_size=args.image_size,
+        feature_layers=args.feature_layers,
+        k_shot=0 if args.setting == "zero-shot" else args.k_shot,
+        epochs=args.epochs,
+        seed=seed,
+        adapter_checkpoint=adapters,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate every category and seed; print and save the tables; return an exit code."""
+    categories = _categories(args)
+    if not categories:
+        print(f"error: no category folder (<Name>_AD) found under {args.root}")
+        return 2
+    output = Path(args.output)
+    rows: list[dict[str, object]] = []
+    random_weights = str(args.pretrained).lower() == "none" and not args.ckpt_path
+    for category in categories:
+        for seed in args.seeds:
+            print(f"== {category}, {args.setting}, seed {seed}")
+            seed_file = args.seed_files.format(category=category, k_shot=args.k_shot) if args.seed_files else None
+            datamodule = MedicalAD(
+                root=args.root,
+                category=category,
+                train_categories=["others"] if args.setting == "zero-shot" else None,
+                seed_file=seed_file if args.setting == "few-shot" else None,
+                train_batch_size=args.batch_size,
+                eval_batch_size=args.batch_size,
+                num_workers=0,
+                seed=seed,
+            )
+            model = _model(args, category, seed)
+            run_root = output / "runs" / category / f"seed{seed}"
+            engine = Engine(default_root_dir=run_root, devices=1, logger=False)
+            if not args.ckpt_path:
+                engine.fit(model, datamodule=datamodule)  # trains; with epochs=0 only builds memory banks
+            metrics = fusion_metrics(score_test_split(model, datamodule, args.batch_size))
+            row: dict[str, object] = {"category": category, "seed": seed}
+            for fusion in FUSIONS:
+                for metric in ("AC", "AS"):
+                    row[f"{fusion}_{metric}"] = metrics[fusion].get(metric)
+            rows.append(row)
+            print("   " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+
+    summary = summarise(rows)
+    title = f"MVFA {args.setting}" + ("" if args.setting == "zero-shot" else f", {args.k_shot}-shot")
+    title += f", {len(args.seeds)} seed(s), AUROC %"
+    if random_weights:
+        title += " (RANDOM CLIP weights: the numbers mean nothing)"
+    table = markdown_table(summary, title)
+    note = (
+        "ours: the model's online fusion (calibrated on the support images, no test statistics). "
+        "authors: min-max of each branch over the test set, then 0.5/0.5 (max of the map for AC where masks "
+        "exist); uses test-set statistics, for comparison with the paper only.\n"
+    )
+    print("\n" + table + "\n" + note)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    stem = f"{args.setting}" + ("" if args.setting == "zero-shot" else f"_{args.k_shot}shot")
+    write_atomically(output / f"{stem}_runs.csv", lambda name: Path(name).write_text(buffer.getvalue()))
+    write_atomically(output / f"{stem}.md", lambda name: Path(name).write_text(table + "\n" + note))
+    print(f"tables written to {output / f'{stem}.md'} and {output / f'{stem}_runs.csv'}")
+    return 0
