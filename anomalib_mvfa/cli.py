@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from . import demo, evaluation
+from . import demo, evaluation, speed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,6 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_arguments(evaluate_parser)
     evaluate_parser.set_defaults(run=evaluation.run)
+    speed_parser = commands.add_parser("speed", help="training and inference speed against the authors' way")
+    speed.add_arguments(speed_parser)
+    speed_parser.set_defaults(run=speed.run)
     return parser
 
 

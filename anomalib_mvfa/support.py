@@ -73,7 +73,8 @@ class SupportBatch:
     """A training batch; ``PreProcessor`` normalises ``image`` in place.
 
     ``class_index`` says which prompt class each image belongs to (zero-shot training over
-    several categories); it is 0 for a single class.
+    several categories); it is 0 for a single class. ``index`` is each image's position in
+    its dataset (the key of the training prefix cache).
     """
 
     image: torch.Tensor
@@ -81,6 +82,7 @@ class SupportBatch:
     gt_label: torch.Tensor
     has_mask: torch.Tensor
     class_index: torch.Tensor
+    index: torch.Tensor
 
 
 class SupportDataset(Dataset):
@@ -106,8 +108,9 @@ class SupportDataset(Dataset):
         return self.images.shape[0]
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        """Image, mask, label, mask flag and class index (0) of one augmented image."""
-        return self.images[index], self.masks[index], self.labels[index], self.has_mask[index], torch.tensor(0)
+        """Image, mask, label, mask flag, class index (0) and index of one augmented image."""
+        image, mask, label, has_mask = self.images[index], self.masks[index], self.labels[index], self.has_mask[index]
+        return image, mask, label, has_mask, torch.tensor(0), torch.tensor(index)
 
     @staticmethod
     def collate(items: list[tuple[torch.Tensor, ...]]) -> SupportBatch:
@@ -141,12 +144,13 @@ class LabelledDataset(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        """Image, mask, label, mask flag and class index of one image."""
+        """Image, mask, label, mask flag, class index and index of one image."""
         item = self.dataset[index]
         has_mask = item.gt_mask is not None
         mask = resize_mask(item.gt_mask, self.image_size) if has_mask else torch.zeros(self.image_size, self.image_size)
         label = torch.as_tensor(item.gt_label).long()
-        return resize_image(item.image, self.image_size), mask, label, torch.tensor(has_mask), self.class_index[index]
+        image = resize_image(item.image, self.image_size)
+        return image, mask, label, torch.tensor(has_mask), self.class_index[index], torch.tensor(index)
 
 
 def resize_image(image: torch.Tensor, image_size: int) -> torch.Tensor:

@@ -246,7 +246,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             self.set_text_features(class_name or self.class_name or DEFAULT_CLASS_NAME)
         if reference_images is None:
             return
-        self._check_images(reference_images, "reference_images")
+        self.check_images(reference_images, "reference_images")
         tokens = self.encode_batched(reference_images, batch_size)
         self.seg_memory_bank = self._memory_bank(tokens.segmentation)
         self.det_memory_bank = self._memory_bank(tokens.detection)
@@ -265,7 +265,8 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
 
     # ---------------------------------------------------------------- encoder
 
-    def _check_images(self, images: torch.Tensor, name: str = "images") -> None:
+    def check_images(self, images: torch.Tensor, name: str = "images") -> None:
+        """Raise ``ValueError`` unless ``images`` is a ``B x 3 x image_size x image_size`` tensor."""
         expected = (3, self.image_size, self.image_size)
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
@@ -297,6 +298,15 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         """
         tokens = self.embed(images)
         return self.encode_from(tokens, start=0)
+
+    @torch.no_grad()
+    def encode_prefix(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen part of the encoder: tokens after block ``feature_layers[0]``, before its adapter.
+
+        Nothing before the first adapter depends on trainable weights, so training can compute
+        this once per support image and continue with :meth:`encode_from` in every epoch.
+        """
+        return self.run_blocks(self.embed(images), 0, self.feature_layers[0])
 
     def encode_from(self, tokens: torch.Tensor, start: int) -> AdaptedTokens:
         """Continue the adapted encoder from the output of block ``start`` (``B x T x W``).
@@ -395,7 +405,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         The few-shot fields are ``None`` while no memory bank exists (call
         :meth:`setup` with reference images first).
         """
-        self._check_images(images)
+        self.check_images(images)
         tokens = self.encode(images)
         zero_shot_map, zero_shot_score = self.zero_shot_branch(tokens)
         if not self.has_memory_bank:
@@ -494,18 +504,21 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             ``anomaly_map`` (``B x H x W``). In training mode, :class:`TrainingOutputs`.
         """
         if self.training:
-            self._check_images(images)
-            tokens = self.encode(images)
-            return TrainingOutputs(
-                [self.to_map(self.text_logits(layer, text_features)) for layer in tokens.segmentation],
-                [self.text_logits(layer, text_features) for layer in tokens.detection],
-            )
+            self.check_images(images)
+            return self.training_outputs(self.encode(images), text_features)
         with torch.no_grad():
             outputs = self.branch_outputs(images)
             pred_score, anomaly_map = self.fuse(outputs)
         if self.image_score_from_map:
             pred_score = anomaly_map.flatten(1).amax(dim=1)
         return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+
+    def training_outputs(self, tokens: AdaptedTokens, text_features: torch.Tensor | None = None) -> TrainingOutputs:
+        """What the losses need from adapted tokens (see :class:`TrainingOutputs`)."""
+        return TrainingOutputs(
+            [self.to_map(self.text_logits(layer, text_features)) for layer in tokens.segmentation],
+            [self.text_logits(layer, text_features) for layer in tokens.detection],
+        )
 
     # --------------------------------------------------------------- adapters
 

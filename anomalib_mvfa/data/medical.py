@@ -119,15 +119,17 @@ def make_medical_samples(root: str | Path, category: str, split: str) -> pd.Data
         masks_by_stem = {path.stem: path for path in masks.values()}
         for path in _image_files(base / label / "img"):
             mask = masks.get(path.name) or masks_by_stem.get(path.stem)
-            rows.append({
-                "path": str(base),
-                "split": split,
-                "label": label,
-                "image_path": str(path),
-                "mask_path": str(mask) if mask is not None and label_index == LabelName.ABNORMAL else "",
-                "label_index": int(label_index),
-                "category": category,
-            })
+            rows.append(
+                {
+                    "path": str(base),
+                    "split": split,
+                    "label": label,
+                    "image_path": str(path),
+                    "mask_path": str(mask) if mask is not None and label_index == LabelName.ABNORMAL else "",
+                    "label_index": int(label_index),
+                    "category": category,
+                }
+            )
     if not rows:
         msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
         raise ValueError(msg)

@@ -1,0 +1,214 @@
+"""Speed of MVFA against the way the authors run it: ``anomalib-mvfa speed``.
+
+Training, per epoch over the augmented support set (batch size 1, two Adam optimisers):
+
+- ``reference``: the authors' way. Every CLIP parameter keeps ``requires_grad=True`` (only the
+  adapters are stepped), and the whole image encoder (all blocks, the final norm and projection)
+  is recomputed for every support image in every epoch.
+- ``optimised``: what ``Mvfa`` does. CLIP is frozen, the blocks before the first adapter run
+  once per support image (cached for all epochs), and no block after the last adapter runs.
+  The result is the same: the command prints the largest difference of the adapter weights.
+
+Inference: MVFA's batched scoring against the plain CLIP image forward, and the share of the
+few-shot nearest-neighbour search.
+
+Example:
+    anomalib-mvfa speed --backbone ViT-B-16 --image-size 224 --k-shot 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .augmentation import augment_support_set
+from .backbone import resolve_model_config
+from .loss import MvfaLoss
+from .torch_model import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, AdaptedTokens, MvfaModel
+
+BETAS = (0.5, 0.999)
+
+
+def reference_encode(model: MvfaModel, images: torch.Tensor) -> AdaptedTokens:
+    """The full adapted encoder as the authors run it: every block, then the final norm and projection."""
+    visual = model.clip.visual
+    tokens = model.embed(images)
+    segmentation, detection = [], []
+    for number in range(1, model.depth + 1):
+        tokens = model.run_blocks(tokens, number - 1, number)
+        if number in model.feature_layers:
+            index = model.feature_layers.index(number)
+            seg_mid, seg_out = model.seg_adapters[index](tokens)
+            det_mid, det_out = model.det_adapters[index](tokens)
+            tokens = RESIDUAL_WEIGHT * tokens + ADAPTER_WEIGHT * seg_out + ADAPTER_WEIGHT * det_out
+            segmentation.append(seg_mid[:, 1:])
+            detection.append(det_mid[:, 1:])
+    pooled = visual.ln_post(tokens[:, 0])
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj  # computed (as in the authors' forward), not used by the losses
+    return AdaptedTokens(segmentation, detection)
+
+
+def _optimisers(model: MvfaModel, learning_rate: float) -> list[torch.optim.Optimizer]:
+    return [
+        torch.optim.Adam(model.seg_adapters.parameters(), lr=learning_rate, betas=BETAS),
+        torch.optim.Adam(model.det_adapters.parameters(), lr=learning_rate, betas=BETAS),
+    ]
+
+
+def _step(
+    model: MvfaModel,
+    optimisers: Sequence[torch.optim.Optimizer],
+    criterion: MvfaLoss,
+    tokens: AdaptedTokens,
+    label: torch.Tensor,
+    mask: torch.Tensor,
+) -> None:
+    seg_loss, det_loss = criterion(model.training_outputs(tokens), label, mask)
+    for optimiser in optimisers:
+        optimiser.zero_grad()
+    (seg_loss + det_loss).backward()
+    for optimiser in optimisers:
+        optimiser.step()
+
+
+def train_reference(
+    model: MvfaModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    orders: Sequence[Sequence[int]],
+    learning_rate: float = 1e-3,
+) -> list[float]:
+    """The authors' training loop, one epoch per entry of ``orders``; returns seconds per epoch."""
+    model.train()
+    model.clip.requires_grad_(True)  # as the authors leave it; only the adapters are stepped
+    optimisers, criterion = _optimisers(model, learning_rate), MvfaLoss()
+    seconds = []
+    for order in orders:
+        started = time.perf_counter()
+        for index in order:
+            tokens = reference_encode(model, images[index : index + 1])
+            _step(model, optimisers, criterion, tokens, labels[index : index + 1], masks[index : index + 1])
+        seconds.append(time.perf_counter() - started)
+    model.clip.requires_grad_(False)
+    return seconds
+
+
+def train_optimised(
+    model: MvfaModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    orders: Sequence[Sequence[int]],
+    learning_rate: float = 1e-3,
+) -> list[float]:
+    """``Mvfa``'s training loop (frozen CLIP, cached prefix); returns seconds per epoch (cache fill in epoch 1)."""
+    model.train()
+    optimisers, criterion = _optimisers(model, learning_rate), MvfaLoss()
+    cache: dict[int, torch.Tensor] = {}
+    seconds = []
+    for order in orders:
+        started = time.perf_counter()
+        for index in order:
+            if index not in cache:
+                cache[index] = model.encode_prefix(images[index : index + 1])
+            tokens = model.encode_from(cache[index], start=model.feature_layers[0])
+            _step(model, optimisers, criterion, tokens, labels[index : index + 1], masks[index : index + 1])
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
+def max_adapter_difference(first: MvfaModel, second: MvfaModel) -> float:
+    """Largest absolute difference between the adapter weights of two models."""
+    pairs = zip(first.adapter_state_dict().values(), second.adapter_state_dict().values(), strict=True)
+    return max((a[key] - b[key]).abs().max().item() for a, b in pairs for key in a)
+
+
+def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+    function()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - started)
+    return sorted(times)[len(times) // 2]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``anomalib-mvfa speed``."""
+    parser.add_argument("--backbone", default="ViT-B-16")
+    parser.add_argument("--pretrained", default="none", help="weights do not change the speed; default: random")
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--feature-layers", type=int, nargs="+", default=None, help="default: 4 evenly spaced")
+    parser.add_argument("--k-shot", type=int, default=4, help="training support: K normal + K abnormal, x11")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=8, help="inference batch")
+    parser.add_argument("--search-k-shot", type=int, default=16, help="memory bank size for the search share")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure and print the ratios; return an exit code."""
+    torch.manual_seed(args.seed)
+    depth = resolve_model_config(args.backbone)[1]["vision_cfg"]["layers"]
+    layers = args.feature_layers or [round(depth * (i + 1) / 4) for i in range(4)]
+    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    model = MvfaModel(args.backbone, pretrained, args.image_size, layers)
+    model.setup("object")
+    size = args.image_size
+    generator = torch.Generator().manual_seed(args.seed)
+    count = 2 * args.k_shot
+    masks = torch.zeros(count, size, size)
+    masks[args.k_shot :, size // 4 : size // 2, size // 4 : size // 2] = 1
+    support = augment_support_set(torch.randn(count, 3, size, size, generator=generator), masks)
+    labels = (support.groups >= args.k_shot).float()
+    orders = [torch.randperm(len(labels), generator=generator).tolist() for _ in range(args.epochs)]
+    print(
+        f"{args.backbone} at {size}, feature layers {model.feature_layers}, {torch.get_num_threads()} threads, "
+        f"{len(labels)} support images, {args.epochs} epoch(s), device cpu"
+    )
+
+    reference_model = copy.deepcopy(model)
+    reference = train_reference(reference_model, support.images, labels, support.masks, orders)
+    optimised = train_optimised(model, support.images, labels, support.masks, orders)
+    difference = max_adapter_difference(reference_model, model)
+    print("training, seconds per epoch (optimised epoch 1 includes filling the prefix cache):")
+    for epoch, (slow, fast) in enumerate(zip(reference, optimised, strict=True), start=1):
+        print(f"  epoch {epoch}: reference {slow:.2f} s, optimised {fast:.2f} s, speed-up {slow / fast:.2f}x")
+    print(f"  largest adapter weight difference after training: {difference:.2e}")
+
+    model.eval()
+    images = torch.randn(args.batch_size, 3, size, size, generator=generator)
+    normal = support.groups < args.k_shot
+    with torch.no_grad():
+        model.setup(reference_images=support.images[normal], reference_groups=support.groups[normal])
+        clip_seconds = _median_seconds(lambda: model.clip.encode_image(images), args.repeats)
+        mvfa_seconds = _median_seconds(lambda: model(images), args.repeats)
+        overhead = 100 * (mvfa_seconds / clip_seconds - 1)
+        print(
+            f"inference, batch {args.batch_size}: plain CLIP image forward {clip_seconds:.3f} s, "
+            f"MVFA scoring at K={args.k_shot} {mvfa_seconds:.3f} s, overhead {overhead:.0f}%"
+        )
+        bank = augment_support_set(torch.randn(args.search_k_shot, 3, size, size, generator=generator))
+        model.setup(reference_images=bank.images, reference_groups=bank.groups)
+        tokens = model.encode(images)
+        branches = ((tokens.segmentation, model.seg_memory_bank), (tokens.detection, model.det_memory_bank))
+        search_seconds = _median_seconds(
+            lambda: [
+                model.nearest_neighbour_distance(layer, memory)
+                for branch, banks in branches
+                for layer, memory in zip(branch, banks, strict=True)
+            ],
+            args.repeats,
+        )
+        print(
+            f"nearest-neighbour search at K={args.search_k_shot} ({model.seg_memory_bank.shape[1]} tokens a layer): "
+            f"{search_seconds:.3f} s, {100 * search_seconds / clip_seconds:.0f}% of the plain CLIP image forward"
+        )
+    return 0

@@ -1,0 +1,56 @@
+"""The optimised training loop gives the same adapters as the authors' way of training."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+from anomalib_mvfa import Mvfa
+from anomalib_mvfa.cli import main
+from anomalib_mvfa.speed import max_adapter_difference, train_reference
+from anomalib_mvfa.support import SupportDataset
+
+from .test_lightning import TINY_MODEL, engine, mvtec
+
+TOLERANCE = 1e-5
+
+
+def test_lightning_fit_equals_the_reference_loop_after_two_epochs(tmp_path, mvtec_root, monkeypatch) -> None:
+    model = Mvfa(**TINY_MODEL, epochs=2)
+    assert model.cache_prefix
+    reference = copy.deepcopy(model.model)
+    initial = copy.deepcopy(model.model)
+    served: list[int] = []
+    datasets: list[SupportDataset] = []
+    original = SupportDataset.__getitem__
+
+    def recording_getitem(self: SupportDataset, index: int) -> tuple:
+        served.append(index)
+        datasets.append(self)
+        return original(self, index)
+
+    monkeypatch.setattr(SupportDataset, "__getitem__", recording_getitem)
+    engine(tmp_path).fit(model, datamodule=mvtec(mvtec_root))
+
+    dataset = datasets[0]
+    assert len(served) == 2 * len(dataset)
+    orders = [served[: len(dataset)], served[len(dataset) :]]
+    reference.text_features = model.model.text_features.clone()
+    images = model.preprocess(dataset.images)
+    train_reference(reference, images, dataset.labels.float(), dataset.masks, orders, learning_rate=1e-3)
+    assert max_adapter_difference(reference, model.model) <= TOLERANCE
+    assert max_adapter_difference(initial, model.model) > 1e-3  # training moved the adapters: the check can fail
+
+
+def test_speed_command_prints_its_figures(capsys) -> None:
+    code = main([
+        "speed", "--backbone", "tiny-random", "--image-size", "64", "--k-shot", "1",
+        "--search-k-shot", "2", "--epochs", "2", "--repeats", "1",
+    ])  # fmt: skip
+    output = capsys.readouterr().out
+    assert code == 0
+    assert len(re.findall(r"epoch \d: reference [\d.]+ s, optimised [\d.]+ s, speed-up [\d.]+x", output)) == 2
+    difference = float(re.search(r"largest adapter weight difference after training: (\S+)", output).group(1))
+    assert difference <= TOLERANCE
+    assert re.search(r"MVFA scoring at K=1 [\d.]+ s, overhead -?\d+%", output)
+    assert re.search(r"nearest-neighbour search at K=2 \(\d+ tokens a layer\): [\d.]+ s", output)
