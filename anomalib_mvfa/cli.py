@@ -15,7 +15,7 @@ import argparse
 import logging
 import sys
 
-from . import demo, evaluation, speed
+from . import benchmark, demo, evaluation, speed
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     speed_parser = commands.add_parser("speed", help="training and inference speed against the authors' way")
     speed.add_arguments(speed_parser)
     speed_parser.set_defaults(run=speed.run)
+    benchmark_parser = commands.add_parser("benchmark", help="Mvfa beside any anomalib model, over data and seeds")
+    benchmark.add_arguments(benchmark_parser)
+    benchmark_parser.set_defaults(run=benchmark.run)
     return parser
 
 

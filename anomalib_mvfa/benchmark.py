@@ -1,0 +1,257 @@
+"""Benchmark MVFA beside any anomalib model: ``anomalib-mvfa benchmark --config <file>.yaml``.
+
+The config names models and datamodules by class path (so any anomalib model works, without
+anomalib's model whitelist), categories and seeds. Every model x datamodule x category x seed
+job trains and tests through anomalib's Engine; the command writes a CSV of all jobs and a
+Markdown table with mean and standard deviation over seeds of image AUROC, pixel AUROC, image F1,
+fit seconds, inference images per second and peak memory.
+
+``random_weights: true`` runs every model offline on random weights (Mvfa ``pretrained=None``,
+PatchCore ``pre_trained=False``, WinCLIP without its download): for speed studies only, and the
+rows say that their accuracy means nothing.
+
+Example config::
+
+    models:
+      - class_path: anomalib_mvfa.Mvfa
+        init_args: {backbone: ViT-B-16, image_size: 224, feature_layers: [3, 6, 9, 12], epochs: 5}
+      - class_path: anomalib.models.Patchcore
+      - class_path: anomalib.models.WinClip
+        init_args: {k_shot: 4}
+    data:
+      - class_path: anomalib.data.MVTecAD
+        init_args: {root: datasets/MVTecAD, val_split_mode: from_test}
+    categories: [bottle]
+    seeds: [0, 1, 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import inspect
+import io
+import logging
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from anomalib.engine import Engine
+
+from .utils import write_atomically
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("image_AUROC", "pixel_AUROC", "image_F1Score", "fit_seconds", "images_per_second", "peak_memory_mb")
+
+
+@dataclass
+class BenchmarkConfig:
+    """What to run; see the module docstring."""
+
+    models: list[dict[str, Any]]
+    data: list[dict[str, Any]]
+    categories: list[str | None] = field(default_factory=lambda: [None])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    random_weights: bool = False
+    output: str = "results/benchmark"
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> BenchmarkConfig:
+        """Read and check a YAML config.
+
+        Raises:
+            ValueError: If the file is missing or lacks ``models`` or ``data``.
+        """
+        path = Path(path)
+        if not path.is_file():
+            msg = f"Benchmark config '{path}' does not exist."
+            raise ValueError(msg)
+        content = yaml.safe_load(path.read_text()) or {}
+        missing = [key for key in ("models", "data") if not content.get(key)]
+        if missing:
+            msg = f"Benchmark config '{path}' needs the lists {missing} (entries with class_path and init_args)."
+            raise ValueError(msg)
+        return cls(**content)
+
+
+def load_class(class_path: str) -> type:
+    """Import ``package.module.Class`` (or ``package.Class``)."""
+    module, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as error:
+        msg = f"Cannot import '{class_path}': {error}"
+        raise ValueError(msg) from error
+
+
+@contextmanager
+def _winclip_without_download() -> Iterator[None]:
+    """WinCLIP's torch model downloads fixed weights on construction; random weights here."""
+    from anomalib.models.image.winclip import torch_model  # noqa: PLC0415  # only for WinCLIP rows
+
+    saved = torch_model.PRETRAINED
+    torch_model.PRETRAINED = None
+    try:
+        yield
+    finally:
+        torch_model.PRETRAINED = saved
+
+
+def build_model(entry: dict[str, Any], random_weights: bool, seed: int) -> Any:
+    """Instantiate a model entry; with ``random_weights`` switch off every pretrained download."""
+    model_class = load_class(entry["class_path"])
+    init_args = dict(entry.get("init_args") or {})
+    if "seed" in _init_parameters(model_class):
+        init_args.setdefault("seed", seed)
+    if not random_weights:
+        return model_class(**init_args)
+    for name in ("pretrained", "pre_trained"):
+        if name in _init_parameters(model_class):
+            init_args[name] = None if name == "pretrained" else False
+    if model_class.__name__ == "WinClip":
+        with _winclip_without_download():
+            return model_class(**init_args)
+    return model_class(**init_args)
+
+
+def _init_parameters(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+class PeakMemory:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory during a block, in MB."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _resident_mb() -> float:
+        with Path("/proc/self/statm").open() as file:
+            pages = int(file.read().split()[1])
+        return pages * 4096 / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._resident_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        """Start sampling."""
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop sampling; on a GPU report the peak allocated GPU memory instead."""
+        self._stop.set()
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int, config: BenchmarkConfig) -> dict:
+    """Train and test one model on one datamodule category with one seed; return its row."""
+    model_name = model_entry["class_path"].rsplit(".", 1)[1]
+    data_class = load_class(data_entry["class_path"])
+    data_args = dict(data_entry.get("init_args") or {})
+    if category is not None:
+        data_args["category"] = category
+    data_args.setdefault("seed", seed)
+    torch.manual_seed(seed)
+    root = Path(config.output) / "runs" / model_name / str(category) / f"seed{seed}"
+    with PeakMemory() as memory:
+        model = build_model(model_entry, config.random_weights, seed)
+        datamodule = data_class(**data_args)
+        engine = Engine(default_root_dir=root, devices=1, logger=False)
+        started = time.perf_counter()
+        engine.fit(model, datamodule=datamodule)
+        fit_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        results = engine.test(model, datamodule=datamodule, verbose=False)[0]
+        test_seconds = time.perf_counter() - started
+    return {
+        "model": model_name,
+        "data": data_class.__name__,
+        "category": category,
+        "seed": seed,
+        "image_AUROC": results.get("image_AUROC"),
+        "pixel_AUROC": results.get("pixel_AUROC"),
+        "image_F1Score": results.get("image_F1Score"),
+        "fit_seconds": fit_seconds,
+        "images_per_second": len(datamodule.test_data) / test_seconds,
+        "peak_memory_mb": memory.peak_mb,
+        "weights": "random (accuracy not meaningful)" if config.random_weights else "pretrained",
+    }
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: one line per model, data and category, mean ± std over seeds."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["data"], row["category"], row["weights"]), []).append(row)
+    header = ["model", "data", "category", "seeds", *METRICS, "weights"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    for (model, data, category, weights), group in groups.items():
+        cells = [model, data, str(category), str(len(group))]
+        for metric in METRICS:
+            values = [float(row[metric]) for row in group if row[metric] is not None]
+            if not values:
+                cells.append("-")
+                continue
+            mean = statistics.fmean(values)
+            spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
+            cells.append(f"{mean:.4g}{spread}")
+        lines.append("| " + " | ".join([*cells, weights]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``anomalib-mvfa benchmark``."""
+    parser.add_argument("--config", required=True, help="YAML file with models, data, categories, seeds")
+    parser.add_argument("--random-weights", action="store_true", help="offline, random weights for every model")
+    parser.add_argument("--output", default=None, help="overrides the config's output folder")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run every job one after another and write the tables; return an exit code."""
+    config = BenchmarkConfig.from_file(args.config)
+    config.random_weights = config.random_weights or args.random_weights
+    config.output = args.output or config.output
+    jobs = [
+        (model, data, category, seed)
+        for data in config.data
+        for category in config.categories
+        for model in config.models
+        for seed in config.seeds
+    ]
+    rows = []
+    for number, (model, data, category, seed) in enumerate(jobs, start=1):
+        name = model["class_path"].rsplit(".", 1)[1]
+        print(f"[{number}/{len(jobs)}] {name} on {data['class_path'].rsplit('.', 1)[1]} {category or ''} seed {seed}")
+        rows.append(run_job(model, data, category, seed, config))
+        print("    " + ", ".join(f"{m} {rows[-1][m]:.4g}" for m in METRICS if rows[-1][m] is not None))
+    output = Path(config.output)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomically(output / "benchmark.csv", lambda path: Path(path).write_text(buffer.getvalue()))
+    table = summary_table(rows)
+    note = "\nRandom weights: speed figures only, the accuracy columns mean nothing.\n" if config.random_weights else ""
+    write_atomically(output / "benchmark.md", lambda path: Path(path).write_text(table + note))
+    print("\n" + table + note)
+    print(f"tables written to {output / 'benchmark.md'} and {output / 'benchmark.csv'}")
+    return 0

@@ -1,0 +1,61 @@
+"""``anomalib-mvfa benchmark``: a grid of models over a generated dataset."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import yaml
+
+from anomalib_mvfa.benchmark import METRICS
+from anomalib_mvfa.cli import main
+
+MVFA_TINY = {"backbone": "tiny-random", "image_size": 64, "feature_layers": [1, 2, 4], "k_shot": 2, "epochs": 1}
+
+
+def test_benchmark_writes_both_tables_with_every_column(mvtec_root, tmp_path, capsys) -> None:
+    config = {
+        "models": [
+            {"class_path": "anomalib_mvfa.Mvfa", "init_args": MVFA_TINY},
+            {"class_path": "anomalib.models.Patchcore", "init_args": {"backbone": "resnet18", "layers": ["layer2"]}},
+        ],
+        "data": [
+            {
+                "class_path": "anomalib.data.MVTecAD",
+                "init_args": {"root": str(mvtec_root), "val_split_mode": "from_test", "num_workers": 0,
+                              "train_batch_size": 4, "eval_batch_size": 4},
+            }
+        ],
+        "categories": ["bottle"],
+        "seeds": [0, 1],
+    }  # fmt: skip
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = main(["benchmark", "--config", str(path), "--random-weights", "--output", str(tmp_path / "out")])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "[1/4] Mvfa on MVTecAD bottle seed 0" in output
+    with (tmp_path / "out" / "benchmark.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["model"], row["seed"]) for row in rows] == [
+        ("Mvfa", "0"),
+        ("Mvfa", "1"),
+        ("Patchcore", "0"),
+        ("Patchcore", "1"),
+    ]
+    for row in rows:
+        for metric in METRICS:
+            assert float(row[metric]) >= 0.0, metric
+        assert row["weights"] == "random (accuracy not meaningful)"
+    table = (tmp_path / "out" / "benchmark.md").read_text()
+    header = table.splitlines()[0]
+    assert all(metric in header for metric in METRICS)
+    assert sum(line.startswith(("| Mvfa", "| Patchcore")) for line in table.splitlines()) == 2
+    assert "accuracy columns mean nothing" in table
+
+
+def test_benchmark_config_errors_name_the_problem(tmp_path) -> None:
+    path = tmp_path / "empty.yaml"
+    path.write_text("categories: [bottle]\n")
+    with pytest.raises(ValueError, match=r"empty\.yaml.*\['models', 'data'\]"):
+        main(["benchmark", "--config", str(path)])
