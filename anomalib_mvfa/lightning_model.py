@@ -96,6 +96,8 @@ class Mvfa(AnomalibModule):
         image_score_from_map: Image score = maximum of the fused anomaly map.
         cache_prefix: Few-shot training computes the frozen blocks before the first adapter
             once per support image and reuses them in every epoch (same result, less work).
+        memory_bank_ratio: Share of support tokens kept in the few-shot memory banks (coreset);
+            ``1.0`` is the paper's exact search.
         pre_processor: Pre-processor, or ``True`` for resize to ``image_size`` + CLIP normalisation.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for image/pixel AUROC and F1.
@@ -127,6 +129,7 @@ class Mvfa(AnomalibModule):
         adapter_checkpoint: str | None = None,
         image_score_from_map: bool = False,
         cache_prefix: bool = True,
+        memory_bank_ratio: float = 1.0,
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
@@ -149,6 +152,7 @@ class Mvfa(AnomalibModule):
                 image_size=image_size,
                 feature_layers=feature_layers,
                 image_score_from_map=image_score_from_map,
+                memory_bank_ratio=memory_bank_ratio,
             )
         if adapter_checkpoint:
             self.model.load_adapters(adapter_checkpoint)

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 from anomalib.data import InferenceBatch
-from anomalib.models.components import DynamicBufferMixin
+from anomalib.models.components import DynamicBufferMixin, KCenterGreedy
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
@@ -51,6 +51,15 @@ CALIBRATION_ROWS = ("zero_shot_image", "zero_shot_pixel", "few_shot_image", "few
 UNCALIBRATED = torch.tensor([[0.0, 1.0]] * len(CALIBRATION_ROWS))
 # Memory-bank tokens compared with the queries at once (bounds the memory of the distance matrix).
 NEAREST_NEIGHBOUR_CHUNK = 8192
+
+
+def _coreset_indices(bank: torch.Tensor, ratio: float, seed: int = 0) -> list[int]:
+    """k-center-greedy coreset of ``bank`` with anomalib's sampler, seeded (its projection and first centre)."""
+    sampler = KCenterGreedy(embedding=bank, sampling_ratio=ratio)
+    sampler.model.random_state = seed  # the sparse random projection draws from numpy otherwise
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the random first centre
+        return sampler.select_coreset_idxs()
 
 
 class Adapter(nn.Module):
@@ -140,6 +149,9 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             instead of the fused detection score.
         cache_dir: Download folder for pretrained tags.
         quick_gelu: Force QuickGELU on or off; ``None`` decides from the weights.
+        memory_bank_ratio: Share of the support tokens kept in each few-shot memory bank,
+            chosen by anomalib's k-center-greedy coreset sampler. ``1.0`` (default) keeps all
+            of them: the exact search of the paper. Smaller values trade exactness for speed.
 
     Example:
         >>> model = MvfaModel("ViT-B-16", pretrained="openai", image_size=224,
@@ -159,8 +171,13 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         image_score_from_map: bool = False,
         cache_dir: str | None = None,
         quick_gelu: bool | None = None,
+        memory_bank_ratio: float = 1.0,
     ) -> None:
         super().__init__()
+        if not 0.0 < memory_bank_ratio <= 1.0:
+            msg = f"memory_bank_ratio must be in (0, 1], got {memory_bank_ratio}."
+            raise ValueError(msg)
+        self.memory_bank_ratio = memory_bank_ratio
         self.backbone = str(backbone)
         self.image_size = int(image_size)
         self.image_score_from_map = image_score_from_map
@@ -248,8 +265,8 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             return
         self.check_images(reference_images, "reference_images")
         tokens = self.encode_batched(reference_images, batch_size)
-        self.seg_memory_bank = self._memory_bank(tokens.segmentation)
-        self.det_memory_bank = self._memory_bank(tokens.detection)
+        self.seg_memory_bank = self.memory_bank(tokens.segmentation, self.memory_bank_ratio)
+        self.det_memory_bank = self.memory_bank(tokens.detection, self.memory_bank_ratio)
         self.calibrate(reference_images, reference_groups, batch_size, tokens=tokens)
 
     def set_text_features(self, class_name: str) -> None:
@@ -259,9 +276,15 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         self.class_name = class_name
 
     @staticmethod
-    def _memory_bank(layer_tokens: list[torch.Tensor]) -> torch.Tensor:
-        """Stack normalised tokens of all images per layer: ``n_layers x (N * L) x C``."""
-        return torch.stack([F.normalize(tokens, dim=-1).flatten(0, 1) for tokens in layer_tokens])
+    def memory_bank(layer_tokens: list[torch.Tensor], ratio: float = 1.0) -> torch.Tensor:
+        """Normalised tokens of all images per layer, ``n_layers x M x C`` (``M = N * L`` when exact).
+
+        With ``ratio < 1`` each layer keeps a k-center-greedy coreset of its tokens (seeded).
+        """
+        banks = [F.normalize(tokens, dim=-1).flatten(0, 1) for tokens in layer_tokens]
+        if ratio < 1.0:
+            banks = [bank[_coreset_indices(bank, ratio)] for bank in banks]
+        return torch.stack(banks)
 
     # ---------------------------------------------------------------- encoder
 
@@ -463,8 +486,8 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             held_out = AdaptedTokens(
                 [layer[inside] for layer in tokens.segmentation], [layer[inside] for layer in tokens.detection]
             )
-            seg_bank = self._memory_bank([layer[~inside] for layer in tokens.segmentation])
-            det_bank = self._memory_bank([layer[~inside] for layer in tokens.detection])
+            seg_bank = self.memory_bank([layer[~inside] for layer in tokens.segmentation])
+            det_bank = self.memory_bank([layer[~inside] for layer in tokens.detection])
             few_shot_map[inside], few_shot_score[inside] = self.few_shot_branch(held_out, seg_bank, det_bank)
 
         values = (zero_shot_score, zero_shot_map, few_shot_score, few_shot_map)

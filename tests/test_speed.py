@@ -53,4 +53,7 @@ def test_speed_command_prints_its_figures(capsys) -> None:
     difference = float(re.search(r"largest adapter weight difference after training: (\S+)", output).group(1))
     assert difference <= TOLERANCE
     assert re.search(r"MVFA scoring at K=1 [\d.]+ s, overhead -?\d+%", output)
-    assert re.search(r"nearest-neighbour search at K=2 \(\d+ tokens a layer\): [\d.]+ s", output)
+    assert re.search(r"nearest-neighbour search at K=2, exact \((\d+) tokens a layer\): [\d.]+ s", output)
+    coreset = re.search(r"coreset 0.1 \((\d+) tokens a layer.*recall of the exact nearest neighbour ([\d.]+)%", output)
+    assert coreset is not None
+    assert 0.0 <= float(coreset.group(2)) <= 100.0

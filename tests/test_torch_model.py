@@ -254,3 +254,23 @@ def test_missing_text_features_error(tiny_config) -> None:
     model = MvfaModel(tiny_config, pretrained=None, image_size=TINY_IMAGE_SIZE, feature_layers=(2, 4))
     with pytest.raises(RuntimeError, match="setup"):
         model.branch_outputs(torch.randn(1, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE))
+
+
+def test_coreset_memory_bank_is_smaller_deterministic_and_never_closer(tiny_config) -> None:
+    references = augment_support_set(torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)).images
+    images = torch.randn(3, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    distances = []
+    for ratio in (1.0, 0.25, 0.25):
+        torch.manual_seed(0)
+        model = MvfaModel(
+            tiny_config, pretrained=None, image_size=TINY_IMAGE_SIZE, feature_layers=(2, 4), memory_bank_ratio=ratio
+        )
+        model.setup("bottle", reference_images=references)
+        assert model.seg_memory_bank.shape[1] == int(22 * 16 * ratio)
+        distances.append(model.branch_outputs(images).few_shot_map)
+    exact, coreset, again = distances
+    assert torch.equal(coreset, again)  # seeded sampler
+    assert (coreset >= exact - 1e-6).all()  # a subset's nearest neighbour is never closer
+    assert (coreset > exact + 1e-4).any()
+    with pytest.raises(ValueError, match="memory_bank_ratio"):
+        MvfaModel(tiny_config, pretrained=None, image_size=TINY_IMAGE_SIZE, feature_layers=(2, 4), memory_bank_ratio=0)
