@@ -76,6 +76,27 @@ def _step(
         optimiser.step()
 
 
+def _train_epochs(
+    model: MvfaModel,
+    encode_one: Callable[[int], AdaptedTokens],
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    orders: Sequence[Sequence[int]],
+    learning_rate: float,
+) -> list[float]:
+    """Batch-size-1 MVFA training over ``orders`` (one epoch each); returns seconds per epoch."""
+    model.train()
+    optimisers, criterion = _optimisers(model, learning_rate), MvfaLoss()
+    seconds = []
+    for order in orders:
+        started = time.perf_counter()
+        for index in order:
+            tokens = encode_one(index)
+            _step(model, optimisers, criterion, tokens, labels[index : index + 1], masks[index : index + 1])
+        seconds.append(time.perf_counter() - started)
+    return seconds
+
+
 def train_reference(
     model: MvfaModel,
     images: torch.Tensor,
@@ -85,18 +106,18 @@ def train_reference(
     learning_rate: float = 1e-3,
 ) -> list[float]:
     """The authors' training loop, one epoch per entry of ``orders``; returns seconds per epoch."""
-    model.train()
     model.clip.requires_grad_(True)  # as the authors leave it; only the adapters are stepped
-    optimisers, criterion = _optimisers(model, learning_rate), MvfaLoss()
-    seconds = []
-    for order in orders:
-        started = time.perf_counter()
-        for index in order:
-            tokens = reference_encode(model, images[index : index + 1])
-            _step(model, optimisers, criterion, tokens, labels[index : index + 1], masks[index : index + 1])
-        seconds.append(time.perf_counter() - started)
-    model.clip.requires_grad_(False)
-    return seconds
+    try:
+        return _train_epochs(
+            model,
+            lambda index: reference_encode(model, images[index : index + 1]),
+            labels,
+            masks,
+            orders,
+            learning_rate,
+        )
+    finally:
+        model.clip.requires_grad_(False)
 
 
 def train_optimised(
@@ -108,19 +129,14 @@ def train_optimised(
     learning_rate: float = 1e-3,
 ) -> list[float]:
     """``Mvfa``'s training loop (frozen CLIP, cached prefix); returns seconds per epoch (cache fill in epoch 1)."""
-    model.train()
-    optimisers, criterion = _optimisers(model, learning_rate), MvfaLoss()
     cache: dict[int, torch.Tensor] = {}
-    seconds = []
-    for order in orders:
-        started = time.perf_counter()
-        for index in order:
-            if index not in cache:
-                cache[index] = model.encode_prefix(images[index : index + 1])
-            tokens = model.encode_from(cache[index], start=model.feature_layers[0])
-            _step(model, optimisers, criterion, tokens, labels[index : index + 1], masks[index : index + 1])
-        seconds.append(time.perf_counter() - started)
-    return seconds
+
+    def encode_one(index: int) -> AdaptedTokens:
+        if index not in cache:
+            cache[index] = model.encode_prefix(images[index : index + 1])
+        return model.encode_from(cache[index], start=model.feature_layers[0])
+
+    return _train_epochs(model, encode_one, labels, masks, orders, learning_rate)
 
 
 def max_adapter_difference(first: MvfaModel, second: MvfaModel) -> float:
