@@ -104,8 +104,8 @@ class FewShotMemoryBankCallback(Callback):
         """Draw or synthesise the K abnormal support images from ``model.abnormal_source``."""
         if self.abnormal is not None:
             return
-        source = model.resolve_abnormal_source(getattr(trainer, "datamodule", None))
         datamodule = getattr(trainer, "datamodule", None)
+        source = model.resolve_abnormal_source(datamodule)
         if source == "synthetic":
             self.abnormal = synthesize_abnormal(self.normal, model.seed)
         elif source in {"validation", "train"}:

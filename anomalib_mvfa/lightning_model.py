@@ -270,12 +270,7 @@ class Mvfa(AnomalibModule):
     @torch.no_grad()
     def set_training_prompts(self, class_names: Sequence[str]) -> None:
         """Text features of each training prompt class (``n x C x 2``), used by ``training_step``."""
-        features = []
-        for name in class_names:
-            self.model.set_text_features(name)
-            features.append(self.model.text_features)
-        self.model.setup(class_name=self.resolve_class_name())  # the test category's prompts again
-        self.training_text_features = torch.stack(features)
+        self.training_text_features = torch.stack([self.model.encode_prompts(name) for name in class_names])
 
     @torch.no_grad()
     def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor) -> None:

@@ -269,10 +269,13 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         self.det_memory_bank = self.memory_bank(tokens.detection, self.memory_bank_ratio)
         self.calibrate(reference_images, reference_groups, batch_size, tokens=tokens)
 
+    def encode_prompts(self, class_name: str) -> torch.Tensor:
+        """Text features (``C x 2``) of the prompt ensemble of ``class_name``."""
+        return encode_prompt_ensemble(class_name, self.clip.encode_text, self.tokenizer, self.clip.logit_scale.device)
+
     def set_text_features(self, class_name: str) -> None:
         """Encode the prompt ensemble of ``class_name`` into ``text_features`` (``C x 2``)."""
-        device = self.clip.logit_scale.device
-        self.text_features = encode_prompt_ensemble(class_name, self.clip.encode_text, self.tokenizer, device)
+        self.text_features = self.encode_prompts(class_name)
         self.class_name = class_name
 
     @staticmethod
