@@ -6,6 +6,9 @@ job trains and tests through anomalib's Engine; the command writes a CSV of all 
 Markdown table with mean and standard deviation over seeds of image AUROC, pixel AUROC, image F1,
 fit seconds, inference images per second and peak memory.
 
+Jobs run one after another on a CPU or a single GPU. With several GPUs, one worker process per
+GPU takes jobs from the grid (``--workers`` sets the number of worker processes).
+
 ``random_weights: true`` runs every model offline on random weights (Mvfa ``pretrained=None``,
 PatchCore ``pre_trained=False``, WinCLIP without its download): for speed studies only, and the
 rows say that their accuracy means nothing.
@@ -33,10 +36,13 @@ import importlib
 import inspect
 import io
 import logging
+import multiprocessing
+import os
 import statistics
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,31 +224,93 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+Job = tuple[dict[str, Any], dict[str, Any], str | None, int]
+
+
+def describe(job: Job) -> str:
+    """``Mvfa on MVTecAD bottle seed 0``."""
+    model, data, category, seed = job
+    model_name, data_name = (entry["class_path"].rsplit(".", 1)[1] for entry in (model, data))
+    return f"{model_name} on {data_name} {category or ''} seed {seed}"
+
+
+def _take_device(devices: Any) -> None:
+    """Worker initialiser: bind this worker process to one GPU (``None``: no GPU)."""
+    device = devices.get()
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+
+
+def _run_numbered(number: int, total: int, job: Job, config: BenchmarkConfig) -> dict[str, Any]:
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f" (GPU {gpu}, worker {os.getpid()})" if gpu else ""
+    print(f"[{number}/{total}] {describe(job)}{where}", flush=True)
+    return run_job(*job, config)
+
+
+def _print_metrics(row: dict[str, Any]) -> None:
+    print("    " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row[m] is not None), flush=True)
+
+
+def run_jobs(jobs: list[Job], config: BenchmarkConfig, workers: int, gpus: int) -> list[dict[str, Any]]:
+    """Rows of all ``jobs`` in grid order; with ``workers > 1``, run in that many processes.
+
+    Worker ``i`` sees only GPU ``i % gpus`` (``gpus=0``: CPU workers).
+    """
+    if workers <= 1:
+        rows = []
+        for number, job in enumerate(jobs, start=1):
+            rows.append(_run_numbered(number, len(jobs), job, config))
+            _print_metrics(rows[-1])
+        return rows
+    context = multiprocessing.get_context("spawn")  # CUDA cannot be shared with forked workers
+    devices = context.Queue()
+    for worker in range(workers):
+        devices.put(worker % gpus if gpus else None)
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    with ProcessPoolExecutor(workers, mp_context=context, initializer=_take_device, initargs=(devices,)) as pool:
+        futures = {
+            pool.submit(_run_numbered, number, len(jobs), job, config): number
+            for number, job in enumerate(jobs, start=1)
+        }
+        for future in as_completed(futures):
+            number = futures[future]
+            rows[number - 1] = future.result()
+            print(f"[{number}/{len(jobs)}] done: {describe(jobs[number - 1])}", flush=True)
+            _print_metrics(rows[number - 1])
+    return rows
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``anomalib-mvfa benchmark``."""
     parser.add_argument("--config", required=True, help="YAML file with models, data, categories, seeds")
     parser.add_argument("--random-weights", action="store_true", help="offline, random weights for every model")
     parser.add_argument("--output", default=None, help="overrides the config's output folder")
+    parser.add_argument(
+        "--workers", type=int, default=None, help="parallel worker processes; default: one per GPU when several exist"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run every job one after another and write the tables; return an exit code."""
+    """Run every job and write the tables; return an exit code."""
     config = BenchmarkConfig.from_file(args.config)
     config.random_weights = config.random_weights or args.random_weights
     config.output = args.output or config.output
-    jobs = [
+    jobs: list[Job] = [
         (model, data, category, seed)
         for data in config.data
         for category in config.categories
         for model in config.models
         for seed in config.seeds
     ]
-    rows = []
-    for number, (model, data, category, seed) in enumerate(jobs, start=1):
-        name = model["class_path"].rsplit(".", 1)[1]
-        print(f"[{number}/{len(jobs)}] {name} on {data['class_path'].rsplit('.', 1)[1]} {category or ''} seed {seed}")
-        rows.append(run_job(model, data, category, seed, config))
-        print("    " + ", ".join(f"{m} {rows[-1][m]:.4g}" for m in METRICS if rows[-1][m] is not None))
+    gpus = torch.cuda.device_count()
+    workers = args.workers if args.workers is not None else (gpus if gpus > 1 else 1)
+    if workers < 1:
+        msg = f"--workers must be at least 1, got {workers}."
+        raise ValueError(msg)
+    where = f"{gpus} GPU(s)" if gpus else "CPU"
+    print(f"{len(jobs)} job(s) on {where}, {workers} worker process(es)")
+    rows = run_jobs(jobs, config, min(workers, len(jobs)), gpus)
     output = Path(config.output)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

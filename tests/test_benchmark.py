@@ -59,3 +59,35 @@ def test_benchmark_config_errors_name_the_problem(tmp_path) -> None:
     path.write_text("categories: [bottle]\n")
     with pytest.raises(ValueError, match=r"empty\.yaml.*\['models', 'data'\]"):
         main(["benchmark", "--config", str(path)])
+
+
+def test_benchmark_workers_give_the_rows_of_a_sequential_run(mvtec_root, tmp_path, capsys) -> None:
+    config = {
+        "models": [{"class_path": "anomalib_mvfa.Mvfa", "init_args": MVFA_TINY}],
+        "data": [
+            {
+                "class_path": "anomalib.data.MVTecAD",
+                "init_args": {"root": str(mvtec_root), "val_split_mode": "from_test", "num_workers": 0},
+            }
+        ],
+        "categories": ["bottle"],
+        "seeds": [0, 1],
+    }
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(config))
+    tables = {}
+    for workers in ("1", "2"):
+        output = tmp_path / f"workers{workers}"
+        code = main(
+            ["benchmark", "--config", str(path), "--random-weights", "--output", str(output), "--workers", workers]
+        )
+        assert code == 0
+        with (output / "benchmark.csv").open() as file:
+            tables[workers] = list(csv.DictReader(file))
+    assert "2 job(s) on CPU, 2 worker process(es)" in capsys.readouterr().out
+    accuracy = ("model", "seed", "image_AUROC", "pixel_AUROC", "image_F1Score")
+    sequential, parallel = ([tuple(row[key] for key in accuracy) for row in tables[w]] for w in ("1", "2"))
+    assert parallel == sequential  # same jobs, same seeds, same results, in grid order
+    assert [row[1] for row in parallel] == ["0", "1"]
+    with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
+        main(["benchmark", "--config", str(path), "--random-weights", "--workers", "0"])
