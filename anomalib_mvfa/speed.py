@@ -10,25 +10,32 @@ Training, per epoch over the augmented support set (batch size 1, two Adam optim
   The result is the same: the command prints the largest difference of the adapter weights.
 
 Inference: MVFA's batched scoring against the plain CLIP image forward, and the share of the
-few-shot nearest-neighbour search.
+few-shot nearest-neighbour search: exact (float32), with bfloat16 similarities and, given
+``--memory-bank-ratio``, on a coreset; the approximate searches print their recall of the exact
+nearest neighbour and how much farther the neighbours they return are.
+
+On a GPU (``--device cuda``) every measurement synchronises only at its end, and ``--amp``
+runs both training loops and the inference under autocast.
 
 Example:
     anomalib-mvfa speed --backbone ViT-B-16 --image-size 224 --k-shot 4
+    anomalib-mvfa speed --device cuda --amp bfloat16 --batch-size 32
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
 from .augmentation import augment_support_set
 from .backbone import resolve_model_config
 from .loss import MvfaLoss
-from .torch_model import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, AdaptedTokens, MvfaModel
+from .torch_model import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, SEARCH_PRECISIONS, AdaptedTokens, MvfaModel
 
 BETAS = (0.5, 0.999)
 
@@ -76,6 +83,18 @@ def _step(
         optimiser.step()
 
 
+def _synchronise(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _autocast(device: torch.device, amp: str | None) -> Iterator[None]:
+    """Autocast to ``amp`` (``"bfloat16"`` or ``"float16"``) on ``device``; nothing when ``amp`` is None."""
+    with torch.autocast(device.type, dtype=getattr(torch, amp or "bfloat16"), enabled=amp is not None):
+        yield
+
+
 def _train_epochs(
     model: MvfaModel,
     encode_one: Callable[[int], AdaptedTokens],
@@ -87,12 +106,15 @@ def _train_epochs(
     """Batch-size-1 MVFA training over ``orders`` (one epoch each); returns seconds per epoch."""
     model.train()
     optimisers, criterion = _optimisers(model, learning_rate), MvfaLoss()
+    device = labels.device
     seconds = []
     for order in orders:
+        _synchronise(device)
         started = time.perf_counter()
         for index in order:
             tokens = encode_one(index)
             _step(model, optimisers, criterion, tokens, labels[index : index + 1], masks[index : index + 1])
+        _synchronise(device)
         seconds.append(time.perf_counter() - started)
     return seconds
 
@@ -145,24 +167,42 @@ def max_adapter_difference(first: MvfaModel, second: MvfaModel) -> float:
     return max((a[key] - b[key]).abs().max().item() for a, b in pairs for key in a)
 
 
-def _median_seconds(function: Callable[[], object], repeats: int) -> float:
+def _median_seconds(function: Callable[[], object], repeats: int, device: torch.device) -> float:
     function()  # warm-up
     times = []
     for _ in range(repeats):
+        _synchronise(device)
         started = time.perf_counter()
         function()
+        _synchronise(device)
         times.append(time.perf_counter() - started)
     return sorted(times)[len(times) // 2]
 
 
 def _search(
-    model: MvfaModel, queries: Sequence[torch.Tensor], banks: Sequence[torch.Tensor], repeats: int
-) -> tuple[float, list[torch.Tensor]]:
+    queries: Sequence[torch.Tensor], banks: Sequence[torch.Tensor], precision: str, repeats: int
+) -> tuple[float, torch.Tensor]:
     """Median seconds of the nearest-neighbour search of every layer and branch, and its distances."""
-    seconds = _median_seconds(
-        lambda: [model.nearest_neighbour_distance(q, b) for q, b in zip(queries, banks, strict=True)], repeats
+
+    def search() -> torch.Tensor:
+        return torch.cat(
+            [
+                MvfaModel.nearest_neighbour_distance(q, b, precision).flatten()
+                for q, b in zip(queries, banks, strict=True)
+            ]
+        )
+
+    return _median_seconds(search, repeats, queries[0].device), search()
+
+
+def _approximation(found: torch.Tensor, exact: torch.Tensor) -> str:
+    """Recall of the exact nearest neighbour and how much farther the returned neighbours are."""
+    recall = 100 * ((found - exact).abs() <= 1e-6).float().mean()
+    increase = found - exact
+    return (
+        f"recall of the exact nearest neighbour {recall:.1f}%, distance increase mean {increase.mean():.2e}, "
+        f"max {increase.max():.2e}"
     )
-    return seconds, [model.nearest_neighbour_distance(q, b) for q, b in zip(queries, banks, strict=True)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -175,18 +215,45 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--epochs", type=int, default=1, help="0 measures inference only")
     parser.add_argument("--batch-size", type=int, default=8, help="inference batch")
     parser.add_argument("--search-k-shot", type=int, default=16, help="memory bank size for the search share")
-    parser.add_argument("--memory-bank-ratio", type=float, default=0.1, help="coreset share for the fast search")
+    parser.add_argument(
+        "--memory-bank-ratio", type=float, default=None, help="also time the search on a coreset of this share"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--amp", choices=("bfloat16", "float16"), default=None, help="autocast dtype (mixed precision) on a GPU"
+    )
+
+
+def _measure_training(
+    model: MvfaModel,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    masks: torch.Tensor,
+    orders: Sequence[Sequence[int]],
+    amp: str | None,
+) -> None:
+    """Train a copy of ``model`` the reference way and ``model`` the optimised way; print both."""
+    reference_model = copy.deepcopy(model)
+    with _autocast(images.device, amp):
+        reference = train_reference(reference_model, images, labels, masks, orders)
+        optimised = train_optimised(model, images, labels, masks, orders)
+    difference = max_adapter_difference(reference_model, model)
+    print("training, seconds per epoch (optimised epoch 1 includes filling the prefix cache):")
+    for epoch, (slow, fast) in enumerate(zip(reference, optimised, strict=True), start=1):
+        print(f"  epoch {epoch}: reference {slow:.2f} s, optimised {fast:.2f} s, speed-up {slow / fast:.2f}x")
+    print(f"  largest adapter weight difference after training: {difference:.2e}")
 
 
 def run(args: argparse.Namespace) -> int:
     """Measure and print the ratios; return an exit code."""
     torch.manual_seed(args.seed)
+    device = torch.device(args.device)
     depth = resolve_model_config(args.backbone)[1]["vision_cfg"]["layers"]
     layers = args.feature_layers or [round(depth * (i + 1) / 4) for i in range(4)]
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
-    model = MvfaModel(args.backbone, pretrained, args.image_size, layers)
+    model = MvfaModel(args.backbone, pretrained, args.image_size, layers).to(device)
     model.setup("object")
     size = args.image_size
     generator = torch.Generator().manual_seed(args.seed)
@@ -194,61 +261,61 @@ def run(args: argparse.Namespace) -> int:
     masks = torch.zeros(count, size, size)
     masks[args.k_shot :, size // 4 : size // 2, size // 4 : size // 2] = 1
     support = augment_support_set(torch.randn(count, 3, size, size, generator=generator), masks)
-    labels = (support.groups >= args.k_shot).float()
+    labels = (support.groups >= args.k_shot).float().to(device)
+    support_images, support_masks = support.images.to(device), support.masks.to(device)
     orders = [torch.randperm(len(labels), generator=generator).tolist() for _ in range(args.epochs)]
     print(
         f"{args.backbone} at {size}, feature layers {model.feature_layers}, {torch.get_num_threads()} threads, "
-        f"{len(labels)} support images, {args.epochs} epoch(s), device cpu"
+        f"{len(labels)} support images, {args.epochs} epoch(s), device {device}, autocast {args.amp or 'off'}"
     )
 
     if args.epochs > 0:
-        reference_model = copy.deepcopy(model)
-        reference = train_reference(reference_model, support.images, labels, support.masks, orders)
-        optimised = train_optimised(model, support.images, labels, support.masks, orders)
-        difference = max_adapter_difference(reference_model, model)
-        print("training, seconds per epoch (optimised epoch 1 includes filling the prefix cache):")
-        for epoch, (slow, fast) in enumerate(zip(reference, optimised, strict=True), start=1):
-            print(f"  epoch {epoch}: reference {slow:.2f} s, optimised {fast:.2f} s, speed-up {slow / fast:.2f}x")
-        print(f"  largest adapter weight difference after training: {difference:.2e}")
+        _measure_training(model, support_images, labels, support_masks, orders, args.amp)
 
     model.eval()
-    images = torch.randn(args.batch_size, 3, size, size, generator=generator)
+    images = torch.randn(args.batch_size, 3, size, size, generator=generator).to(device)
     normal = support.groups < args.k_shot
-    with torch.no_grad():
-        model.setup(reference_images=support.images[normal], reference_groups=support.groups[normal])
-        clip_seconds = _median_seconds(lambda: model.clip.encode_image(images), args.repeats)
-        mvfa_seconds = _median_seconds(lambda: model(images), args.repeats)
-        overhead = 100 * (mvfa_seconds / clip_seconds - 1)
-        print(
-            f"inference, batch {args.batch_size}: plain CLIP image forward {clip_seconds:.3f} s, "
-            f"MVFA scoring at K={args.k_shot} {mvfa_seconds:.3f} s, overhead {overhead:.0f}%"
-        )
+    with torch.no_grad(), _autocast(device, args.amp):
+        model.setup(reference_images=support_images[normal.to(device)], reference_groups=support.groups[normal])
+        clip_seconds = _median_seconds(lambda: model.clip.encode_image(images), args.repeats, device)
+        scoring = []
+        for precision in SEARCH_PRECISIONS:
+            model.search_precision = precision
+            scoring.append((precision, _median_seconds(lambda: model(images), args.repeats, device)))
+        print(f"inference, batch {args.batch_size}: plain CLIP image forward {clip_seconds:.3f} s")
+        for precision, seconds in scoring:
+            overhead = 100 * (seconds / clip_seconds - 1)
+            print(f"  MVFA scoring at K={args.k_shot}, {precision} search: {seconds:.3f} s, overhead {overhead:.0f}%")
+
         bank = augment_support_set(torch.randn(args.search_k_shot, 3, size, size, generator=generator))
-        bank_tokens = model.encode_batched(bank.images)
+        bank_tokens = model.encode_batched(bank.images.to(device))
         tokens = model.encode(images)
         queries = [*tokens.segmentation, *tokens.detection]
         exact_banks = [*model.memory_bank(bank_tokens.segmentation), *model.memory_bank(bank_tokens.detection)]
-        exact_seconds, exact = _search(model, queries, exact_banks, args.repeats)
         print(
-            f"nearest-neighbour search at K={args.search_k_shot}, exact ({exact_banks[0].shape[0]} tokens a layer): "
-            f"{exact_seconds:.3f} s, {100 * exact_seconds / clip_seconds:.0f}% of the plain CLIP image forward"
+            f"nearest-neighbour search at K={args.search_k_shot} ({exact_banks[0].shape[0]} tokens a layer), "
+            f"share of the plain CLIP image forward:"
         )
-        if args.memory_bank_ratio < 1.0:
-            started = time.perf_counter()
+        exact_seconds, exact = _search(queries, exact_banks, "float32", args.repeats)
+        print(f"  exact, float32: {exact_seconds:.3f} s, {100 * exact_seconds / clip_seconds:.0f}%")
+        seconds, found = _search(queries, exact_banks, "bfloat16", args.repeats)
+        print(
+            f"  bfloat16 similarities: {seconds:.3f} s, {100 * seconds / clip_seconds:.0f}%; "
+            f"{_approximation(found, exact)}"
+        )
+        if args.memory_bank_ratio is not None:
             ratio = args.memory_bank_ratio
+            started = time.perf_counter()
             coreset_banks = [
                 *model.memory_bank(bank_tokens.segmentation, ratio),
                 *model.memory_bank(bank_tokens.detection, ratio),
             ]
             build_seconds = time.perf_counter() - started
-            coreset_seconds, approximate = _search(model, queries, coreset_banks, args.repeats)
-            recall = torch.cat([(a - e).abs().flatten() <= 1e-6 for a, e in zip(approximate, exact, strict=True)])
-            error = torch.cat([(a - e).flatten() for a, e in zip(approximate, exact, strict=True)])
-            share = 100 * coreset_seconds / clip_seconds
-            print(
-                f"nearest-neighbour search, coreset {ratio:g} ({coreset_banks[0].shape[0]} tokens a layer, built once "
-                f"in {build_seconds:.1f} s): {coreset_seconds:.3f} s, {share:.0f}% of the plain CLIP image forward; "
-                f"recall of the exact nearest neighbour {100 * recall.float().mean():.1f}%, "
-                f"mean distance increase {error.mean():.4f}"
-            )
+            for precision in SEARCH_PRECISIONS:
+                seconds, found = _search(queries, coreset_banks, precision, args.repeats)
+                print(
+                    f"  coreset {ratio:g} ({coreset_banks[0].shape[0]} tokens a layer, built once in "
+                    f"{build_seconds:.1f} s), {precision}: {seconds:.3f} s, {100 * seconds / clip_seconds:.0f}%; "
+                    f"{_approximation(found, exact)}"
+                )
     return 0

@@ -51,6 +51,8 @@ CALIBRATION_ROWS = ("zero_shot_image", "zero_shot_pixel", "few_shot_image", "few
 UNCALIBRATED = torch.tensor([[0.0, 1.0]] * len(CALIBRATION_ROWS))
 # Memory-bank tokens compared with the queries at once (bounds the memory of the distance matrix).
 NEAREST_NEIGHBOUR_CHUNK = 8192
+# Precisions of the few-shot nearest-neighbour search (see MvfaModel.nearest_neighbour_distance).
+SEARCH_PRECISIONS = ("float32", "bfloat16")
 
 
 def _coreset_indices(bank: torch.Tensor, ratio: float, seed: int = 0) -> list[int]:
@@ -152,6 +154,9 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         memory_bank_ratio: Share of the support tokens kept in each few-shot memory bank,
             chosen by anomalib's k-center-greedy coreset sampler. ``1.0`` (default) keeps all
             of them: the exact search of the paper. Smaller values trade exactness for speed.
+        search_precision: ``"float32"`` (default, exact) or ``"bfloat16"``: the few-shot
+            nearest neighbour is chosen with bfloat16 similarities, about twice as fast on a
+            CPU with bfloat16 instructions (see :meth:`nearest_neighbour_distance`).
 
     Example:
         >>> model = MvfaModel("ViT-B-16", pretrained="openai", image_size=224,
@@ -172,11 +177,16 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         cache_dir: str | None = None,
         quick_gelu: bool | None = None,
         memory_bank_ratio: float = 1.0,
+        search_precision: str = "float32",
     ) -> None:
         super().__init__()
         if not 0.0 < memory_bank_ratio <= 1.0:
             msg = f"memory_bank_ratio must be in (0, 1], got {memory_bank_ratio}."
             raise ValueError(msg)
+        if search_precision not in SEARCH_PRECISIONS:
+            msg = f"search_precision must be one of {SEARCH_PRECISIONS}, got {search_precision!r}."
+            raise ValueError(msg)
+        self.search_precision = search_precision
         self.memory_bank_ratio = memory_bank_ratio
         self.backbone = str(backbone)
         self.image_size = int(image_size)
@@ -320,7 +330,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         """Run the adapted image encoder and return the adapted patch tokens per feature layer.
 
         After each feature layer ``x <- 0.8 x + 0.1 seg_out + 0.1 det_out``. Blocks after
-        the last feature layer are not run.
+        the last feature layer are not run, so its adapters' residual updates are not computed.
         """
         tokens = self.embed(images)
         return self.encode_from(tokens, start=0)
@@ -341,12 +351,16 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         embedded tokens of :meth:`embed`.
         """
         segmentation, detection = [], []
+        last = len(self.feature_layers) - 1
         for index, layer in enumerate(self.feature_layers):
             tokens = self.run_blocks(tokens, start, layer)
             start = layer
-            seg_mid, seg_out = self.seg_adapters[index](tokens)
-            det_mid, det_out = self.det_adapters[index](tokens)
-            tokens = RESIDUAL_WEIGHT * tokens + ADAPTER_WEIGHT * seg_out + ADAPTER_WEIGHT * det_out
+            seg_adapter, det_adapter = self.seg_adapters[index], self.det_adapters[index]
+            if index == last:  # nothing runs after the last adapter: its residual update is unused
+                seg_mid, det_mid = seg_adapter.fc1(tokens), det_adapter.fc1(tokens)
+            else:
+                (seg_mid, seg_out), (det_mid, det_out) = seg_adapter(tokens), det_adapter(tokens)
+                tokens = RESIDUAL_WEIGHT * tokens + ADAPTER_WEIGHT * seg_out + ADAPTER_WEIGHT * det_out
             segmentation.append(seg_mid[:, 1:])
             detection.append(det_mid[:, 1:])
         return AdaptedTokens(segmentation, detection)
@@ -395,17 +409,44 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         return anomaly_map, score
 
     @staticmethod
-    def nearest_neighbour_distance(queries: torch.Tensor, memory_bank: torch.Tensor) -> torch.Tensor:
+    def nearest_neighbour_distance(
+        queries: torch.Tensor, memory_bank: torch.Tensor, precision: str = "float32"
+    ) -> torch.Tensor:
         """``min_m (1 - cos(q, m))`` for ``B x L x C`` queries and a normalised ``N x C`` memory bank.
 
         The memory bank is processed in fixed chunks, so the peak memory does not grow with its
         size and the number of chunks does not depend on the batch (export-friendly).
+
+        Args:
+            queries: ``B x L x C`` tokens.
+            memory_bank: ``N x C`` normalised tokens.
+            precision: ``"float32"`` searches exactly. ``"bfloat16"`` picks the neighbour with
+                bfloat16 similarities (about twice as fast on CPUs with bfloat16 instructions)
+                and returns that neighbour's exact distance: a query whose nearest neighbour
+                is missed gets the distance of one that is at most a few thousandths farther.
+
+        Example:
+            >>> bank = F.normalize(torch.randn(50, 8), dim=-1)
+            >>> MvfaModel.nearest_neighbour_distance(bank[None, :3], bank).abs().max() < 1e-6
+            tensor(True)
         """
         flat = F.normalize(queries, dim=-1).flatten(0, 1)
         memory = memory_bank.to(flat.dtype)
-        similarity = torch.stack(
-            [(flat @ chunk.T).amax(dim=1) for chunk in memory.split(NEAREST_NEIGHBOUR_CHUNK)]
-        ).amax(dim=0)
+        if precision == "float32":
+            similarity = torch.stack(
+                [(flat @ chunk.T).amax(dim=1) for chunk in memory.split(NEAREST_NEIGHBOUR_CHUNK)]
+            ).amax(dim=0)
+        elif precision == "bfloat16":
+            low = flat.to(torch.bfloat16)
+            best = [(low @ chunk.T).max(dim=1) for chunk in memory.to(torch.bfloat16).split(NEAREST_NEIGHBOUR_CHUNK)]
+            values = torch.stack([found.values for found in best])
+            offsets = torch.arange(0, memory.shape[0], NEAREST_NEIGHBOUR_CHUNK, device=flat.device)
+            indices = torch.stack([found.indices for found in best]) + offsets[:, None]
+            nearest = indices.gather(0, values.argmax(dim=0, keepdim=True))[0]
+            similarity = (flat * memory[nearest]).sum(dim=-1)
+        else:
+            msg = f"precision must be 'float32' or 'bfloat16', got {precision!r}."
+            raise ValueError(msg)
         return (1.0 - similarity).reshape(queries.shape[:2])
 
     def few_shot_branch(
@@ -415,12 +456,15 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         det_memory_bank: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Few-shot anomaly map (``B x H x W``) and score (``B``) against the given memory banks."""
+
+        def distance_map(layer: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+            return self.to_map(self.nearest_neighbour_distance(layer, memory, self.search_precision)[..., None])[:, 0]
+
         anomaly_map = sum(
-            self.to_map(self.nearest_neighbour_distance(layer, memory)[..., None])[:, 0]
-            for layer, memory in zip(tokens.segmentation, seg_memory_bank, strict=True)
+            distance_map(layer, memory) for layer, memory in zip(tokens.segmentation, seg_memory_bank, strict=True)
         )
         score = sum(
-            self.to_map(self.nearest_neighbour_distance(layer, memory)[..., None])[:, 0].mean(dim=(-2, -1))
+            distance_map(layer, memory).mean(dim=(-2, -1))
             for layer, memory in zip(tokens.detection, det_memory_bank, strict=True)
         )
         return anomaly_map, score

@@ -45,15 +45,21 @@ def test_lightning_fit_equals_the_reference_loop_after_two_epochs(tmp_path, mvte
 def test_speed_command_prints_its_figures(capsys) -> None:
     code = main([
         "speed", "--backbone", "tiny-random", "--image-size", "64", "--k-shot", "1",
-        "--search-k-shot", "2", "--epochs", "2", "--repeats", "1",
+        "--search-k-shot", "2", "--epochs", "2", "--repeats", "1", "--memory-bank-ratio", "0.1",
     ])  # fmt: skip
     output = capsys.readouterr().out
     assert code == 0
     assert len(re.findall(r"epoch \d: reference [\d.]+ s, optimised [\d.]+ s, speed-up [\d.]+x", output)) == 2
     difference = float(re.search(r"largest adapter weight difference after training: (\S+)", output).group(1))
     assert difference <= TOLERANCE
-    assert re.search(r"MVFA scoring at K=1 [\d.]+ s, overhead -?\d+%", output)
-    assert re.search(r"nearest-neighbour search at K=2, exact \((\d+) tokens a layer\): [\d.]+ s", output)
-    coreset = re.search(r"coreset 0.1 \((\d+) tokens a layer.*recall of the exact nearest neighbour ([\d.]+)%", output)
-    assert coreset is not None
-    assert 0.0 <= float(coreset.group(2)) <= 100.0
+    for precision in ("float32", "bfloat16"):
+        assert re.search(rf"MVFA scoring at K=1, {precision} search: [\d.]+ s, overhead -?\d+%", output)
+    tokens = int(re.search(r"nearest-neighbour search at K=2 \((\d+) tokens a layer\)", output).group(1))
+    assert tokens == 2 * 11 * (64 // 16) ** 2  # K images x 11 augmentations x patches of the tiny backbone
+    assert re.search(r"exact, float32: [\d.]+ s, \d+%", output)
+    recalls = re.findall(r"recall of the exact nearest neighbour ([\d.]+)%, distance increase mean (\S+), max", output)
+    assert len(recalls) == 3  # bfloat16 on the whole bank, the coreset in both precisions
+    for recall, increase in recalls:
+        assert 0.0 <= float(recall) <= 100.0
+        assert float(increase) >= -1e-6
+    assert re.search(rf"coreset 0.1 \({int(tokens * 0.1)} tokens a layer", output)

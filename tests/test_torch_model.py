@@ -274,3 +274,23 @@ def test_coreset_memory_bank_is_smaller_deterministic_and_never_closer(tiny_conf
     assert (coreset > exact + 1e-4).any()
     with pytest.raises(ValueError, match="memory_bank_ratio"):
         MvfaModel(tiny_config, pretrained=None, image_size=TINY_IMAGE_SIZE, feature_layers=(2, 4), memory_bank_ratio=0)
+
+
+def test_bfloat16_search_returns_exact_distances_of_nearly_nearest_neighbours() -> None:
+    generator = torch.Generator().manual_seed(0)
+    bank = F.normalize(torch.randn(20000, 64, generator=generator), dim=-1)  # 3 chunks of the search
+    queries = torch.randn(2, 300, 64, generator=generator)
+    found = MvfaModel.nearest_neighbour_distance(queries, bank, precision="bfloat16")
+    # independent exact computation: cosine distances to every bank token in float64
+    cosine = F.normalize(queries.double(), dim=-1).flatten(0, 1) @ bank.double().T
+    exact = (1 - cosine.amax(dim=1)).reshape(2, 300)
+    assert found.shape == (2, 300)
+    assert (found >= exact - 1e-6).all()  # never closer than the true nearest neighbour
+    assert (found - exact).max() < 2e-2  # a miss is a near tie at bfloat16 resolution
+    # the returned distance is the exact distance of some bank token
+    assert ((1 - cosine - found.flatten()[:, None].double()).abs().amin(dim=1) < 1e-6).all()
+    assert torch.allclose(MvfaModel.nearest_neighbour_distance(queries, bank), exact.float(), atol=1e-6)
+    with pytest.raises(ValueError, match="precision must be 'float32' or 'bfloat16', got 'int8'"):
+        MvfaModel.nearest_neighbour_distance(queries, bank, precision="int8")
+    with pytest.raises(ValueError, match="search_precision"):
+        MvfaModel("tiny-random", pretrained=None, image_size=TINY_IMAGE_SIZE, search_precision="float16")
