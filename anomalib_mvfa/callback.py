@@ -24,13 +24,15 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augmentation import augment_support_set
 from .prompting import prompt_class_name
@@ -51,6 +53,55 @@ logger = logging.getLogger(__name__)
 
 SUPPORT_RECORD = "support_set.json"
 ADAPTER_FILE = Path("weights") / "mvfa_adapters.pth"
+# Seeds of the epochs' shuffles: seed * EPOCH_STRIDE + epoch (distinct for any realistic epoch count).
+EPOCH_STRIDE = 1_000_003
+
+
+class EpochShuffleSampler(Sampler[int]):
+    """A shuffled order per epoch that depends only on the seed and the epoch number.
+
+    Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint
+    visits the support images in the same order as an uninterrupted run.
+
+    Example:
+        >>> sampler = EpochShuffleSampler(5, seed=0)
+        >>> sampler.set_epoch(3)
+        >>> sorted(sampler) == [0, 1, 2, 3, 4]
+        True
+    """
+
+    def __init__(self, size: int, seed: int) -> None:
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the order of ``epoch``."""
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        """Indices in this epoch's order."""
+        generator = torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        """Number of indices."""
+        return self.size
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every training epoch, to resume an interrupted fit with ``--ckpt_path``.
+
+    anomalib's own checkpoint (``model.ckpt``) is written only after the last epoch's validation.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
+
+    @property
+    def state_key(self) -> str:
+        """Distinct from anomalib's checkpoint callback in the checkpoint's callback states."""
+        return "MvfaResumeCheckpoint"
 
 
 def test_overlap(datamodule: Any, dataset: Any) -> bool:
@@ -190,8 +241,7 @@ class FewShotMemoryBankCallback(Callback):
         loader = DataLoader(
             dataset,
             batch_size=model.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(model.seed),
+            sampler=EpochShuffleSampler(len(dataset), model.seed),
             collate_fn=SupportDataset.collate,
         )
         datamodule.train_dataloader = lambda: loader

@@ -44,11 +44,12 @@ from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
-from .callback import FewShotMemoryBankCallback
+from .callback import FewShotMemoryBankCallback, ResumeCheckpoint
 from .loss import DetectionLoss, MvfaLoss
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
 from .support import SupportBatch, SupportDataset
 from .torch_model import MvfaModel
+from .utils import export_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -236,8 +237,9 @@ class Mvfa(AnomalibModule):
         return PostProcessor()
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's components plus the few-shot memory-bank callback (no flag needed)."""
-        return [*super().configure_callbacks(), FewShotMemoryBankCallback()]
+        """Anomalib's components, the few-shot memory-bank callback and, while adapters train, ``last.ckpt``."""
+        resume = [ResumeCheckpoint()] if self.trains_adapters else []
+        return [*super().configure_callbacks(), FewShotMemoryBankCallback(), *resume]
 
     def resolve_abnormal_source(self, datamodule: Any) -> str:
         """The abnormal source this run uses (``"auto"`` resolved against the datamodule)."""
@@ -374,6 +376,23 @@ class Mvfa(AnomalibModule):
     def save_adapters(self, path: str | Path) -> Path:
         """Write the adapters alone, in the authors' layout."""
         return self.model.save_adapters(path)
+
+    # ----------------------------------------------------------------- export
+
+    def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
+        """Anomalib's torch export, written whole or not at all (see :func:`export_atomically`)."""
+        export = super().to_torch
+        return export_atomically(export_root, lambda root: export(root, model_file_name))
+
+    def to_onnx(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """Anomalib's ONNX export, written whole or not at all."""
+        export = super().to_onnx
+        return export_atomically(export_root, lambda root: export(root, *args, **kwargs))
+
+    def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        """Anomalib's OpenVINO export (``.bin`` moved before ``.xml``), written whole or not at all."""
+        export = super().to_openvino
+        return export_atomically(export_root, lambda root: export(root, *args, **kwargs))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Leave pretrained CLIP weights out: they come back from ``pretrained`` on loading.

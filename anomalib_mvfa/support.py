@@ -22,15 +22,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from anomalib.data.utils import read_image, read_mask
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
 from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from .augmentation import augment_support_set
+from .image_io import IMAGE_SUFFIXES, read_image_file, read_mask_file
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 MASK_FOLDER = "masks"
 
 
@@ -266,8 +265,17 @@ def draw_from_folder(folder: str | Path, k: int, seed: int, image_size: int, lab
     chosen = [files[i] for i in seeded_choice(len(files), k, seed)]
     mask_folder = Path(folder) / MASK_FOLDER
     mask_files = {path.stem: path for path in list_images(mask_folder)} if label and mask_folder.is_dir() else {}
-    masks = [read_mask(mask_files[path.stem], as_tensor=True) if path.stem in mask_files else None for path in chosen]
-    images = [read_image(path, as_tensor=True) for path in chosen]
+    images = [read_image_file(path) for path in chosen]
+    masks: list[torch.Tensor | None] = []
+    for path, image in zip(chosen, images, strict=True):
+        mask = read_mask_file(mask_files[path.stem]) if path.stem in mask_files else None
+        if mask is not None and mask.shape != image.shape[-2:]:
+            msg = (
+                f"Mask '{mask_files[path.stem]}' is {tuple(mask.shape)} pixels but its image '{path}' is "
+                f"{tuple(image.shape[-2:])}."
+            )
+            raise ValueError(msg)
+        masks.append(mask)
     return _support_from_items(images, masks, label, [str(path) for path in chosen], image_size)
 
 

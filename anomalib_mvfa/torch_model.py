@@ -269,6 +269,9 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             >>> model.setup("Brain")  # zero-shot only  # doctest: +SKIP
             >>> model.setup(reference_images=support_images, reference_groups=groups)  # doctest: +SKIP
         """
+        if class_name is not None and not class_name.strip():
+            msg = f"class_name must be a non-empty name of the imaged object, got {class_name!r}."
+            raise ValueError(msg)
         if class_name is not None or self.text_features.numel() == 0:
             self.set_text_features(class_name or self.class_name or DEFAULT_CLASS_NAME)
         if reference_images is None:
@@ -302,11 +305,36 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
     # ---------------------------------------------------------------- encoder
 
     def check_images(self, images: torch.Tensor, name: str = "images") -> None:
-        """Raise ``ValueError`` unless ``images`` is a ``B x 3 x image_size x image_size`` tensor."""
+        """Raise ``ValueError`` unless ``images`` is a finite ``B x 3 x image_size x image_size`` tensor.
+
+        Example:
+            >>> model.check_images([torch.rand(3, 240, 240), torch.rand(3, 200, 300)])  # doctest: +SKIP
+            ValueError: images is a list of 2 tensors of shapes [(3, 240, 240), (3, 200, 300)]: ...
+        """
         expected = (3, self.image_size, self.image_size)
+        shape_text = f"B x {' x '.join(map(str, expected))}"
+        if isinstance(images, list | tuple):
+            shapes = [tuple(item.shape) if isinstance(item, torch.Tensor) else type(item).__name__ for item in images]
+            msg = (
+                f"{name} is a list of {len(images)} tensors of shapes {shapes}: resize every image to "
+                f"{self.image_size} x {self.image_size} and stack them into one {shape_text} tensor "
+                "(anomalib's PreProcessor does this for the Lightning module)."
+            )
+            raise ValueError(msg)
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            msg = f"{name} must be a tensor of shape B x {' x '.join(map(str, expected))}, got {shape}."
+            msg = f"{name} must be a tensor of shape {shape_text}, got {shape}."
+            raise ValueError(msg)
+        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+            return  # exported graphs take no data-dependent branch
+        finite = torch.isfinite(images)
+        if not finite.all():
+            bad = (~finite).flatten(1).sum(dim=1)
+            first = int(torch.nonzero(bad)[0, 0])
+            msg = (
+                f"{name} contain {int(bad.sum())} NaN or infinite value(s), the first in image {first} of the batch: "
+                "check the image files and the preprocessing."
+            )
             raise ValueError(msg)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:

@@ -26,3 +26,26 @@ def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
     finally:
         Path(temporary).unlink(missing_ok=True)
     return path
+
+
+def export_atomically(export_root: str | Path, export: Callable[[Path], Path]) -> Path:
+    """Run ``export(staging_root)`` in a hidden staging folder, then move its files into ``export_root``.
+
+    ``export`` writes an exported model under the root it is given and returns the path of the
+    file that loads it. Every file is moved with an atomic rename, that file last, so an
+    interrupted export never leaves a loadable half-written model.
+
+    Example:
+        >>> export_atomically("results", lambda root: model.to_torch(root))  # doctest: +SKIP
+        PosixPath('results/weights/torch/model.pt')
+    """
+    root = Path(export_root)
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".export-", dir=root) as staging:
+        staged = Path(export(Path(staging)))
+        target = root / staged.relative_to(staging)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        for file in sorted(staged.parent.iterdir(), key=lambda file: file == staged):
+            if file.is_file():
+                Path(file).replace(target.parent / file.name)
+    return target

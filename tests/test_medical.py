@@ -10,7 +10,7 @@ import torch
 from anomalib.engine import Engine
 from PIL import Image
 
-from anomalib_mvfa import Mvfa
+from anomalib_mvfa import FewShotMemoryBankCallback, Mvfa
 from anomalib_mvfa.data import MedicalAD, parse_seed_file, read_medical_image
 
 from .test_lightning import CONFIGS, TINY_CLI, run_anomalib
@@ -73,7 +73,8 @@ def test_seed_file_selects_exactly_the_named_files(medical_root, tmp_path) -> No
     callbacks = model.configure_callbacks()
     model.configure_callbacks = lambda: callbacks
     engine(tmp_path / "run").fit(model, datamodule=medical(medical_root, "Brain", seed_file=seed_file))
-    selected = callbacks[-1].selected_files
+    (memory_bank_callback,) = [c for c in callbacks if isinstance(c, FewShotMemoryBankCallback)]
+    selected = memory_bank_callback.selected_files
     assert [name.rsplit("/", 1)[1] for name in selected["normal"]] == ["valid_good_0.png", "valid_good_5.JPEG"]
     assert [name.rsplit("/", 1)[1] for name in selected["abnormal"]] == ["valid_Ungood_1.JPEG", "valid_Ungood_4.png"]
 

@@ -32,17 +32,15 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from anomalib.data import AnomalibDataModule, AnomalibDataset, ImageItem
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
-from PIL import Image
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
 
+from ..image_io import IMAGE_SUFFIXES, read_image_file, read_mask_file
 from ..prompting import prompt_class_name
-from ..support import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
@@ -53,36 +51,17 @@ SEED_LINE = re.compile(r"^\s*([an])-(\d+)\s*:\s*(.*)$")
 
 
 def read_medical_image(path: str | Path) -> torch.Tensor:
-    """Read an image as a ``3 x H x W`` float tensor in ``[0, 1]``.
-
-    8-bit images are divided by 255, 16-bit ones by 65535; floating-point images are clipped
-    to ``[0, 1]``. One or two channels become three (grey replicated), four become three.
+    """Read an image as a ``3 x H x W`` float tensor in ``[0, 1]`` (see :func:`read_image_file`).
 
     Raises:
         ValueError: If the file cannot be decoded, naming it.
     """
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except Exception as error:
-        msg = f"Image '{path}' cannot be decoded: {error}"
-        raise ValueError(msg) from error
-    if array.dtype in {np.dtype(np.uint8), np.dtype(bool)}:
-        scaled = array.astype(np.float32) / (1.0 if array.dtype == bool else 255.0)
-    elif array.dtype.kind in "ui":
-        scaled = array.astype(np.float32) / 65535.0
-    else:
-        scaled = np.clip(array.astype(np.float32), 0.0, 1.0)
-    if scaled.ndim == 2:
-        scaled = scaled[..., None]
-    channels = scaled.shape[-1]
-    scaled = np.repeat(scaled[..., :1], 3, axis=-1) if channels < 3 else scaled[..., :3]
-    return torch.from_numpy(np.ascontiguousarray(scaled)).permute(2, 0, 1)
+    return read_image_file(path)
 
 
 def read_medical_mask(path: str | Path) -> torch.Tensor:
-    """Read a mask as an ``H x W`` uint8 tensor of 0 and 1 (any non-zero pixel is abnormal)."""
-    return (read_medical_image(path)[0] > 0).to(torch.uint8)
+    """Read a mask as an ``H x W`` uint8 tensor of 0 and 1 (see :func:`read_mask_file`)."""
+    return read_mask_file(path)
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -97,6 +76,9 @@ def category_folder(root: str | Path, category: str) -> Path:
     Raises:
         ValueError: If the folder is missing; the message lists the categories found.
     """
+    if not Path(root).is_dir():
+        msg = f"Dataset root '{root}' does not exist: expected the folder that holds the <Name>_AD category folders."
+        raise ValueError(msg)
     folder = Path(root) / f"{category}_AD"
     if not folder.is_dir():
         found = sorted(p.name.removesuffix("_AD") for p in Path(root).glob("*_AD") if p.is_dir())
@@ -133,7 +115,23 @@ def make_medical_samples(root: str | Path, category: str, split: str) -> pd.Data
     if not rows:
         msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
         raise ValueError(msg)
+    _check_masks(rows, category, base)
     return pd.DataFrame(rows)
+
+
+def _check_masks(rows: list[dict], category: str, base: Path) -> None:
+    """Every abnormal image needs a mask where the category has masks (or some of its images do)."""
+    abnormal = [row for row in rows if row["label_index"] == LabelName.ABNORMAL]
+    missing = [Path(row["image_path"]).name for row in abnormal if not row["mask_path"]]
+    if not missing or (category not in SEGMENTATION_CATEGORIES and len(missing) == len(abnormal)):
+        return
+    reason = "it is a segmentation category" if category in SEGMENTATION_CATEGORIES else "other images have masks"
+    msg = (
+        f"{len(missing)} of the {len(abnormal)} abnormal images in '{base}/Ungood/img' have no mask, although "
+        f"{reason}: expected for example '{base}/Ungood/anomaly_mask/{missing[0]}' (missing: {missing[:5]}"
+        f"{' ...' if len(missing) > 5 else ''})."
+    )
+    raise ValueError(msg)
 
 
 class MedicalADDataset(AnomalibDataset):

@@ -1,0 +1,344 @@
+"""Catalogue of bad inputs: each raises a clear error naming the input, or is handled correctly.
+
+``CASES`` maps a case name to a function that makes the bad input in a fresh folder and passes it
+on, and to the pattern its error message must match. ``python -m tests.test_bad_inputs`` prints
+every case with the message a user sees.
+"""
+
+from __future__ import annotations
+
+import logging
+import pickle
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from anomalib.engine import Engine
+from PIL import Image
+
+from anomalib_mvfa import Mvfa, MvfaModel
+from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip
+from anomalib_mvfa.data import MedicalAD
+from anomalib_mvfa.image_io import read_image_file, read_mask_file
+from anomalib_mvfa.support import draw_from_folder, resize_image
+
+from .conftest import TINY_IMAGE_SIZE, write_medical_category
+
+TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
+
+
+def tiny_model(**overrides: object) -> MvfaModel:
+    return MvfaModel(**{**TINY, **overrides})
+
+
+def medical(tmp: Path, category: str = "Brain", masks: bool = True) -> Path:
+    write_medical_category(tmp / "MVFA", category, masks=masks)
+    return tmp / "MVFA"
+
+
+def fit_on_medical(root: Path, tmp: Path, k_shot: int, abnormal_source: str = "auto") -> None:
+    model = Mvfa(**TINY, k_shot=k_shot, epochs=1, abnormal_source=abnormal_source)
+    engine = Engine(default_root_dir=tmp / "results", accelerator="cpu", devices=1, logger=False)
+    engine.fit(model, datamodule=MedicalAD(root=root, category="Brain", num_workers=0, eval_batch_size=4))
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def root_missing(tmp: Path) -> None:
+    MedicalAD(root=tmp / "no-such-root", category="Brain").setup()
+
+
+def split_empty(tmp: Path) -> None:
+    root = medical(tmp)
+    for folder in (root / "Brain_AD" / "test").rglob("img"):
+        shutil.rmtree(folder)
+        folder.mkdir()
+    MedicalAD(root=root, category="Brain").setup()
+
+
+def too_few_normal(tmp: Path) -> None:
+    fit_on_medical(medical(tmp), tmp, k_shot=8)  # the valid split holds 6 normal images
+
+
+def too_few_abnormal(tmp: Path) -> None:
+    root = medical(tmp)
+    for path in sorted((root / "Brain_AD" / "valid" / "Ungood" / "img").iterdir())[:3]:
+        path.unlink()  # 3 abnormal images are left, 6 normal ones
+    fit_on_medical(root, tmp, k_shot=4, abnormal_source="train")  # "auto" would synthesise them
+
+
+def undecodable_image(tmp: Path) -> None:
+    root = medical(tmp)
+    (root / "Brain_AD" / "test" / "good" / "img" / "zz_truncated.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    datamodule = MedicalAD(root=root, category="Brain")
+    datamodule.setup()
+    samples = datamodule.test_data.samples
+    datamodule.test_data[samples.index[samples.image_path.str.endswith("zz_truncated.png")][0]]
+
+
+def undecodable_support_image(tmp: Path) -> None:
+    folder = tmp / "abnormal"
+    folder.mkdir()
+    (folder / "scan.png").write_bytes(b"not an image")
+    draw_from_folder(folder, k=1, seed=0, image_size=TINY_IMAGE_SIZE, label=1)
+
+
+def mask_size_differs(tmp: Path) -> None:
+    root = medical(tmp)
+    mask_folder = root / "Brain_AD" / "test" / "Ungood" / "anomaly_mask"
+    first = sorted(mask_folder.iterdir())[0]
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(first, format="PNG")
+    datamodule = MedicalAD(root=root, category="Brain")
+    datamodule.setup()
+    position = datamodule.test_data.samples.index[datamodule.test_data.samples.mask_path == str(first)][0]
+    datamodule.test_data[position]
+
+
+def support_mask_size_differs(tmp: Path) -> None:
+    folder = tmp / "abnormal"
+    (folder / "masks").mkdir(parents=True)
+    Image.fromarray(np.zeros((32, 32, 3), np.uint8)).save(folder / "scan.png")
+    Image.fromarray(np.zeros((16, 16), np.uint8)).save(folder / "masks" / "scan.png")
+    draw_from_folder(folder, k=1, seed=0, image_size=TINY_IMAGE_SIZE, label=1)
+
+
+def masks_missing(tmp: Path) -> None:
+    root = medical(tmp)
+    sorted((root / "Brain_AD" / "valid" / "Ungood" / "anomaly_mask").iterdir())[1].unlink()
+    MedicalAD(root=root, category="Brain").setup()
+
+
+# --------------------------------------------------------------------------- tensors
+
+
+def non_finite_input(tmp: Path) -> None:
+    del tmp
+    images = torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    images[1, 0, 3, 3] = float("nan")
+    images[1, 2, 5, 5] = float("inf")
+    model = tiny_model()
+    model.setup("scan")
+    model.eval()(images)
+
+
+def mixed_image_sizes(tmp: Path) -> None:
+    del tmp
+    model = tiny_model()
+    model.setup("scan")
+    model.eval()([torch.rand(3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), torch.rand(3, 32, 48)])
+
+
+# ----------------------------------------------------------------------- checkpoints
+
+
+def adapters_of_another_width(tmp: Path) -> None:
+    wide = tiny_model()
+    wide.seg_adapters[0].fc1[0].weight.data = torch.zeros(32, 64)
+    wide.save_adapters(tmp / "wide.pth")
+    tiny_model().load_adapters(tmp / "wide.pth")
+
+
+def adapters_of_another_layer_count(tmp: Path) -> None:
+    tiny_model(feature_layers=(2, 4)).save_adapters(tmp / "two_layers.pth")
+    tiny_model().load_adapters(tmp / "two_layers.pth")
+
+
+def not_a_checkpoint(tmp: Path) -> None:
+    (tmp / "notes.pth").write_text("these are notes, not weights")
+    tiny_model().load_adapters(tmp / "notes.pth")
+
+
+class _WritesAFile:
+    """A pickle payload that would create ``pwned`` next to the checkpoint when unpickled."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+
+    def __reduce__(self) -> tuple:
+        return (Path.write_text, (self.target, "code ran"))
+
+
+def pickle_that_runs_code(tmp: Path) -> None:
+    with (tmp / "evil.pth").open("wb") as file:
+        pickle.dump({"seg_adapters": _WritesAFile(tmp / "pwned"), "det_adapters": {}}, file)
+    try:
+        tiny_model().load_adapters(tmp / "evil.pth")
+    finally:
+        assert not (tmp / "pwned").exists(), "the pickle ran code"
+
+
+# --------------------------------------------------------------------------- settings
+
+
+def unknown_backbone(tmp: Path) -> None:
+    del tmp
+    MvfaModel("ViT-L-14-363", pretrained=None)
+
+
+def pretrained_tag_offline(tmp: Path) -> None:
+    load_clip("ViT-B-16", "openai", 224, cache_dir=str(tmp / "cache"))
+
+
+def feature_layer_too_deep(tmp: Path) -> None:
+    del tmp
+    tiny_model(feature_layers=(2, 5))
+
+
+def feature_layer_repeated(tmp: Path) -> None:
+    del tmp
+    tiny_model(feature_layers=(2, 2, 4))
+
+
+def image_size_below_one_patch(tmp: Path) -> None:
+    del tmp
+    tiny_model(image_size=8)
+
+
+def empty_class_name(tmp: Path) -> None:
+    del tmp
+    Mvfa(**TINY, class_name="  ")
+
+
+def empty_class_name_torch_model(tmp: Path) -> None:
+    del tmp
+    tiny_model().setup(class_name="")
+
+
+def unsupported_export_type(tmp: Path) -> None:
+    Engine(default_root_dir=tmp, logger=False).export(Mvfa(**TINY, epochs=0), export_type="tensorrt")
+
+
+# name: (function, exception type, pattern of the message)
+CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
+    "dataset root missing": (root_missing, ValueError, r"Dataset root '.*no-such-root' does not exist: expected"),
+    "split folder empty": (split_empty, ValueError, r"Split '.*Brain_AD/test' holds no image: expected images in"),
+    "fewer normal images than k_shot": (too_few_normal, ValueError, r"holds 6 normal image\(s\); k_shot=8 needs"),
+    "fewer abnormal images than k_shot": (too_few_abnormal, ValueError, r"holds 3 abnormal image\(s\); k_shot=4"),
+    "image that cannot be decoded": (undecodable_image, ValueError, r"Image '.*zz_truncated\.png' cannot be decoded"),
+    "support image that cannot be decoded": (undecodable_support_image, ValueError, r"'.*scan\.png' cannot be decoded"),
+    "mask size differs from its image": (
+        mask_size_differs,
+        ValueError,
+        r"Mask '.*' is \(20, 30\) pixels but its image",
+    ),
+    "support mask size differs": (support_mask_size_differs, ValueError, r"masks/scan\.png' is \(16, 16\) pixels"),
+    "masks missing in a segmentation category": (
+        masks_missing,
+        ValueError,
+        r"1 of the 6 abnormal images in '.*valid/Ungood/img' have no mask.*expected for example '.*anomaly_mask/",
+    ),
+    "NaN or infinite input values": (
+        non_finite_input,
+        ValueError,
+        r"images contain 2 NaN or infinite value\(s\).*image 1",
+    ),
+    "batch of mixed image sizes": (
+        mixed_image_sizes,
+        ValueError,
+        r"images is a list of 2 tensors of shapes \[\(3, 64, 64\), \(3, 32, 48\)\]: resize every image to 64 x 64",
+    ),
+    "adapters of another backbone width": (adapters_of_another_width, ValueError, r"wide\.pth.*\(32, 64\).*\(32, 48\)"),
+    "adapters of another layer count": (
+        adapters_of_another_layer_count,
+        ValueError,
+        r"two_layers\.pth.*2 layer\(s\).*expects 3 layer\(s\)",
+    ),
+    "file that is not a checkpoint": (not_a_checkpoint, ValueError, r"notes\.pth"),
+    "pickle that would run code": (pickle_that_runs_code, ValueError, r"evil\.pth.*weights_only=True"),
+    "unknown backbone name": (
+        unknown_backbone,
+        ValueError,
+        r"Unknown backbone 'ViT-L-14-363'.*Close names: .*ViT-L-14-336",
+    ),
+    "pretrained tag not available offline": (
+        pretrained_tag_offline,
+        PretrainedWeightsError,
+        r"Could not obtain the pretrained weights 'openai' of backbone 'ViT-B-16'.*pass its path",
+    ),
+    "feature layer beyond the backbone's depth": (
+        feature_layer_too_deep,
+        ValueError,
+        r"\(2, 5\) is not valid.*4 blocks",
+    ),
+    "feature layer repeated": (feature_layer_repeated, ValueError, r"\(2, 2, 4\) is not valid.*strictly increasing"),
+    "image size below one patch": (image_size_below_one_patch, ValueError, r"image_size=8 is smaller than one patch"),
+    "empty class name": (empty_class_name, ValueError, r"class_name must not be empty"),
+    "empty class name (torch model)": (empty_class_name_torch_model, ValueError, r"class_name must be a non-empty"),
+    "unsupported export type": (unsupported_export_type, ValueError, r"'tensorrt' is not a valid ExportType"),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_bad_input_is_refused_clearly(name: str, tmp_path: Path) -> None:
+    function, error, pattern = CASES[name]
+    with pytest.raises(error, match=pattern):
+        function(tmp_path)
+    assert not list(tmp_path.rglob("support_set.json")), "a refused run wrote its support set"
+    assert not list(tmp_path.rglob("*.ckpt")), "a refused run wrote a checkpoint"
+
+
+# ------------------------------------------------------------------- handled inputs
+
+
+def test_images_with_1_2_or_4_channels_and_16_bits_are_read_as_rgb(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    grey16 = rng.integers(0, 65536, (5, 7), dtype=np.uint16)
+    rgba = rng.integers(0, 256, (5, 7, 4), dtype=np.uint8)
+    grey_alpha = rng.integers(0, 256, (5, 7, 2), dtype=np.uint8)
+    Image.fromarray(grey16).save(tmp_path / "grey16.png")
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.PNG")
+    Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "grey_alpha.png")
+    expected_grey = torch.from_numpy(grey16.astype(np.float64) / 65535).float().expand(3, 5, 7)
+    assert torch.allclose(read_image_file(tmp_path / "grey16.png"), expected_grey, atol=1e-6)
+    expected_rgb = torch.from_numpy(rgba[..., :3].astype(np.float64) / 255).float().permute(2, 0, 1)
+    assert torch.allclose(read_image_file(tmp_path / "rgba.PNG"), expected_rgb, atol=1e-6)
+    expected_la = torch.from_numpy(grey_alpha[..., 0].astype(np.float64) / 255).float().expand(3, 5, 7)
+    assert torch.allclose(read_image_file(tmp_path / "grey_alpha.png"), expected_la, atol=1e-6)
+
+
+def test_image_smaller_than_one_patch_is_upscaled_and_scored() -> None:
+    tiny_image = torch.rand(1, 5, 5)  # one channel, 5 x 5 pixels, below the 16-pixel patch
+    resized = resize_image(tiny_image, TINY_IMAGE_SIZE)
+    assert resized.shape == (3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+    model = tiny_model()
+    model.setup("scan")
+    prediction = model.eval()(resized[None])
+    assert torch.isfinite(prediction.anomaly_map).all()
+    assert prediction.anomaly_map.shape == (1, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
+
+
+def test_mask_that_is_not_binary_is_thresholded_at_half_its_range(tmp_path: Path, caplog) -> None:
+    values = np.array([[0, 40, 127], [128, 200, 255]], np.uint8)
+    Image.fromarray(values).save(tmp_path / "soft.png")
+    with caplog.at_level(logging.WARNING):
+        mask = read_mask_file(tmp_path / "soft.png")
+    assert torch.equal(mask, torch.from_numpy((values >= 127.5).astype(np.uint8)))
+    assert "soft.png' is not binary (6 distinct values" in caplog.text
+    assert "pixels at or above 0.50 of the full range count as abnormal" in caplog.text
+    # a binary mask keeps every "on" pixel, whatever its value (0/1 masks included)
+    Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8)).save(tmp_path / "ones.png")
+    assert torch.equal(read_mask_file(tmp_path / "ones.png"), torch.tensor([[0, 1], [1, 0]], dtype=torch.uint8))
+
+
+def print_catalogue() -> None:
+    """Run every case and print the message a user sees."""
+    logging.disable(logging.WARNING)
+    for name, (function, _error, _pattern) in CASES.items():
+        with tempfile.TemporaryDirectory() as folder:
+            try:
+                function(Path(folder))
+            except Exception as error:  # printed, not handled
+                message = str(error).replace(folder, "<tmp>")
+                print(f"- {name}: {type(error).__name__}: {message}")
+            else:
+                print(f"- {name}: NO ERROR")
+
+
+if __name__ == "__main__":
+    sys.exit(print_catalogue())
