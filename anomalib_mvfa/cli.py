@@ -16,6 +16,7 @@ import logging
 import sys
 
 from . import benchmark, demo, evaluation, speed
+from .backbone import PretrainedWeightsError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,11 +41,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; return its exit code."""
+    """Run a command; return its exit code (errors propagate, for use from Python)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.run(args)
 
 
+def console(argv: list[str] | None = None) -> int:
+    """The ``anomalib-mvfa`` command: :func:`main`, with bad input reported in one line instead of a traceback.
+
+    Example:
+        >>> console(["benchmark", "--config", "missing.yaml"])  # doctest: +SKIP
+        anomalib-mvfa: error: Benchmark config 'missing.yaml' does not exist.
+        2
+    """
+    try:
+        return main(argv)
+    except (ValueError, PretrainedWeightsError, FileNotFoundError) as error:
+        print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

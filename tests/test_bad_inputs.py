@@ -23,6 +23,7 @@ from PIL import Image
 
 from anomalib_mvfa import Mvfa, MvfaModel
 from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip
+from anomalib_mvfa.cli import console
 from anomalib_mvfa.data import MedicalAD
 from anomalib_mvfa.image_io import read_image_file, read_mask_file
 from anomalib_mvfa.support import draw_from_folder, resize_image
@@ -324,6 +325,14 @@ def test_mask_that_is_not_binary_is_thresholded_at_half_its_range(tmp_path: Path
     # a binary mask keeps every "on" pixel, whatever its value (0/1 masks included)
     Image.fromarray(np.array([[0, 1], [1, 0]], np.uint8)).save(tmp_path / "ones.png")
     assert torch.equal(read_mask_file(tmp_path / "ones.png"), torch.tensor([[0, 1], [1, 0]], dtype=torch.uint8))
+
+
+def test_command_line_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> None:
+    code = console(["benchmark", "--config", str(tmp_path / "missing.yaml")])
+    captured = capsys.readouterr()
+    assert code == 2
+    assert captured.err == f"anomalib-mvfa: error: Benchmark config '{tmp_path / 'missing.yaml'}' does not exist.\n"
+    assert "Traceback" not in captured.out + captured.err
 
 
 def print_catalogue() -> None:
