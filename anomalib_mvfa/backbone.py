@@ -34,6 +34,8 @@ from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.transformer import VisionTransformer
 from safetensors.torch import load_file as load_safetensors
 
+from .utils import load_tensors_safely
+
 logger = logging.getLogger(__name__)
 
 # Keys that OpenAI's TorchScript archives carry next to the weights.
@@ -151,17 +153,20 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         msg = f"Weights file '{path}' does not exist."
         raise PretrainedWeightsError(msg)
-    try:
-        if path.suffix == ".safetensors":
-            state_dict = load_safetensors(str(path))
-        elif is_torchscript_archive(path):
-            # OpenAI's own release format: a TorchScript archive (no Python is executed).
-            state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-        else:
-            state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:
-        msg = f"Weights file '{path}' could not be read as a CLIP state dict: {error}"
-        raise PretrainedWeightsError(msg) from error
+    if path.suffix != ".safetensors" and not is_torchscript_archive(path):
+        try:
+            state_dict = load_tensors_safely(path, "Weights file")
+        except ValueError as error:
+            raise PretrainedWeightsError(str(error)) from error
+    else:
+        try:
+            if path.suffix == ".safetensors":
+                state_dict = load_safetensors(str(path))
+            else:  # OpenAI's own release format: a TorchScript archive (no Python is executed).
+                state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as error:
+            msg = f"Weights file '{path}' could not be read as a CLIP state dict: {error}"
+            raise PretrainedWeightsError(msg) from error
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):

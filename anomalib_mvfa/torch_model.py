@@ -37,7 +37,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from .backbone import load_clip
 from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
-from .utils import write_atomically
+from .utils import load_tensors_safely, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -648,13 +648,9 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         """
         path = Path(path)
         try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            checkpoint = load_tensors_safely(path, "Adapter checkpoint")
         except FileNotFoundError as error:
-            msg = f"Adapter checkpoint '{path}' does not exist."
-            raise ValueError(msg) from error
-        except Exception as error:
-            msg = f"Adapter checkpoint '{path}' could not be loaded safely (weights_only=True): {error}"
-            raise ValueError(msg) from error
+            raise ValueError(str(error)) from error
         if not isinstance(checkpoint, dict) or not {"seg_adapters", "det_adapters"} <= set(checkpoint):
             found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
             msg = f"Adapter checkpoint '{path}' must hold 'seg_adapters' and 'det_adapters', found {found}."

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import pickle
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -174,6 +175,15 @@ def pickle_that_runs_code(tmp: Path) -> None:
         assert not (tmp / "pwned").exists(), "the pickle ran code"
 
 
+def weights_that_run_code(tmp: Path) -> None:
+    with (tmp / "evil_weights.pt").open("wb") as file:
+        pickle.dump({"visual.proj": _WritesAFile(tmp / "pwned")}, file)
+    try:
+        load_clip("tiny-random", tmp / "evil_weights.pt", TINY_IMAGE_SIZE)
+    finally:
+        assert not (tmp / "pwned").exists(), "the pickle ran code"
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -250,8 +260,17 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         ValueError,
         r"two_layers\.pth.*2 layer\(s\).*expects 3 layer\(s\)",
     ),
-    "file that is not a checkpoint": (not_a_checkpoint, ValueError, r"notes\.pth"),
-    "pickle that would run code": (pickle_that_runs_code, ValueError, r"evil\.pth.*weights_only=True"),
+    "file that is not a checkpoint": (not_a_checkpoint, ValueError, r"notes\.pth' is not a file written by torch"),
+    "pickle that would run code": (
+        pickle_that_runs_code,
+        ValueError,
+        r"evil\.pth' was refused: .*could run code.*weights_only=True",
+    ),
+    "weights file that would run code": (
+        weights_that_run_code,
+        PretrainedWeightsError,
+        r"Weights file '.*evil_weights\.pt' was refused: .*could run code",
+    ),
     "unknown backbone name": (
         unknown_backbone,
         ValueError,
@@ -335,9 +354,17 @@ def test_command_line_reports_bad_input_in_one_line(tmp_path: Path, capsys) -> N
     assert "Traceback" not in captured.out + captured.err
 
 
+def _refuse_network(*_args: object, **_kwargs: object) -> None:
+    msg = "network access is blocked while printing the catalogue"
+    raise OSError(msg)
+
+
 def print_catalogue() -> None:
-    """Run every case and print the message a user sees."""
+    """Run every case, offline, and print the message a user sees."""
     logging.disable(logging.WARNING)
+    for name in ("connect", "connect_ex"):
+        setattr(socket.socket, name, _refuse_network)
+    socket.create_connection = socket.getaddrinfo = _refuse_network
     for name, (function, _error, _pattern) in CASES.items():
         with tempfile.TemporaryDirectory() as folder:
             try:
