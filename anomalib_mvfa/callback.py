@@ -61,7 +61,9 @@ class EpochShuffleSampler(Sampler[int]):
     """A shuffled order per epoch that depends only on the seed and the epoch number.
 
     Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint
-    visits the support images in the same order as an uninterrupted run.
+    visits the support images in the same order as an uninterrupted run. Unlike the
+    ``seed + epoch`` of torch's ``DistributedSampler``, runs with neighbouring seeds do not share
+    their epochs' orders.
 
     Example:
         >>> sampler = EpochShuffleSampler(5, seed=0)

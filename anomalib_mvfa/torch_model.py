@@ -304,8 +304,11 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
 
     # ---------------------------------------------------------------- encoder
 
-    def check_images(self, images: torch.Tensor, name: str = "images") -> None:
+    def check_images(self, images: torch.Tensor, name: str = "images", finite: bool = True) -> None:
         """Raise ``ValueError`` unless ``images`` is a finite ``B x 3 x image_size x image_size`` tensor.
+
+        ``finite=False`` skips the value check, which would make a GPU wait for the host (the
+        training step uses it; the package's image readers never produce NaN or infinity).
 
         Example:
             >>> model.check_images([torch.rand(3, 240, 240), torch.rand(3, 200, 300)])  # doctest: +SKIP
@@ -325,11 +328,11 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             msg = f"{name} must be a tensor of shape {shape_text}, got {shape}."
             raise ValueError(msg)
-        if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        if not finite or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return  # exported graphs take no data-dependent branch
-        finite = torch.isfinite(images)
-        if not finite.all():
-            bad = (~finite).flatten(1).sum(dim=1)
+        is_finite = torch.isfinite(images)
+        if not is_finite.all():
+            bad = (~is_finite).flatten(1).sum(dim=1)
             first = int(torch.nonzero(bad)[0, 0])
             msg = (
                 f"{name} contain {int(bad.sum())} NaN or infinite value(s), the first in image {first} of the batch: "
@@ -602,7 +605,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             ``anomaly_map`` (``B x H x W``). In training mode, :class:`TrainingOutputs`.
         """
         if self.training:
-            self.check_images(images)
+            self.check_images(images, finite=False)
             return self.training_outputs(self.encode(images), text_features)
         with torch.no_grad():
             outputs = self.branch_outputs(images)
