@@ -50,18 +50,8 @@ SPLITS = ("valid", "test")
 SEED_LINE = re.compile(r"^\s*([an])-(\d+)\s*:\s*(.*)$")
 
 
-def read_medical_image(path: str | Path) -> torch.Tensor:
-    """Read an image as a ``3 x H x W`` float tensor in ``[0, 1]`` (see :func:`read_image_file`).
-
-    Raises:
-        ValueError: If the file cannot be decoded, naming it.
-    """
-    return read_image_file(path)
-
-
-def read_medical_mask(path: str | Path) -> torch.Tensor:
-    """Read a mask as an ``H x W`` uint8 tensor of 0 and 1 (see :func:`read_mask_file`)."""
-    return read_mask_file(path)
+# The reader of this layout is the package's own (16-bit aware, 1 to 4 channels), under its earlier name.
+read_medical_image = read_image_file
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -167,10 +157,10 @@ class MedicalADDataset(AnomalibDataset):
     def __getitem__(self, index: int) -> ImageItem:
         """Image (``[0, 1]``, three channels), label and mask (where the layout has one)."""
         sample = self.samples.iloc[index]
-        image = read_medical_image(sample.image_path)
+        image = read_image_file(sample.image_path)
         gt_mask = None
         if sample.mask_path:
-            gt_mask = Mask(read_medical_mask(sample.mask_path))
+            gt_mask = Mask(read_mask_file(sample.mask_path))
             if gt_mask.shape[-2:] != image.shape[-2:]:
                 msg = (
                     f"Mask '{sample.mask_path}' is {tuple(gt_mask.shape[-2:])} pixels but its image "
