@@ -31,15 +31,16 @@ import huggingface_hub
 import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
-from open_clip.transformer import VisionTransformer
+from open_clip.transformer import QuickGELU, VisionTransformer
 from safetensors.torch import load_file as load_safetensors
 
+from .pipeline import FeaturePipeline, resolve_feature_pipeline, uses_quick_gelu
 from .utils import load_tensors_safely
 
 logger = logging.getLogger(__name__)
 
-# Keys that OpenAI's TorchScript archives carry next to the weights.
-_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+# Keys that TorchScript archives (OpenAI's among them) carry next to the weights: constants and masks.
+_OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
 # Seconds a weight download may wait for the network before it is treated as offline.
 DOWNLOAD_TIMEOUT_S = 30.0
 _WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
@@ -116,8 +117,7 @@ def _check_vision_transformer(name: str, config: dict[str, Any], image_size: int
 def _build_model(name: str, config: dict[str, Any], image_size: int, quick_gelu: bool) -> torch.nn.Module:
     config = json.loads(json.dumps(config))  # deep copy, config may come from the caller
     config["vision_cfg"]["image_size"] = image_size
-    if quick_gelu:
-        config["quick_gelu"] = True
+    config["quick_gelu"] = quick_gelu
     custom_text = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
     if "hf_model_name" in config.get("text_cfg", {}):
         config["text_cfg"]["hf_model_pretrained"] = False
@@ -273,6 +273,7 @@ def load_clip(
     image_size: int,
     cache_dir: str | None = None,
     quick_gelu: bool | None = None,
+    feature_pipeline: FeaturePipeline | str | None = None,
 ) -> tuple[torch.nn.Module, Any]:
     """Build a frozen open_clip CLIP model at ``image_size`` and its tokenizer.
 
@@ -285,9 +286,11 @@ def load_clip(
             random weights (a warning says the scores are then meaningless).
         image_size: Side of the square input images.
         cache_dir: Optional download folder for pretrained tags.
-        quick_gelu: Use QuickGELU activations, as OpenAI's CLIP weights need. ``None``
-            decides from the weights: on for the tag ``"openai"`` and for OpenAI's
-            TorchScript archives, otherwise as the model config says.
+        quick_gelu: Force QuickGELU (``True``) or exact GELU (``False``) in both towers.
+            ``None`` decides as ``feature_pipeline`` says (see
+            :func:`anomalib_mvfa.pipeline.uses_quick_gelu`); OpenAI's weights are the tag
+            ``"openai"`` and OpenAI's TorchScript archives.
+        feature_pipeline: ``"authors"`` (default) or ``"clip"``.
 
     Returns:
         The CLIP model in eval mode with ``requires_grad=False`` everywhere, and the
@@ -304,9 +307,9 @@ def load_clip(
     if pretrained is not None:
         is_tag = not _looks_like_path(pretrained)
         weights_path = fetch_pretrained(name, str(pretrained), cache_dir) if is_tag else Path(pretrained)
-        if quick_gelu is None:
-            # OpenAI's weights were trained with QuickGELU; open_clip's plain configs use GELU.
-            quick_gelu = (is_tag and str(pretrained).lower() == "openai") or is_torchscript_archive(weights_path)
+    if quick_gelu is None:
+        openai_weights = _are_openai_weights(pretrained, weights_path)
+        quick_gelu = uses_quick_gelu(resolve_feature_pipeline(feature_pipeline), config, openai_weights, image_size)
     model = _build_model(name, config, image_size, quick_gelu=bool(quick_gelu))
 
     if weights_path is None:
@@ -339,3 +342,45 @@ def _make_tokenizer(config: dict[str, Any]) -> Any:
     if "hf_tokenizer_name" in text_cfg:
         return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)
     return open_clip.SimpleTokenizer(context_length=context_length, **kwargs)
+
+
+def _are_openai_weights(pretrained: str | Path | None, weights_path: Path | None) -> bool:
+    """Whether the weights are OpenAI's: the tag ``"openai"`` or a file in OpenAI's archive format."""
+    if pretrained is None:
+        return False
+    if not _looks_like_path(pretrained):
+        return str(pretrained).lower() == "openai"
+    return weights_path is not None and weights_path.is_file() and is_torchscript_archive(weights_path)
+
+
+def pipeline_quick_gelu(
+    backbone: str | Path, pretrained: str | Path | None, image_size: int, feature_pipeline: FeaturePipeline | str
+) -> bool:
+    """Whether :func:`load_clip` builds QuickGELU for these arguments (nothing is downloaded).
+
+    Example:
+        >>> pipeline_quick_gelu("ViT-L-14-336", "openai", 240, "authors")
+        False
+    """
+    _, config = resolve_model_config(backbone)
+    path = Path(pretrained) if pretrained is not None and _looks_like_path(pretrained) else None
+    openai_weights = _are_openai_weights(pretrained, path)
+    return uses_quick_gelu(resolve_feature_pipeline(feature_pipeline), config, openai_weights, image_size)
+
+
+def set_quick_gelu(clip: torch.nn.Module, quick_gelu: bool) -> None:
+    """Switch every transformer block of ``clip`` (both towers) to QuickGELU or exact GELU, in place.
+
+    Example:
+        >>> clip, _ = load_clip("tiny-random", None, 64)  # doctest: +SKIP
+        >>> set_quick_gelu(clip, True)  # doctest: +SKIP
+    """
+    for module in clip.modules():
+        mlp = getattr(module, "mlp", None)
+        if isinstance(mlp, torch.nn.Sequential) and hasattr(mlp, "gelu"):
+            mlp.gelu = QuickGELU() if quick_gelu else torch.nn.GELU()
+
+
+def runs_quick_gelu(clip: torch.nn.Module) -> bool:
+    """Whether the blocks of ``clip`` run QuickGELU (``False``: exact GELU)."""
+    return any(isinstance(module, QuickGELU) for module in clip.modules())

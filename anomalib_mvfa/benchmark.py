@@ -52,6 +52,7 @@ import torch
 import yaml
 from anomalib.engine import Engine
 
+from .pipeline import add_feature_pipeline_argument
 from .utils import write_atomically
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class BenchmarkConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     random_weights: bool = False
     output: str = "results/benchmark"
+    feature_pipeline: str | None = None  # for models that take one and whose init_args do not set it
 
     @classmethod
     def from_file(cls, path: str | Path) -> BenchmarkConfig:
@@ -112,12 +114,17 @@ def _winclip_without_download() -> Iterator[None]:
         torch_model.PRETRAINED = saved
 
 
-def build_model(entry: dict[str, Any], random_weights: bool, seed: int) -> Any:
-    """Instantiate a model entry; with ``random_weights`` switch off every pretrained download."""
+def build_model(entry: dict[str, Any], random_weights: bool, seed: int, feature_pipeline: str | None = None) -> Any:
+    """Instantiate a model entry; with ``random_weights`` switch off every pretrained download.
+
+    ``feature_pipeline`` applies to models that take one (Mvfa) unless their ``init_args`` set it.
+    """
     model_class = load_class(entry["class_path"])
     init_args = dict(entry.get("init_args") or {})
     if "seed" in _init_parameters(model_class):
         init_args.setdefault("seed", seed)
+    if feature_pipeline is not None and "feature_pipeline" in _init_parameters(model_class):
+        init_args.setdefault("feature_pipeline", feature_pipeline)
     if not random_weights:
         return model_class(**init_args)
     for name in ("pretrained", "pre_trained"):
@@ -179,7 +186,7 @@ def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int
     torch.manual_seed(seed)
     root = Path(config.output) / "runs" / model_name / str(category) / f"seed{seed}"
     with PeakMemory() as memory:
-        model = build_model(model_entry, config.random_weights, seed)
+        model = build_model(model_entry, config.random_weights, seed, config.feature_pipeline)
         datamodule = data_class(**data_args)
         engine = Engine(default_root_dir=root, devices=1, logger=False)
         started = time.perf_counter()
@@ -188,8 +195,9 @@ def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int
         started = time.perf_counter()
         results = engine.test(model, datamodule=datamodule, verbose=False)[0]
         test_seconds = time.perf_counter() - started
+    pipeline = getattr(model, "feature_pipeline", None)
     return {
-        "model": model_name,
+        "model": model_name if pipeline is None else f"{model_name} ({pipeline})",
         "data": data_class.__name__,
         "category": category,
         "seed": seed,
@@ -289,6 +297,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers", type=int, default=None, help="parallel worker processes; default: one per GPU when several exist"
     )
+    add_feature_pipeline_argument(parser, "the config's feature_pipeline, else each model's own (Mvfa: authors)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -296,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
     config = BenchmarkConfig.from_file(args.config)
     config.random_weights = config.random_weights or args.random_weights
     config.output = args.output or config.output
+    config.feature_pipeline = args.feature_pipeline or config.feature_pipeline
     jobs: list[Job] = [
         (model, data, category, seed)
         for data in config.data

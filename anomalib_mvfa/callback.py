@@ -190,7 +190,12 @@ class FewShotMemoryBankCallback(Callback):
         return None if fixed is None else fixed[kind]
 
     def _record(self, trainer: Trainer, model: Mvfa) -> None:
-        record = {"seed": model.seed, "k_shot": model.k_shot, **self.selected_files}
+        record = {
+            "seed": model.seed,
+            "k_shot": model.k_shot,
+            "feature_pipeline": model.feature_pipeline.value,
+            **self.selected_files,
+        }
         path = Path(trainer.default_root_dir) / SUPPORT_RECORD
         write_atomically(path, lambda name: Path(name).write_text(json.dumps(record, indent=2)))
         logger.info("MVFA support selection written to %s", path)

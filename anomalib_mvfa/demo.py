@@ -24,6 +24,7 @@ from skimage import data as skimage_data
 
 from .backbone import PretrainedWeightsError, resolve_model_config
 from .lightning_model import Mvfa
+from .pipeline import add_feature_pipeline_argument
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +97,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--image-size", type=int, default=None, help="default: 224 (64 for tiny-random)")
     parser.add_argument("--feature-layers", type=int, nargs="+", default=None, help="default: 4 evenly spaced blocks")
+    add_feature_pipeline_argument(parser)
     parser.add_argument("--k-shot", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=5, help="the paper uses 50 (on a GPU)")
     parser.add_argument("--seed", type=int, default=0)
@@ -117,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
             pretrained=pretrained,
             image_size=image_size,
             feature_layers=feature_layers,
+            feature_pipeline=args.feature_pipeline,
             k_shot=args.k_shot,
             class_name="histopathological image",
             epochs=args.epochs,

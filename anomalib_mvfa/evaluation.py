@@ -34,6 +34,7 @@ from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from .data.medical import MEDICAL_CATEGORIES, MedicalAD
 from .lightning_model import Mvfa
+from .pipeline import add_feature_pipeline_argument
 from .utils import write_atomically
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", default="openai", help="open_clip tag, weights file, or 'none'")
     parser.add_argument("--image-size", type=int, default=240)
     parser.add_argument("--feature-layers", type=int, nargs="+", default=[6, 12, 18, 24])
+    add_feature_pipeline_argument(parser, "authors; with --ckpt-path, the checkpoint's")
     parser.add_argument("--batch-size", type=int, default=8, help="test images scored at once")
     parser.add_argument("--output", default="results/evaluation", help="folder for the CSV and Markdown tables")
 
@@ -197,7 +199,8 @@ def _categories(args: argparse.Namespace) -> list[str]:
 
 def _model(args: argparse.Namespace, category: str, seed: int) -> Mvfa:
     if args.ckpt_path:
-        return Mvfa.load_from_checkpoint(args.ckpt_path, map_location="cpu")
+        pipeline = {"feature_pipeline": args.feature_pipeline} if args.feature_pipeline else {}
+        return Mvfa.load_from_checkpoint(args.ckpt_path, map_location="cpu", **pipeline)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     adapters = args.adapter_checkpoint.format(category=category) if args.adapter_checkpoint else None
     return Mvfa(
@@ -205,6 +208,7 @@ def _model(args: argparse.Namespace, category: str, seed: int) -> Mvfa:
         pretrained=pretrained,
         image_size=args.image_size,
         feature_layers=args.feature_layers,
+        feature_pipeline=args.feature_pipeline,
         k_shot=0 if args.setting == "zero-shot" else args.k_shot,
         epochs=args.epochs,
         seed=seed,
@@ -220,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         return 2
     output = Path(args.output)
     rows: list[dict[str, object]] = []
+    pipelines: set[str] = set()
     random_weights = str(args.pretrained).lower() == "none" and not args.ckpt_path
     for category in categories:
         for seed in args.seeds:
@@ -236,6 +241,7 @@ def run(args: argparse.Namespace) -> int:
                 seed=seed,
             )
             model = _model(args, category, seed)
+            pipelines.add(model.feature_pipeline.value)
             run_root = output / "runs" / category / f"seed{seed}"
             engine = Engine(default_root_dir=run_root, devices=1, logger=False)
             if not args.ckpt_path:
@@ -250,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
 
     summary = summarise(rows)
     title = f"MVFA {args.setting}" + ("" if args.setting == "zero-shot" else f", {args.k_shot}-shot")
-    title += f", {len(args.seeds)} seed(s), AUROC %"
+    title += f", {len(args.seeds)} seed(s), feature pipeline {' and '.join(sorted(pipelines))}, AUROC %"
     if random_weights:
         title += " (RANDOM CLIP weights: the numbers mean nothing)"
     table = markdown_table(summary, title)

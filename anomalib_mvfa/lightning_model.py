@@ -40,12 +40,12 @@ from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
-from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
-from torchvision.transforms.v2 import Compose, InterpolationMode, Normalize, Resize
 
 from .callback import FewShotMemoryBankCallback, ResumeCheckpoint
 from .loss import DetectionLoss, MvfaLoss
+from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
+from .pre_processing import MvfaPreProcessor, mvfa_pre_processor
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
 from .support import SupportBatch, SupportDataset
 from .torch_model import MvfaModel
@@ -60,6 +60,8 @@ PREFIX_CHUNK = 8
 ZERO_SHOT_LEARNING_RATE = 1e-4
 # Hyperparameters that fix the architecture: a checkpoint only loads into the same ones.
 ARCHITECTURE_KEYS = ("backbone", "image_size", "feature_layers")
+# Checkpoint key of the feature pipeline the checkpoint was made with.
+CHECKPOINT_PIPELINE_KEY = "mvfa_feature_pipeline"
 
 
 class Mvfa(AnomalibModule):
@@ -72,6 +74,12 @@ class Mvfa(AnomalibModule):
             CLIP weights (scores are then meaningless; a warning says so).
         image_size: Side of the square input images.
         feature_layers: 1-based blocks followed by an adapter.
+        feature_pipeline: ``"authors"`` (default: what the paper measured and the authors'
+            released adapters need: images in ``[0, 1]`` without CLIP's normalisation, the
+            activation the authors' loader builds, CLS tokens in the memory banks) or
+            ``"clip"`` (CLIP's documented preprocessing and activation); see
+            :mod:`anomalib_mvfa.pipeline`. Left unset, a checkpoint's own setting is used when
+            one is loaded; an explicit value that differs from the checkpoint's is refused.
         k_shot: Normal support images (and as many abnormal ones). ``0``: zero-shot; with
             ``epochs > 0`` the adapters then train on the labelled images of the datamodule's
             training split (zero-shot across datasets), each with its own category's prompts.
@@ -104,7 +112,8 @@ class Mvfa(AnomalibModule):
         search_precision: ``"float32"`` (exact) or ``"bfloat16"`` (the nearest neighbour is
             chosen with bfloat16 similarities, about twice as fast on CPUs with bfloat16
             instructions; its distance is then computed exactly).
-        pre_processor: Pre-processor, or ``True`` for resize to ``image_size`` + CLIP normalisation.
+        pre_processor: Pre-processor, or ``True`` for the feature pipeline's: bicubic resize to
+            ``image_size`` (the same in exported models), plus CLIP normalisation under ``"clip"``.
         post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for image/pixel AUROC and F1.
         visualizer: Visualizer, or ``True`` for anomalib's image visualizer.
@@ -122,6 +131,7 @@ class Mvfa(AnomalibModule):
         pretrained: str | None = "openai",
         image_size: int = 240,
         feature_layers: Sequence[int] = (6, 12, 18, 24),
+        feature_pipeline: str | None = None,
         k_shot: int = 4,
         class_name: str | None = None,
         abnormal_source: str = "auto",
@@ -143,8 +153,9 @@ class Mvfa(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         self._check_arguments(k_shot, epochs, batch_size, abnormal_source, class_name)
+        pipeline = resolve_feature_pipeline(feature_pipeline)
         if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size))
+            pre_processor = self.configure_pre_processor((image_size, image_size), pipeline)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -161,7 +172,10 @@ class Mvfa(AnomalibModule):
                 image_score_from_map=image_score_from_map,
                 memory_bank_ratio=memory_bank_ratio,
                 search_precision=search_precision,
+                feature_pipeline=pipeline,
             )
+        # None: not chosen by the caller, so a loaded checkpoint's setting is adopted.
+        self.requested_feature_pipeline = None if feature_pipeline is None else pipeline
         if adapter_checkpoint:
             self.model.load_adapters(adapter_checkpoint)
         self.loss = MvfaLoss(detection_loss=DetectionLoss(detection_loss))
@@ -199,6 +213,11 @@ class Mvfa(AnomalibModule):
     # ------------------------------------------------------------- settings
 
     @property
+    def feature_pipeline(self) -> FeaturePipeline:
+        """The feature pipeline this model runs (see :mod:`anomalib_mvfa.pipeline`)."""
+        return self.model.feature_pipeline
+
+    @property
     def trains_adapters(self) -> bool:
         """Whether this run optimises the adapters (``epochs > 0``)."""
         return self.epochs > 0
@@ -220,17 +239,20 @@ class Mvfa(AnomalibModule):
         }
 
     @classmethod
-    def configure_pre_processor(cls, image_size: tuple[int, int] | None = None) -> PreProcessor:
-        """Resize (bicubic) to the model's input size and normalise with CLIP's statistics."""
-        image_size = image_size or (240, 240)
-        return PreProcessor(
-            transform=Compose(
-                [
-                    Resize(image_size, antialias=True, interpolation=InterpolationMode.BICUBIC),
-                    Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD),
-                ]
-            ),
-        )
+    def configure_pre_processor(
+        cls,
+        image_size: tuple[int, int] | None = None,
+        feature_pipeline: FeaturePipeline | str | None = None,
+    ) -> PreProcessor:
+        """Antialiased bicubic resize to the input size; CLIP normalisation under ``"clip"`` only.
+
+        Example:
+            >>> Mvfa.configure_pre_processor((240, 240), "authors").transform  # doctest: +SKIP
+            Compose(
+                  Resize(size=[240, 240], interpolation=InterpolationMode.BICUBIC, antialias=True)
+            )
+        """
+        return mvfa_pre_processor(image_size or (240, 240), resolve_feature_pipeline(feature_pipeline))
 
     def configure_post_processor(self) -> PostProcessor:
         """Anomalib's default post-processor: thresholds and normalisation from the validation split."""
@@ -377,6 +399,29 @@ class Mvfa(AnomalibModule):
         """Write the adapters alone, in the authors' layout."""
         return self.model.save_adapters(path)
 
+    def adopt_feature_pipeline(self, stored: FeaturePipeline) -> None:
+        """Run ``stored``, the feature pipeline of a checkpoint being loaded.
+
+        Raises:
+            ValueError: If this model was given another feature pipeline explicitly.
+        """
+        requested = self.requested_feature_pipeline
+        if requested is not None and requested != stored:
+            msg = (
+                f"This checkpoint was made with feature_pipeline='{stored}', but feature_pipeline='{requested}' "
+                f"was given: its adapters, text features and memory banks belong to '{stored}'. Leave "
+                f"feature_pipeline unset (or set it to '{stored}') to use the checkpoint."
+            )
+            raise ValueError(msg)
+        if stored == self.feature_pipeline:
+            return
+        logger.info("Mvfa runs the checkpoint's feature_pipeline='%s'.", stored)
+        self.model.set_feature_pipeline(stored)
+        self.hparams["feature_pipeline"] = stored.value
+        if isinstance(self.pre_processor, MvfaPreProcessor):
+            own = mvfa_pre_processor(self.image_size, stored)
+            self.pre_processor.transform, self.pre_processor.export_transform = own.transform, own.export_transform
+
     # ----------------------------------------------------------------- export
 
     def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
@@ -395,11 +440,13 @@ class Mvfa(AnomalibModule):
         return export_atomically(export_root, lambda root: export(root, *args, **kwargs))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Leave pretrained CLIP weights out: they come back from ``pretrained`` on loading.
+        """Record the feature pipeline; leave pretrained CLIP weights out (rebuilt from ``pretrained``).
 
         Random CLIP weights (``pretrained=None``) cannot be rebuilt and stay in the checkpoint.
         """
         super().on_save_checkpoint(checkpoint)
+        checkpoint[CHECKPOINT_PIPELINE_KEY] = self.feature_pipeline.value
+        checkpoint.setdefault("hyper_parameters", {})["feature_pipeline"] = self.feature_pipeline.value
         if self.hparams.get("pretrained") is None:
             return
         checkpoint["state_dict"] = {
@@ -418,9 +465,19 @@ class Mvfa(AnomalibModule):
             details = ", ".join(f"{key}: checkpoint {old}, model {new}" for key, (old, new) in mismatched.items())
             msg = f"This checkpoint was made for another Mvfa architecture ({details}); pass the same model arguments."
             raise ValueError(msg)
+        self.adopt_feature_pipeline(checkpoint_feature_pipeline(checkpoint))
         super().on_load_checkpoint(checkpoint)
         clip_state = {f"model.clip.{key}": value for key, value in self.model.clip.state_dict().items()}
         checkpoint["state_dict"] = {**clip_state, **checkpoint["state_dict"]}  # saved CLIP weights win
+
+
+def checkpoint_feature_pipeline(checkpoint: dict[str, Any]) -> FeaturePipeline:
+    """The feature pipeline a Lightning checkpoint of ``Mvfa`` was made with.
+
+    Checkpoints written before the setting existed used CLIP's normalisation and activation.
+    """
+    stored = checkpoint.get(CHECKPOINT_PIPELINE_KEY) or checkpoint.get("hyper_parameters", {}).get("feature_pipeline")
+    return LEGACY_FEATURE_PIPELINE if stored is None else resolve_feature_pipeline(stored)
 
 
 def _as_list(value: object) -> object:

@@ -35,6 +35,7 @@ import torch
 from .augmentation import augment_support_set
 from .backbone import resolve_model_config
 from .loss import MvfaLoss
+from .pipeline import add_feature_pipeline_argument
 from .torch_model import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, SEARCH_PRECISIONS, AdaptedTokens, MvfaModel
 
 BETAS = (0.5, 0.999)
@@ -218,6 +219,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--memory-bank-ratio", type=float, default=None, help="also time the search on a coreset of this share"
     )
+    add_feature_pipeline_argument(parser)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -253,7 +255,8 @@ def run(args: argparse.Namespace) -> int:
     depth = resolve_model_config(args.backbone)[1]["vision_cfg"]["layers"]
     layers = args.feature_layers or [round(depth * (i + 1) / 4) for i in range(4)]
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
-    model = MvfaModel(args.backbone, pretrained, args.image_size, layers).to(device)
+    model = MvfaModel(args.backbone, pretrained, args.image_size, layers, feature_pipeline=args.feature_pipeline)
+    model = model.to(device)
     model.setup("object")
     size = args.image_size
     generator = torch.Generator().manual_seed(args.seed)
@@ -265,7 +268,8 @@ def run(args: argparse.Namespace) -> int:
     support_images, support_masks = support.images.to(device), support.masks.to(device)
     orders = [torch.randperm(len(labels), generator=generator).tolist() for _ in range(args.epochs)]
     print(
-        f"{args.backbone} at {size}, feature layers {model.feature_layers}, {torch.get_num_threads()} threads, "
+        f"{args.backbone} at {size}, feature layers {model.feature_layers}, feature pipeline {model.feature_pipeline}, "
+        f"{torch.get_num_threads()} threads, "
         f"{len(labels)} support images, {args.epochs} epoch(s), device {device}, autocast {args.amp or 'off'}"
     )
 

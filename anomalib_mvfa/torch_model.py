@@ -26,7 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -35,7 +35,8 @@ from anomalib.models.components import DynamicBufferMixin, KCenterGreedy
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
-from .backbone import load_clip
+from .backbone import load_clip, pipeline_quick_gelu, set_quick_gelu
+from .pipeline import DEFAULT_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
 from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
 from .utils import load_tensors_safely, write_atomically
 
@@ -53,6 +54,10 @@ UNCALIBRATED = torch.tensor([[0.0, 1.0]] * len(CALIBRATION_ROWS))
 NEAREST_NEIGHBOUR_CHUNK = 8192
 # Precisions of the few-shot nearest-neighbour search (see MvfaModel.nearest_neighbour_distance).
 SEARCH_PRECISIONS = ("float32", "bfloat16")
+# Key of adapter files that records the feature pipeline the adapters were trained on.
+ADAPTER_PIPELINE_KEY = "feature_pipeline"
+# (adapter file, feature pipeline) pairs already warned about: one warning each.
+_WARNED_ADAPTER_FILES: set[tuple[str, FeaturePipeline]] = set()
 
 
 def _coreset_indices(bank: torch.Tensor, ratio: float, seed: int = 0) -> list[int]:
@@ -96,10 +101,40 @@ class Adapter(nn.Module):
 
 @dataclass
 class AdaptedTokens:
-    """Adapted patch tokens (CLS token removed), one ``B x L x C`` tensor per feature layer."""
+    """Adapted tokens per feature layer: patch tokens (``B x L x C``) and CLS tokens (``B x C``).
+
+    Attributes:
+        segmentation, detection: Patch tokens of each branch, CLS token removed: what is scored.
+        segmentation_class, detection_class: CLS tokens of each branch (empty lists when not
+            kept): the ``"authors"`` feature pipeline puts them in the few-shot memory banks.
+    """
 
     segmentation: list[torch.Tensor]
     detection: list[torch.Tensor]
+    segmentation_class: list[torch.Tensor] = field(default_factory=list)
+    detection_class: list[torch.Tensor] = field(default_factory=list)
+
+    def select(self, rows: torch.Tensor) -> AdaptedTokens:
+        """The tokens of the images ``rows`` (a boolean mask or indices over the batch)."""
+        return AdaptedTokens(*([layer[rows] for layer in part] for part in self._parts()))
+
+    def bank_tokens(self, branch: str, with_class_tokens: bool) -> list[torch.Tensor]:
+        """Per layer, the ``B x T x C`` tokens of ``branch`` that enter a memory bank.
+
+        ``T = 1 + L`` (CLS token first, as in the authors' banks) with ``with_class_tokens``,
+        else ``T = L``.
+        """
+        patches = self.segmentation if branch == "segmentation" else self.detection
+        if not with_class_tokens:
+            return patches
+        classes = self.segmentation_class if branch == "segmentation" else self.detection_class
+        if len(classes) != len(patches):
+            msg = "These adapted tokens were computed without their CLS tokens."
+            raise ValueError(msg)
+        return [torch.cat([cls[:, None], layer], dim=1) for cls, layer in zip(classes, patches, strict=True)]
+
+    def _parts(self) -> tuple[list[torch.Tensor], ...]:
+        return self.segmentation, self.detection, self.segmentation_class, self.detection_class
 
 
 @dataclass
@@ -157,6 +192,10 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         search_precision: ``"float32"`` (default, exact) or ``"bfloat16"``: the few-shot
             nearest neighbour is chosen with bfloat16 similarities, about twice as fast on a
             CPU with bfloat16 instructions (see :meth:`nearest_neighbour_distance`).
+        feature_pipeline: ``"authors"`` (default: the CLIP activation of the authors' loader, CLS
+            tokens in the memory banks) or ``"clip"`` (the activation the weights were trained
+            with, patch tokens only); see :mod:`anomalib_mvfa.pipeline`. Input normalisation
+            belongs to the caller's pre-processing (:func:`anomalib_mvfa.pre_processing.mvfa_pre_processor`).
 
     Example:
         >>> model = MvfaModel("ViT-B-16", pretrained="openai", image_size=224,
@@ -178,8 +217,10 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         quick_gelu: bool | None = None,
         memory_bank_ratio: float = 1.0,
         search_precision: str = "float32",
+        feature_pipeline: FeaturePipeline | str | None = None,
     ) -> None:
         super().__init__()
+        self.feature_pipeline = resolve_feature_pipeline(feature_pipeline)
         if not 0.0 < memory_bank_ratio <= 1.0:
             msg = f"memory_bank_ratio must be in (0, 1], got {memory_bank_ratio}."
             raise ValueError(msg)
@@ -191,7 +232,11 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         self.backbone = str(backbone)
         self.image_size = int(image_size)
         self.image_score_from_map = image_score_from_map
-        self.clip, self.tokenizer = load_clip(backbone, pretrained, self.image_size, cache_dir, quick_gelu)
+        self.pretrained = None if pretrained is None else str(pretrained)
+        self.quick_gelu_override = quick_gelu
+        self.clip, self.tokenizer = load_clip(
+            backbone, pretrained, self.image_size, cache_dir, quick_gelu, self.feature_pipeline
+        )
         visual = self.clip.visual
         self.depth = len(visual.transformer.resblocks)
         self.feature_layers = self._check_feature_layers(feature_layers, self.depth)
@@ -230,6 +275,27 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         return self
 
     # ------------------------------------------------------------------ setup
+
+    @property
+    def bank_class_tokens(self) -> bool:
+        """Whether the few-shot memory banks hold CLS tokens (the ``"authors"`` feature pipeline)."""
+        return self.feature_pipeline == FeaturePipeline.AUTHORS
+
+    def set_feature_pipeline(self, feature_pipeline: FeaturePipeline | str) -> None:
+        """Switch to another feature pipeline: CLIP's activation and the memory banks' tokens.
+
+        Text features, memory banks and calibration made under the previous setting are
+        dropped (they are rebuilt by :meth:`setup`, or loaded from a checkpoint).
+        """
+        pipeline = resolve_feature_pipeline(feature_pipeline)
+        if pipeline == self.feature_pipeline:
+            return
+        self.feature_pipeline = pipeline
+        if self.quick_gelu_override is None:
+            quick_gelu = pipeline_quick_gelu(self.backbone, self.pretrained, self.image_size, pipeline)
+            set_quick_gelu(self.clip, quick_gelu)
+        for name in ("text_features", "seg_memory_bank", "det_memory_bank", "calibration"):
+            setattr(self, name, torch.empty(0, device=getattr(self, name).device))
 
     @property
     def has_memory_bank(self) -> bool:
@@ -278,8 +344,12 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             return
         self.check_images(reference_images, "reference_images")
         tokens = self.encode_batched(reference_images, batch_size)
-        self.seg_memory_bank = self.memory_bank(tokens.segmentation, self.memory_bank_ratio)
-        self.det_memory_bank = self.memory_bank(tokens.detection, self.memory_bank_ratio)
+        self.seg_memory_bank = self.memory_bank(
+            tokens.bank_tokens("segmentation", self.bank_class_tokens), self.memory_bank_ratio
+        )
+        self.det_memory_bank = self.memory_bank(
+            tokens.bank_tokens("detection", self.bank_class_tokens), self.memory_bank_ratio
+        )
         self.calibrate(reference_images, reference_groups, batch_size, tokens=tokens)
 
     def encode_prompts(self, class_name: str) -> torch.Tensor:
@@ -293,7 +363,9 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
 
     @staticmethod
     def memory_bank(layer_tokens: list[torch.Tensor], ratio: float = 1.0) -> torch.Tensor:
-        """Normalised tokens of all images per layer, ``n_layers x M x C`` (``M = N * L`` when exact).
+        """Normalised tokens of all images per layer, ``n_layers x M x C`` (``M = N * T`` when exact).
+
+        ``layer_tokens`` holds one ``N x T x C`` tensor per layer (see :meth:`AdaptedTokens.bank_tokens`).
 
         With ``ratio < 1`` each layer keeps a k-center-greedy coreset of its tokens (seeded).
         """
@@ -381,7 +453,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         ``start`` must not exceed the first feature layer; ``start=0`` means the
         embedded tokens of :meth:`embed`.
         """
-        segmentation, detection = [], []
+        segmentation, detection, segmentation_class, detection_class = [], [], [], []
         last = len(self.feature_layers) - 1
         for index, layer in enumerate(self.feature_layers):
             tokens = self.run_blocks(tokens, start, layer)
@@ -394,16 +466,16 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
                 tokens = RESIDUAL_WEIGHT * tokens + ADAPTER_WEIGHT * seg_out + ADAPTER_WEIGHT * det_out
             segmentation.append(seg_mid[:, 1:])
             detection.append(det_mid[:, 1:])
-        return AdaptedTokens(segmentation, detection)
+            segmentation_class.append(seg_mid[:, 0])
+            detection_class.append(det_mid[:, 0])
+        return AdaptedTokens(segmentation, detection, segmentation_class, detection_class)
 
     @torch.no_grad()
     def encode_batched(self, images: torch.Tensor, batch_size: int = 8) -> AdaptedTokens:
         """:meth:`encode` in chunks of ``batch_size`` images, without gradients."""
         chunks = [self.encode(chunk) for chunk in images.split(batch_size)]
-        return AdaptedTokens(
-            [torch.cat([c.segmentation[i] for c in chunks]) for i in range(len(self.feature_layers))],
-            [torch.cat([c.detection[i] for c in chunks]) for i in range(len(self.feature_layers))],
-        )
+        parts = zip(*(chunk._parts() for chunk in chunks), strict=True)
+        return AdaptedTokens(*([torch.cat(layers) for layers in zip(*part, strict=True)] for part in parts))
 
     # ---------------------------------------------------------------- scoring
 
@@ -561,11 +633,9 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         few_shot_score = torch.empty_like(zero_shot_score)
         for group in groups.unique():
             inside = (groups == group).to(zero_shot_map.device)
-            held_out = AdaptedTokens(
-                [layer[inside] for layer in tokens.segmentation], [layer[inside] for layer in tokens.detection]
-            )
-            seg_bank = self.memory_bank([layer[~inside] for layer in tokens.segmentation])
-            det_bank = self.memory_bank([layer[~inside] for layer in tokens.detection])
+            held_out, others = tokens.select(inside), tokens.select(~inside)
+            seg_bank = self.memory_bank(others.bank_tokens("segmentation", self.bank_class_tokens))
+            det_bank = self.memory_bank(others.bank_tokens("detection", self.bank_class_tokens))
             few_shot_map[inside], few_shot_score[inside] = self.few_shot_branch(held_out, seg_bank, det_bank)
 
         values = (zero_shot_score, zero_shot_map, few_shot_score, few_shot_map)
@@ -633,10 +703,13 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
     def save_adapters(self, path: str | Path) -> Path:
         """Save the adapters in the authors' layout; the file appears whole or not at all.
 
+        Beside the two adapter keys, ``"feature_pipeline"`` records the features they were
+        trained on (the authors' code reads only the adapter keys).
+
         Example:
             >>> model.save_adapters("Brain.pth")  # doctest: +SKIP
         """
-        state = self.adapter_state_dict()
+        state = {**self.adapter_state_dict(), ADAPTER_PIPELINE_KEY: self.feature_pipeline.value}
         return write_atomically(path, lambda name: torch.save(state, name))
 
     def load_adapters(self, path: str | Path) -> None:
@@ -662,6 +735,28 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             self._check_adapter_state(path, name, checkpoint[name])
         self.seg_adapters.load_state_dict(checkpoint["seg_adapters"])
         self.det_adapters.load_state_dict(checkpoint["det_adapters"])
+        self._warn_on_pipeline_mismatch(path, checkpoint.get(ADAPTER_PIPELINE_KEY))
+
+    def _warn_on_pipeline_mismatch(self, path: Path, recorded: object) -> None:
+        """Warn (once per file and setting) when adapters were trained on other features than this model's."""
+        trained_on = DEFAULT_FEATURE_PIPELINE if recorded is None else resolve_feature_pipeline(str(recorded))
+        if trained_on == self.feature_pipeline:
+            return
+        key = (str(path.resolve()), self.feature_pipeline)
+        if key in _WARNED_ADAPTER_FILES:
+            return
+        _WARNED_ADAPTER_FILES.add(key)
+        origin = "like the authors' released adapters it has no record, which means" if recorded is None else "recorded"
+        logger.warning(
+            "Adapter file '%s' was trained under feature_pipeline='%s' (%s), but this model runs "
+            "feature_pipeline='%s': the adapters see features they were not trained on. Set "
+            "feature_pipeline='%s' to use them as trained.",
+            path,
+            trained_on,
+            origin if recorded is not None else f"{origin} '{trained_on}'",
+            self.feature_pipeline,
+            trained_on,
+        )
 
     def _check_adapter_state(self, path: Path, name: str, state: object) -> None:
         expected = {key: tuple(value.shape) for key, value in getattr(self, name).state_dict().items()}

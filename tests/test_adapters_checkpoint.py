@@ -15,8 +15,9 @@ from .conftest import TINY_IMAGE_SIZE
 def test_round_trip_in_authors_layout(tiny_model, tiny_config, tmp_path) -> None:
     path = tiny_model.save_adapters(tmp_path / "adapters" / "Brain.pth")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    assert set(checkpoint) == {"seg_adapters", "det_adapters"}
-    for branch in checkpoint.values():
+    assert set(checkpoint) == {"seg_adapters", "det_adapters", "feature_pipeline"}
+    assert checkpoint["feature_pipeline"] == "authors"  # the features they were trained on
+    for branch in (checkpoint["seg_adapters"], checkpoint["det_adapters"]):
         assert set(branch) == {f"{i}.fc{j}.0.weight" for i in range(3) for j in (1, 2)}
         assert branch["0.fc1.0.weight"].shape == (32, 48)  # C x W
         assert branch["0.fc2.0.weight"].shape == (48, 32)  # W x C

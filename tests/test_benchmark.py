@@ -31,15 +31,18 @@ def test_benchmark_writes_both_tables_with_every_column(mvtec_root, tmp_path, ca
     }  # fmt: skip
     path = tmp_path / "benchmark.yaml"
     path.write_text(yaml.safe_dump(config))
-    code = main(["benchmark", "--config", str(path), "--random-weights", "--output", str(tmp_path / "out")])
+    code = main([
+        "benchmark", "--config", str(path), "--random-weights", "--feature-pipeline", "clip",
+        "--output", str(tmp_path / "out"),
+    ])  # fmt: skip
     output = capsys.readouterr().out
     assert code == 0
     assert "[1/4] Mvfa on MVTecAD bottle seed 0" in output
     with (tmp_path / "out" / "benchmark.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["model"], row["seed"]) for row in rows] == [
-        ("Mvfa", "0"),
-        ("Mvfa", "1"),
+        ("Mvfa (clip)", "0"),  # the flag reaches the models that take a feature pipeline
+        ("Mvfa (clip)", "1"),
         ("Patchcore", "0"),
         ("Patchcore", "1"),
     ]

@@ -74,13 +74,14 @@ def test_authors_zero_shot_uses_the_zero_shot_branch_alone() -> None:
 def test_evaluate_command_reports_both_fusions_over_seeds(medical_root, tmp_path, capsys) -> None:
     code = main([
         "evaluate", "--root", str(medical_root), "--categories", "Brain", "Chest", "--k-shot", "2",
-        "--seeds", "0", "1", "--epochs", "1", *TINY, "--output", str(tmp_path),
+        "--seeds", "0", "1", "--epochs", "1", *TINY, "--feature-pipeline", "clip", "--output", str(tmp_path),
     ])  # fmt: skip
     output = capsys.readouterr().out
     assert code == 0
     table = (tmp_path / "few-shot_2shot.md").read_text()
     assert "| dataset | ours AC | ours AS | authors AC | authors AS |" in table
     assert "RANDOM CLIP weights" in table
+    assert "feature pipeline clip" in table.splitlines()[0]
     brain = next(line for line in table.splitlines() if line.startswith("| Brain"))
     chest = next(line for line in table.splitlines() if line.startswith("| Chest"))
     assert brain.count("±") == 4  # mean ± std over two seeds, AC and AS, both fusions

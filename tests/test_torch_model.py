@@ -28,8 +28,13 @@ def set_known_adapter_weights(model: MvfaModel) -> None:
                 linear.weight.data = 0.2 * torch.sin(phase * 7.0 * values) / math.sqrt(linear.weight.shape[1])
 
 
-def reference_tokens(model: MvfaModel, images: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Adapted tokens per MVFA.md, written with plain tensor operations on CLIP's own blocks."""
+def reference_tokens(
+    model: MvfaModel, images: torch.Tensor, with_class: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Adapted tokens per MVFA.md, written with plain tensor operations on CLIP's own blocks.
+
+    Patch tokens only, or with ``with_class`` the CLS token first and then the patch tokens.
+    """
     visual = model.clip.visual
     patches = F.conv2d(images, visual.conv1.weight, stride=visual.conv1.stride)
     batch, width = patches.shape[:2]
@@ -45,7 +50,7 @@ def reference_tokens(model: MvfaModel, images: torch.Tensor) -> tuple[list[torch
             for adapters, store in ((model.seg_adapters, seg), (model.det_adapters, det)):
                 mid = F.leaky_relu(x @ adapters[i].fc1[0].weight.T, 0.01)
                 outs.append(F.leaky_relu(mid @ adapters[i].fc2[0].weight.T, 0.01))
-                store.append(mid[:, 1:])
+                store.append(mid if with_class else mid[:, 1:])
             x = 0.8 * x + 0.1 * outs[0] + 0.1 * outs[1]
         if block_number == model.feature_layers[-1]:
             break
@@ -84,7 +89,8 @@ def test_output_shapes(tiny_config, feature_layers, batch_size) -> None:
     assert outputs.few_shot_map.shape == size
     assert outputs.zero_shot_score.shape == (batch_size,)
     assert outputs.few_shot_score.shape == (batch_size,)
-    assert model.seg_memory_bank.shape == (len(feature_layers), 3 * 16, 32)
+    # the default ("authors") bank holds each image's CLS token beside its 16 patch tokens
+    assert model.seg_memory_bank.shape == (len(feature_layers), 3 * (1 + 16), 32)
 
     prediction = model.eval()(images)
     assert isinstance(prediction, InferenceBatch)
@@ -108,8 +114,13 @@ def test_text_features_follow_the_prompt_ensemble(tiny_model) -> None:
     assert torch.allclose(tiny_model.text_features, expected, atol=TOLERANCE)
 
 
-def test_branch_outputs_match_mvfa_formulas(tiny_model) -> None:
-    model = tiny_model
+@pytest.mark.parametrize("pipeline", ["authors", "clip"])
+def test_branch_outputs_match_mvfa_formulas(tiny_config, pipeline) -> None:
+    torch.manual_seed(0)
+    model = MvfaModel(
+        tiny_config, pretrained=None, image_size=TINY_IMAGE_SIZE, feature_layers=(1, 2, 4), feature_pipeline=pipeline
+    )
+    model.setup("bottle")
     set_known_adapter_weights(model)
     generator = torch.Generator().manual_seed(1)
     references = torch.randn(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, generator=generator)
@@ -120,7 +131,8 @@ def test_branch_outputs_match_mvfa_formulas(tiny_model) -> None:
     with torch.no_grad():
         text = reference_text_features(model, "bottle")
         seg, det = reference_tokens(model, images)
-        memory_seg, memory_det = reference_tokens(model, references)
+        # the authors' bank keeps each support image's CLS token, CLIP's use keeps patch tokens only
+        memory_seg, memory_det = reference_tokens(model, references, with_class=pipeline == "authors")
         side, size = 4, TINY_IMAGE_SIZE
         zero_shot_map = torch.zeros(3, size, size)
         zero_shot_score = torch.zeros(3)
@@ -146,6 +158,9 @@ def test_branch_outputs_match_mvfa_formulas(tiny_model) -> None:
                 else:
                     few_shot_score += distance_map.mean(dim=(1, 2))
 
+    tokens_per_image = 16 + (pipeline == "authors")
+    assert model.seg_memory_bank.shape == model.det_memory_bank.shape == (3, 2 * tokens_per_image, 32)
+    assert torch.allclose(model.seg_memory_bank[0], F.normalize(memory_seg[0].flatten(0, 1), dim=-1), atol=TOLERANCE)
     assert (outputs.zero_shot_map - zero_shot_map).abs().max() <= TOLERANCE
     assert (outputs.zero_shot_score - zero_shot_score).abs().max() <= TOLERANCE
     assert (outputs.few_shot_map - few_shot_map).abs().max() <= TOLERANCE
@@ -161,14 +176,18 @@ def test_calibration_uses_leave_one_group_out_statistics(tiny_model) -> None:
     with torch.no_grad():
         text_only = model.branch_outputs(support.images)  # zero-shot fields do not use the memory bank
         seg, det = reference_tokens(model, support.images)
+        bank_seg, bank_det = reference_tokens(model, support.images, with_class=True)  # the default bank
         few_map, few_score = [], []
         for group in range(3):
             inside, outside = support.groups == group, support.groups != group
             group_map = torch.zeros(int(inside.sum()), TINY_IMAGE_SIZE, TINY_IMAGE_SIZE)
             group_score = torch.zeros(int(inside.sum()))
             for layer in range(len(model.feature_layers)):
-                for tokens, is_seg in ((seg[layer], True), (det[layer], False)):
-                    bank = F.normalize(tokens[outside].reshape(-1, tokens.shape[-1]), dim=-1)
+                for tokens, bank_tokens, is_seg in (
+                    (seg[layer], bank_seg[layer], True),
+                    (det[layer], bank_det[layer], False),
+                ):
+                    bank = F.normalize(bank_tokens[outside].reshape(-1, tokens.shape[-1]), dim=-1)
                     queries = F.normalize(tokens[inside], dim=-1)
                     distance = upsample(1 - (queries @ bank.T).max(dim=-1).values, 4, TINY_IMAGE_SIZE)
                     if is_seg:
@@ -266,7 +285,7 @@ def test_coreset_memory_bank_is_smaller_deterministic_and_never_closer(tiny_conf
             tiny_config, pretrained=None, image_size=TINY_IMAGE_SIZE, feature_layers=(2, 4), memory_bank_ratio=ratio
         )
         model.setup("bottle", reference_images=references)
-        assert model.seg_memory_bank.shape[1] == int(22 * 16 * ratio)
+        assert model.seg_memory_bank.shape[1] == int(22 * 17 * ratio)
         distances.append(model.branch_outputs(images).few_shot_map)
     exact, coreset, again = distances
     assert torch.equal(coreset, again)  # seeded sampler
