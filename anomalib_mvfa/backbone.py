@@ -19,6 +19,7 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
 import socket
 import zipfile
 from collections.abc import Iterator
@@ -32,15 +33,18 @@ import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
 from open_clip.transformer import QuickGELU, VisionTransformer
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 
 from .pipeline import FeaturePipeline, resolve_feature_pipeline, uses_quick_gelu
-from .utils import load_tensors_safely
+from .tensor_files import UnsafeTensorFileError, load_tensors_safely, read_torchscript_tensors
 
 logger = logging.getLogger(__name__)
 
 # Keys that TorchScript archives (OpenAI's among them) carry next to the weights: constants and masks.
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size", "attn_mask")
+# Bytes per element of safetensors dtypes (others count 8).
+_SAFETENSORS_ITEMSIZE = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "I32": 4, "I64": 8}
 # Seconds a weight download may wait for the network before it is treated as offline.
 DOWNLOAD_TIMEOUT_S = 30.0
 _WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
@@ -133,15 +137,19 @@ def _build_model(name: str, config: dict[str, Any], image_size: int, quick_gelu:
     return model
 
 
-def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a CLIP state dict from a local file.
+def read_weights_file(path: str | Path, max_bytes: int | None = None) -> dict[str, torch.Tensor]:
+    """Read a CLIP state dict from a local file, running none of its code.
 
     Accepted: a ``state_dict`` saved with ``torch.save`` (optionally under the key
     ``"state_dict"``), a ``.safetensors`` file, and OpenAI's TorchScript archives
-    (``ViT-L-14-336px.pt``). Pickled files are read with ``weights_only=True``.
+    (``ViT-L-14-336px.pt``). Pickled files are read with ``weights_only=True``; TorchScript
+    archives by :func:`anomalib_mvfa.tensor_files.read_torchscript_tensors`, which never executes
+    the archive's code. See :mod:`anomalib_mvfa.tensor_files` for the checks made first.
 
     Args:
         path: The weights file.
+        max_bytes: Most bytes its tensors may declare; a file declaring more is refused before
+            anything is allocated (:func:`load_clip` passes twice the backbone's float32 size).
 
     Returns:
         The state dict, without a ``module.`` prefix and without OpenAI's extra keys.
@@ -153,20 +161,15 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         msg = f"Weights file '{path}' does not exist."
         raise PretrainedWeightsError(msg)
-    if path.suffix != ".safetensors" and not is_torchscript_archive(path):
-        try:
-            state_dict = load_tensors_safely(path, "Weights file")
-        except ValueError as error:
-            raise PretrainedWeightsError(str(error)) from error
-    else:
-        try:
-            if path.suffix == ".safetensors":
-                state_dict = load_safetensors(str(path))
-            else:  # OpenAI's own release format: a TorchScript archive (no Python is executed).
-                state_dict = torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as error:
-            msg = f"Weights file '{path}' could not be read as a CLIP state dict: {error}"
-            raise PretrainedWeightsError(msg) from error
+    try:
+        if path.suffix == ".safetensors":
+            state_dict = _read_safetensors(path, max_bytes)
+        elif is_torchscript_archive(path):  # OpenAI's release format; its code is never run
+            state_dict = read_torchscript_tensors(path, "Weights file", max_bytes)
+        else:
+            state_dict = load_tensors_safely(path, "Weights file", max_bytes)
+    except ValueError as error:
+        raise PretrainedWeightsError(str(error)) from error
     if isinstance(state_dict, dict) and isinstance(state_dict.get("state_dict"), dict):
         state_dict = state_dict["state_dict"]
     if not isinstance(state_dict, dict) or not all(isinstance(value, torch.Tensor) for value in state_dict.values()):
@@ -176,6 +179,27 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     for key in _OPENAI_EXTRA_KEYS:
         state_dict.pop(key, None)
     return state_dict
+
+
+def _read_safetensors(path: Path, max_bytes: int | None) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file, refused before loading when its header declares more than ``max_bytes``."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            declared = sum(
+                math.prod(handle.get_slice(key).get_shape())
+                * _SAFETENSORS_ITEMSIZE.get(handle.get_slice(key).get_dtype(), 8)
+                for key in handle.keys()  # noqa: SIM118  # safe_open has no __iter__
+            )
+        if max_bytes is not None and declared > max_bytes:
+            msg = (
+                f"Weights file '{path}' was refused before loading: its tensors declare {declared / 2**20:.1f} MiB, "
+                f"more than the {max_bytes / 2**20:.1f} MiB the chosen model can use."
+            )
+            raise UnsafeTensorFileError(msg)
+        return load_safetensors(str(path))
+    except (OSError, RuntimeError, SafetensorError) as error:
+        msg = f"Weights file '{path}' is not a readable .safetensors file ({error})."
+        raise ValueError(msg) from error
 
 
 def is_torchscript_archive(path: str | Path) -> bool:
@@ -319,14 +343,11 @@ def load_clip(
             name,
         )
     else:
-        state_dict = read_weights_file(weights_path)
+        state_dict = read_weights_file(weights_path, max_bytes=weights_budget(model))
         resize_pos_embed(state_dict, model)
         resize_text_pos_embed(state_dict, model)
-        try:
-            model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as error:
-            msg = f"Weights '{pretrained}' do not fit backbone '{name}': {error}"
-            raise PretrainedWeightsError(msg) from error
+        _check_fit(state_dict, model, f"Weights '{pretrained}' do not fit backbone '{name}'")
+        model.load_state_dict(state_dict, strict=True)
         logger.info("Loaded CLIP weights '%s' into backbone '%s'.", pretrained, name)
 
     model.requires_grad_(False)
@@ -342,6 +363,36 @@ def _make_tokenizer(config: dict[str, Any]) -> Any:
     if "hf_tokenizer_name" in text_cfg:
         return open_clip.tokenizer.HFTokenizer(text_cfg["hf_tokenizer_name"], context_length=context_length, **kwargs)
     return open_clip.SimpleTokenizer(context_length=context_length, **kwargs)
+
+
+def _check_fit(state_dict: dict[str, torch.Tensor], model: torch.nn.Module, what: str) -> None:
+    """Raise ``PretrainedWeightsError`` with a short account unless ``state_dict`` has ``model``'s keys and shapes."""
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    missing = [key for key in expected if key not in state_dict]
+    unexpected = [key for key in state_dict if key not in expected]
+    shapes = [
+        f"{key}: file {tuple(state_dict[key].shape)}, model {shape}"
+        for key, shape in expected.items()
+        if key in state_dict and tuple(state_dict[key].shape) != shape
+    ]
+    problems = [
+        f"{len(items)} {label} (for example {', '.join(items[:3])})"
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("other shapes", shapes))
+        if items
+    ]
+    if problems:
+        msg = f"{what}: {'; '.join(problems)}."
+        raise PretrainedWeightsError(msg)
+
+
+def weights_budget(model: torch.nn.Module) -> int:
+    """Most bytes a weights file for ``model`` may declare: twice its float32 size, plus 16 MiB.
+
+    Room for float64 files and for position embeddings made for another image size; a file that
+    declares more cannot hold this model's weights and is refused before it is loaded.
+    """
+    numel = sum(tensor.numel() for tensor in model.state_dict().values())
+    return 2 * 4 * numel + 16 * 2**20
 
 
 def _are_openai_weights(pretrained: str | Path | None, weights_path: Path | None) -> bool:

@@ -38,7 +38,8 @@ from torch.nn import functional as F  # noqa: N812
 from .backbone import load_clip, pipeline_quick_gelu, set_quick_gelu
 from .pipeline import DEFAULT_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
 from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
-from .utils import load_tensors_safely, write_atomically
+from .tensor_files import load_tensors_safely
+from .utils import write_atomically
 
 logger = logging.getLogger(__name__)
 

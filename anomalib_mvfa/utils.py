@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import os
-import pickle
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
 
 
 def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -53,39 +49,3 @@ def export_atomically(export_root: str | Path, export: Callable[[Path], Path]) -
             if file.is_file():
                 Path(file).replace(target.parent / file.name)
     return target
-
-
-def load_tensors_safely(path: str | Path, what: str) -> Any:  # any tensor container
-    """``torch.load(path, weights_only=True)`` with errors that say what went wrong with the file.
-
-    Args:
-        path: The file.
-        what: How messages name it, for example ``"Adapter checkpoint"``.
-
-    Raises:
-        FileNotFoundError: If the file does not exist.
-        ValueError: If it holds Python objects that unpickling would run or build (refused), or is
-            not a file written by ``torch.save`` at all.
-
-    Example:
-        >>> state = load_tensors_safely("Brain.pth", "Adapter checkpoint")  # doctest: +SKIP
-    """
-    path = Path(path)
-    if not path.is_file():
-        msg = f"{what} '{path}' does not exist."
-        raise FileNotFoundError(msg)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "weights only" not in str(error).lower():
-            msg = f"{what} '{path}' is not a file written by torch.save ({error})."
-            raise ValueError(msg) from error
-        detail = next((line.strip() for line in str(error).splitlines() if "Unsupported" in line), "")
-        msg = (
-            f"{what} '{path}' was refused: it holds Python objects other than tensors and plain containers, "
-            f"which could run code when unpickled (loading uses torch.load(weights_only=True)). {detail}"
-        ).strip()
-        raise ValueError(msg) from error
-    except (RuntimeError, EOFError, IndexError, OSError) as error:
-        msg = f"{what} '{path}' is not a file written by torch.save ({type(error).__name__}: {error})."
-        raise ValueError(msg) from error

@@ -167,6 +167,15 @@ class _WritesAFile:
 
 
 def pickle_that_runs_code(tmp: Path) -> None:
+    payload = {"seg_adapters": _WritesAFile(tmp / "pwned"), "det_adapters": {}}
+    torch.save(payload, tmp / "evil.pth", pickle_protocol=4)  # torch's own file format, code inside
+    try:
+        tiny_model().load_adapters(tmp / "evil.pth")
+    finally:
+        assert not (tmp / "pwned").exists(), "the pickle ran code"
+
+
+def plain_pickle_that_runs_code(tmp: Path) -> None:
     with (tmp / "evil.pth").open("wb") as file:
         pickle.dump({"seg_adapters": _WritesAFile(tmp / "pwned"), "det_adapters": {}}, file)
     try:
@@ -176,8 +185,7 @@ def pickle_that_runs_code(tmp: Path) -> None:
 
 
 def weights_that_run_code(tmp: Path) -> None:
-    with (tmp / "evil_weights.pt").open("wb") as file:
-        pickle.dump({"visual.proj": _WritesAFile(tmp / "pwned")}, file)
+    torch.save({"visual.proj": _WritesAFile(tmp / "pwned")}, tmp / "evil_weights.pt", pickle_protocol=4)
     try:
         load_clip("tiny-random", tmp / "evil_weights.pt", TINY_IMAGE_SIZE)
     finally:
@@ -264,7 +272,12 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
     "pickle that would run code": (
         pickle_that_runs_code,
         ValueError,
-        r"evil\.pth' was refused: .*could run code.*weights_only=True",
+        r"evil\.pth' was refused: it holds Python objects other than tensors.*write_text.*could run code",
+    ),
+    "plain pickle that would run code": (
+        plain_pickle_that_runs_code,
+        ValueError,
+        r"evil\.pth' is not a file written by torch.save \(not a zip archive",
     ),
     "weights file that would run code": (
         weights_that_run_code,
