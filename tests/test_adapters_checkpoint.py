@@ -77,6 +77,6 @@ def test_pickle_that_runs_code_is_refused(tiny_model, tmp_path, capsys) -> None:
     plain = tmp_path / "evil_plain.pth"
     with plain.open("wb") as file:
         pickle.dump({"seg_adapters": _RunsCode(), "det_adapters": {}}, file)
-    with pytest.raises(ValueError, match="not a file written by torch.save"):
+    with pytest.raises(ValueError, match=r"not a file written by torch\.save"):
         tiny_model.load_adapters(plain)
     assert "this pickle ran code" not in capsys.readouterr().out
