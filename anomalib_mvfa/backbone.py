@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 import math
@@ -417,6 +418,25 @@ def pipeline_quick_gelu(
     path = Path(pretrained) if pretrained is not None and _looks_like_path(pretrained) else None
     openai_weights = _are_openai_weights(pretrained, path)
     return uses_quick_gelu(resolve_feature_pipeline(feature_pipeline), config, openai_weights, image_size)
+
+
+def weights_fingerprint(state_dict: dict[str, torch.Tensor], samples: int = 1024) -> str:
+    """A short fingerprint of CLIP weights: SHA-256 over each tensor's name, shape and sampled values.
+
+    Values are taken as float32, so the same weights in another file format (float16 archive,
+    float32 state dict, safetensors) give the same fingerprint; other weights give another.
+
+    Example:
+        >>> weights_fingerprint({"w": torch.ones(3)}) == weights_fingerprint({"w": torch.ones(3).half()})
+        True
+    """
+    digest = hashlib.sha256()
+    for key in sorted(state_dict):
+        values = state_dict[key].detach().flatten().float().cpu()
+        picked = values[torch.linspace(0, values.numel() - 1, min(values.numel(), samples)).long()]
+        digest.update(f"{key}{tuple(state_dict[key].shape)}".encode())
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def set_quick_gelu(clip: torch.nn.Module, quick_gelu: bool) -> None:

@@ -6,8 +6,11 @@ job trains and tests through anomalib's Engine; the command writes a CSV of all 
 Markdown table with mean and standard deviation over seeds of image AUROC, pixel AUROC, image F1,
 fit seconds, inference images per second and peak memory.
 
-Jobs run one after another on a CPU or a single GPU. With several GPUs, one worker process per
-GPU takes jobs from the grid (``--workers`` sets the number of worker processes).
+Every job runs in a new process of its own, so that no job changes what the next one measures and
+the peak-memory column is the job's own (``--in-process`` runs them in this process instead). Jobs
+run one after another on a CPU or a single GPU; with several GPUs, one job per GPU at a time
+(``--workers`` sets how many run at once). A job that fails, its process killed for lack of memory
+included, gets a row that says so, and the other jobs still run.
 
 ``random_weights: true`` runs every model offline on random weights (Mvfa ``pretrained=None``,
 PatchCore ``pre_trained=False``, WinCLIP without its download): for speed studies only, and the
@@ -36,13 +39,16 @@ import importlib
 import inspect
 import io
 import logging
+import math
 import multiprocessing
 import os
+import queue
 import statistics
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +58,7 @@ import torch
 import yaml
 from anomalib.engine import Engine
 
+from .metrics import undefined_auroc_reason
 from .pipeline import add_feature_pipeline_argument
 from .utils import write_atomically
 
@@ -196,19 +203,42 @@ def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int
         results = engine.test(model, datamodule=datamodule, verbose=False)[0]
         test_seconds = time.perf_counter() - started
     pipeline = getattr(model, "feature_pipeline", None)
+    accuracy, undefined = _defined_aurocs(results, datamodule)
     return {
         "model": model_name if pipeline is None else f"{model_name} ({pipeline})",
         "data": data_class.__name__,
         "category": category,
         "seed": seed,
-        "image_AUROC": results.get("image_AUROC"),
-        "pixel_AUROC": results.get("pixel_AUROC"),
+        **accuracy,
         "image_F1Score": results.get("image_F1Score"),
         "fit_seconds": fit_seconds,
         "images_per_second": len(datamodule.test_data) / test_seconds,
         "peak_memory_mb": memory.peak_mb,
         "weights": "random (accuracy not meaningful)" if config.random_weights else "pretrained",
+        "undefined": "; ".join(undefined),
+        "error": "",
     }
+
+
+def _defined_aurocs(results: dict[str, Any], datamodule: Any) -> tuple[dict[str, float | None], list[str]]:
+    """Image and pixel AUROC of a test run, ``None`` where undefined, and the reasons.
+
+    Image AUROC is undefined when the test split holds one label only (anomalib's metric then
+    reports 0.0 for most models); either AUROC is undefined where the metric returned NaN (Mvfa's
+    metrics do so, with the reason in the log).
+    """
+    values: dict[str, float | None] = {key: results.get(key) for key in ("image_AUROC", "pixel_AUROC")}
+    reasons = []
+    labels = torch.tensor(datamodule.test_data.samples.label_index.tolist())
+    reason = undefined_auroc_reason(labels, "image_AUROC")
+    if reason is not None:
+        values["image_AUROC"] = None
+        reasons.append(reason)
+    for key, value in values.items():
+        if value is not None and math.isnan(float(value)):
+            values[key] = None
+            reasons.append(f"{key} is undefined: the metric returned NaN (one class only among its targets)")
+    return values, reasons
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -219,20 +249,32 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     header = ["model", "data", "category", "seeds", *METRICS, "weights"]
     lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
     for (model, data, category, weights), group in groups.items():
-        cells = [model, data, str(category), str(len(group))]
+        cells = [model, data, str(category), str(sum(not row.get("error") for row in group))]
         for metric in METRICS:
-            values = [float(row[metric]) for row in group if row[metric] is not None]
+            values = [float(row[metric]) for row in group if row[metric] not in (None, "")]
             if not values:
-                cells.append("-")
+                undefined = any(metric in str(row.get("undefined", "")) for row in group)
+                cells.append("" if undefined else "-")
                 continue
             mean = statistics.fmean(values)
             spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
             cells.append(f"{mean:.4g}{spread}")
         lines.append("| " + " | ".join([*cells, weights]) + " |")
+    reasons = sorted({reason for row in rows for reason in str(row.get("undefined") or "").split("; ") if reason})
+    if reasons:
+        lines += ["", "Empty cells (and means over fewer seeds): undefined metrics, left out. " + "; ".join(reasons)]
+    failures = [f"{describe_row(row)}: {row['error']}" for row in rows if row.get("error")]
+    if failures:
+        lines += ["", "Failed jobs (left out of the means): " + "; ".join(failures)]
     return "\n".join(lines) + "\n"
 
 
 Job = tuple[dict[str, Any], dict[str, Any], str | None, int]
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    """``Mvfa on MVTecAD bottle seed 0`` for a result row."""
+    return f"{row['model']} on {row['data']} {row['category'] or ''} seed {row['seed']}"
 
 
 def describe(job: Job) -> str:
@@ -242,50 +284,82 @@ def describe(job: Job) -> str:
     return f"{model_name} on {data_name} {category or ''} seed {seed}"
 
 
-def _take_device(devices: Any) -> None:
-    """Worker initialiser: bind this worker process to one GPU (``None``: no GPU)."""
-    device = devices.get()
+def _bind_device(device: int | None) -> None:
+    """Job process initialiser: see only GPU ``device`` (``None``: no GPU binding)."""
     if device is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
 
 
-def _run_numbered(number: int, total: int, job: Job, config: BenchmarkConfig) -> dict[str, Any]:
-    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
-    where = f" (GPU {gpu}, worker {os.getpid()})" if gpu else ""
-    print(f"[{number}/{total}] {describe(job)}{where}", flush=True)
-    return run_job(*job, config)
-
-
 def _print_metrics(row: dict[str, Any]) -> None:
+    if row.get("error"):
+        print(f"    FAILED: {row['error']}", flush=True)
+        return
     print("    " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row[m] is not None), flush=True)
 
 
-def run_jobs(jobs: list[Job], config: BenchmarkConfig, workers: int, gpus: int) -> list[dict[str, Any]]:
-    """Rows of all ``jobs`` in grid order; with ``workers > 1``, run in that many processes.
+def failed_row(job: Job, config: BenchmarkConfig, error: BaseException) -> dict[str, Any]:
+    """The row of a job that failed: its names, no figures, and what went wrong."""
+    model, data, category, seed = job
+    if isinstance(error, BrokenProcessPool):
+        reason = "its process died (killed by the system, for example for lack of memory)"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return {
+        "model": model["class_path"].rsplit(".", 1)[1],
+        "data": data["class_path"].rsplit(".", 1)[1],
+        "category": category,
+        "seed": seed,
+        **dict.fromkeys(METRICS),
+        "weights": "random (accuracy not meaningful)" if config.random_weights else "pretrained",
+        "undefined": "",
+        "error": reason.splitlines()[0][:300],
+    }
 
-    Worker ``i`` sees only GPU ``i % gpus`` (``gpus=0``: CPU workers).
+
+def _run_isolated(job: Job, config: BenchmarkConfig, device: int | None) -> dict[str, Any]:
+    """Run ``job`` in a new process of its own (spawned: CUDA cannot be shared with forked processes)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_bind_device, initargs=(device,)) as pool:
+        return pool.submit(run_job, *job, config).result()
+
+
+def run_jobs(
+    jobs: list[Job], config: BenchmarkConfig, workers: int, gpus: int, isolate: bool = True
+) -> list[dict[str, Any]]:
+    """Rows of all ``jobs`` in grid order, ``workers`` at a time.
+
+    With ``isolate`` (default) every job runs in a new process of its own, so that no job can
+    change what the next one measures (memory, global settings) and the peak-memory column is the
+    job's own; worker slot ``i`` binds its jobs to GPU ``i % gpus``. Without, jobs run one after
+    another in this process. A job that fails, its process killed included, gets a row that says
+    so, and the other jobs still run.
     """
-    if workers <= 1:
-        rows = []
-        for number, job in enumerate(jobs, start=1):
-            rows.append(_run_numbered(number, len(jobs), job, config))
-            _print_metrics(rows[-1])
-        return rows
-    context = multiprocessing.get_context("spawn")  # CUDA cannot be shared with forked workers
-    devices = context.Queue()
-    for worker in range(workers):
-        devices.put(worker % gpus if gpus else None)
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
-    with ProcessPoolExecutor(workers, mp_context=context, initializer=_take_device, initargs=(devices,)) as pool:
-        futures = {
-            pool.submit(_run_numbered, number, len(jobs), job, config): number
-            for number, job in enumerate(jobs, start=1)
-        }
-        for future in as_completed(futures):
-            number = futures[future]
-            rows[number - 1] = future.result()
-            print(f"[{number}/{len(jobs)}] done: {describe(jobs[number - 1])}", flush=True)
+    slots: queue.Queue[int | None] = queue.Queue()
+    for worker in range(max(workers, 1)):
+        slots.put(worker % gpus if gpus else None)
+
+    def run_one(number: int) -> None:
+        job = jobs[number - 1]
+        device = slots.get()
+        try:
+            where = f" (GPU {device})" if device is not None else ""
+            print(f"[{number}/{len(jobs)}] {describe(job)}{where}", flush=True)
+            try:
+                rows[number - 1] = _run_isolated(job, config, device) if isolate else run_job(*job, config)
+            except Exception as error:  # reported in the job's row; the other jobs go on
+                logger.exception("Benchmark job %s failed", describe(job))
+                rows[number - 1] = failed_row(job, config, error)
             _print_metrics(rows[number - 1])
+        finally:
+            slots.put(device)
+
+    if not isolate or workers <= 1:
+        for number in range(1, len(jobs) + 1):
+            run_one(number)
+    else:
+        with ThreadPoolExecutor(workers) as threads:
+            list(threads.map(run_one, range(1, len(jobs) + 1)))
     return rows
 
 
@@ -298,6 +372,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--workers", type=int, default=None, help="parallel worker processes; default: one per GPU when several exist"
     )
     add_feature_pipeline_argument(parser, "the config's feature_pipeline, else each model's own (Mvfa: authors)")
+    parser.add_argument(
+        "--in-process",
+        action="store_true",
+        help="run the jobs one after another in this process instead of a new process each (faster to start; "
+        "a job can then affect the next one's memory figures)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -319,8 +399,9 @@ def run(args: argparse.Namespace) -> int:
         msg = f"--workers must be at least 1, got {workers}."
         raise ValueError(msg)
     where = f"{gpus} GPU(s)" if gpus else "CPU"
-    print(f"{len(jobs)} job(s) on {where}, {workers} worker process(es)")
-    rows = run_jobs(jobs, config, min(workers, len(jobs)), gpus)
+    how = "in this process" if args.in_process else f"{min(workers, len(jobs))} at a time, each in its own process"
+    print(f"{len(jobs)} job(s) on {where}, {how}")
+    rows = run_jobs(jobs, config, min(workers, len(jobs)), gpus, isolate=not args.in_process)
     output = Path(config.output)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .augmentation import augment_support_set
+from .data.validation import check_split_files
 from .prompting import prompt_class_name
 from .support import (
     LabelledDataset,
@@ -123,6 +125,7 @@ class FewShotMemoryBankCallback(Callback):
         self.abnormal: SupportImages | None = None
         self.selected_files: dict[str, list[str]] = {}
         self._bank_step: int | None = None
+        self._checked_stages: set[str] = set()
         self._patched_datamodule: Any = None
 
     # ------------------------------------------------------------- selection
@@ -186,7 +189,12 @@ class FewShotMemoryBankCallback(Callback):
     def _fixed_files(datamodule: Any, model: Mvfa, kind: str) -> list[str] | None:
         """Files a datamodule's seed file fixes for the model's seed (``MedicalAD(seed_file=...)``)."""
         support_files = getattr(datamodule, "support_files", None)
-        fixed = support_files(model.seed) if callable(support_files) else None
+        if not callable(support_files):
+            return None
+        if "k_shot" in inspect.signature(support_files).parameters:
+            fixed = support_files(model.seed, k_shot=model.k_shot, kinds=(kind,))
+        else:
+            fixed = support_files(model.seed)
         return None if fixed is None else fixed[kind]
 
     def _record(self, trainer: Trainer, model: Mvfa) -> None:
@@ -203,7 +211,8 @@ class FewShotMemoryBankCallback(Callback):
     # ------------------------------------------------------------ fit stage
 
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        """Before fitting: select the support set and serve it as the training data."""
+        """Check the files of the splits the run uses; before fitting, select and serve the support set."""
+        self._check_files(trainer, stage)
         if stage != TrainerFn.FITTING or not pl_module.trains_adapters:
             return
         datamodule = getattr(trainer, "datamodule", None)
@@ -223,6 +232,25 @@ class FewShotMemoryBankCallback(Callback):
             support.has_mask = torch.zeros_like(support.has_mask)
             logger.info("MVFA abnormal support images have no masks: only the detection loss is trained.")
         self._serve(datamodule, SupportDataset(support), pl_module)
+
+    def _check_files(self, trainer: Trainer, stage: str) -> None:
+        """Read the header of every image and mask of the splits this stage uses, once per stage.
+
+        A fit checks the test split too: a bad test file found after hours of training would lose the run.
+        """
+        datamodule = getattr(trainer, "datamodule", None)
+        if datamodule is None or stage in self._checked_stages:
+            return
+        names = {"train": "train_data", "validation": "val_data", "test": "test_data"}
+        if stage == TrainerFn.TESTING:
+            names = {"test": "test_data"}
+        elif stage == TrainerFn.VALIDATING:
+            names = {"validation": "val_data"}
+        elif stage != TrainerFn.FITTING:
+            return
+        splits = {name: getattr(datamodule, attribute, None) for name, attribute in names.items()}
+        check_split_files({name: dataset for name, dataset in splits.items() if dataset is not None})
+        self._checked_stages.add(stage)
 
     def _zero_shot_training_data(self, datamodule: Any, model: Mvfa) -> LabelledDataset:
         """Labelled images of the training split, each with its own category's prompts."""

@@ -57,7 +57,7 @@ def console(argv: list[str] | None = None) -> int:
     """
     try:
         return main(argv)
-    except (ValueError, PretrainedWeightsError, FileNotFoundError) as error:
+    except (ValueError, PretrainedWeightsError, FileNotFoundError, FloatingPointError) as error:
         print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
         return 2
 

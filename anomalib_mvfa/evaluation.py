@@ -22,7 +22,9 @@ import argparse
 import csv
 import io
 import logging
+import pickle
 import statistics
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +36,7 @@ from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from .data.medical import MEDICAL_CATEGORIES, MedicalAD
 from .lightning_model import Mvfa
+from .metrics import undefined_auroc_reason
 from .pipeline import add_feature_pipeline_argument
 from .utils import write_atomically
 
@@ -84,12 +87,29 @@ def authors_fusion(outputs: SplitScores) -> tuple[torch.Tensor, torch.Tensor]:
     return score, anomaly_map
 
 
-def auroc_metrics(score: torch.Tensor, anomaly_map: torch.Tensor, outputs: SplitScores) -> dict[str, float]:
-    """AC (image AUROC) and, with masks, AS (pixel AUROC over all test pixels), in percent."""
-    metrics = {"AC": 100 * binary_auroc(score.float(), outputs.labels.long()).item()}
+def auroc_metrics(score: torch.Tensor, anomaly_map: torch.Tensor, outputs: SplitScores) -> dict[str, float | None]:
+    """AC (image AUROC) and, with masks, AS (pixel AUROC over all test pixels), in percent.
+
+    An AUROC over one class only is undefined: ``None`` (see :func:`undefined_reasons`).
+    """
+    metrics: dict[str, float | None] = {"AC": _auroc(score, outputs.labels)}
     if outputs.masks is not None:
-        metrics["AS"] = 100 * binary_auroc(anomaly_map.flatten().float(), outputs.masks.flatten().long()).item()
+        metrics["AS"] = _auroc(anomaly_map.flatten(), outputs.masks.flatten())
     return metrics
+
+
+def _auroc(values: torch.Tensor, targets: torch.Tensor) -> float | None:
+    if undefined_auroc_reason(targets, "AUROC") is not None:
+        return None
+    return 100 * binary_auroc(values.float(), targets.long()).item()
+
+
+def undefined_reasons(outputs: SplitScores) -> list[str]:
+    """Why AC or AS of this split are undefined (empty when both are defined)."""
+    reasons = [undefined_auroc_reason(outputs.labels, "AC (image AUROC)")]
+    if outputs.masks is not None:
+        reasons.append(undefined_auroc_reason(outputs.masks.flatten(), "AS (pixel AUROC)"))
+    return [reason for reason in reasons if reason is not None]
 
 
 def fusion_metrics(outputs: SplitScores) -> dict[str, dict[str, float]]:
@@ -157,8 +177,13 @@ def summarise(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return summary
 
 
-def markdown_table(summary: list[dict[str, object]], title: str) -> str:
-    """The summary in the shape of the paper's table (AC and AS, mean ± std over seeds)."""
+def markdown_table(summary: list[dict[str, object]], title: str, undefined: set[tuple[str, str]] | None = None) -> str:
+    """The summary in the shape of the paper's table (AC and AS, mean ± std over seeds).
+
+    A cell without a value is empty where the metric was undefined (``(category, metric)`` in
+    ``undefined``) and ``-`` where it does not apply (AS without masks).
+    """
+    undefined = undefined or set()
     columns = [f"{fusion} {metric}" for fusion in FUSIONS for metric in ("AC", "AS")]
     lines = [f"### {title}", "", "| dataset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in summary:
@@ -166,7 +191,10 @@ def markdown_table(summary: list[dict[str, object]], title: str) -> str:
         for column in columns:
             fusion, metric = column.split()
             mean, std = row.get(f"{fusion}_{metric}_mean"), row.get(f"{fusion}_{metric}_std")
-            cells.append("-" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}"))
+            if mean is None:
+                cells.append("" if (row["category"], metric) in undefined else "-")
+            else:
+                cells.append(f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}"))
         lines.append(f"| {row['category']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -197,10 +225,51 @@ def _categories(args: argparse.Namespace) -> list[str]:
     return list(args.categories)
 
 
+def _check_templates(args: argparse.Namespace) -> None:
+    """Refuse path templates with fields other than ``{category}`` and ``{k_shot}`` before any run."""
+    for option, template in (("--seed-files", args.seed_files), ("--adapter-checkpoint", args.adapter_checkpoint)):
+        if not template:
+            continue
+        try:
+            template.format(category="Brain", k_shot=args.k_shot)
+        except (KeyError, IndexError, ValueError) as error:
+            msg = (
+                f"{option} '{template}' is not a valid path template ({type(error).__name__}: {error}): "
+                "it may name the fields {category} and {k_shot} only."
+            )
+            raise ValueError(msg) from error
+
+
+def _load_checkpoint(args: argparse.Namespace) -> Mvfa:
+    path = Path(args.ckpt_path)
+    if not path.is_file():
+        msg = f"Checkpoint '{path}' does not exist."
+        raise ValueError(msg)
+    pipeline = {"feature_pipeline": args.feature_pipeline} if args.feature_pipeline else {}
+    try:
+        return Mvfa.load_from_checkpoint(path, map_location="cpu", weights_only=True, **pipeline)
+    except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+        msg = f"Checkpoint '{path}' cannot be read as an Mvfa checkpoint ({type(error).__name__}: {error})."
+        raise ValueError(msg) from error
+
+
+def _datamodule(args: argparse.Namespace, category: str, seed: int) -> MedicalAD:
+    seed_file = args.seed_files.format(category=category, k_shot=args.k_shot) if args.seed_files else None
+    return MedicalAD(
+        root=args.root,
+        category=category,
+        train_categories=["others"] if args.setting == "zero-shot" else None,
+        seed_file=seed_file if args.setting == "few-shot" else None,
+        train_batch_size=args.batch_size,
+        eval_batch_size=args.batch_size,
+        num_workers=0,
+        seed=seed,
+    )
+
+
 def _model(args: argparse.Namespace, category: str, seed: int) -> Mvfa:
     if args.ckpt_path:
-        pipeline = {"feature_pipeline": args.feature_pipeline} if args.feature_pipeline else {}
-        return Mvfa.load_from_checkpoint(args.ckpt_path, map_location="cpu", **pipeline)
+        return _load_checkpoint(args)
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     adapters = args.adapter_checkpoint.format(category=category) if args.adapter_checkpoint else None
     return Mvfa(
@@ -222,55 +291,59 @@ def run(args: argparse.Namespace) -> int:
     if not categories:
         print(f"error: no category folder (<Name>_AD) found under {args.root}")
         return 2
+    _check_templates(args)
     output = Path(args.output)
     rows: list[dict[str, object]] = []
     pipelines: set[str] = set()
-    random_weights = str(args.pretrained).lower() == "none" and not args.ckpt_path
+    k_shots: set[int] = set()
+    random_weights = False
+    undefined: dict[tuple[str, str], list[str]] = {}  # (category, metric) -> reasons
     for category in categories:
         for seed in args.seeds:
             print(f"== {category}, {args.setting}, seed {seed}")
-            seed_file = args.seed_files.format(category=category, k_shot=args.k_shot) if args.seed_files else None
-            datamodule = MedicalAD(
-                root=args.root,
-                category=category,
-                train_categories=["others"] if args.setting == "zero-shot" else None,
-                seed_file=seed_file if args.setting == "few-shot" else None,
-                train_batch_size=args.batch_size,
-                eval_batch_size=args.batch_size,
-                num_workers=0,
-                seed=seed,
-            )
+            datamodule = _datamodule(args, category, seed)
             model = _model(args, category, seed)
             pipelines.add(model.feature_pipeline.value)
+            k_shots.add(model.k_shot)
+            random_weights = random_weights or model.hparams.get("pretrained") is None
             run_root = output / "runs" / category / f"seed{seed}"
             engine = Engine(default_root_dir=run_root, devices=1, logger=False)
             if not args.ckpt_path:
                 engine.fit(model, datamodule=datamodule)  # trains; with epochs=0 only builds memory banks
-            metrics = fusion_metrics(score_test_split(model, datamodule, args.batch_size))
+            scores = score_test_split(model, datamodule, args.batch_size)
+            metrics = fusion_metrics(scores)
+            reasons = undefined_reasons(scores)
+            for reason in reasons:  # logged, and named under the table
+                logger.warning("%s, seed %d: %s.", category, seed, reason)
+                undefined.setdefault((category, reason.split()[0]), []).append(f"{category} seed {seed}: {reason}")
             row: dict[str, object] = {"category": category, "seed": seed}
             for fusion in FUSIONS:
                 for metric in ("AC", "AS"):
                     row[f"{fusion}_{metric}"] = metrics[fusion].get(metric)
             rows.append(row)
-            print("   " + ", ".join(f"{k} {v:.2f}" for k, v in row.items() if isinstance(v, float)))
+            values = ", ".join(f"{key} {value:.2f}" for key, value in row.items() if isinstance(value, float))
+            print("   " + values + "".join(f"; {reason}" for reason in reasons))
 
     summary = summarise(rows)
-    title = f"MVFA {args.setting}" + ("" if args.setting == "zero-shot" else f", {args.k_shot}-shot")
-    title += f", {len(args.seeds)} seed(s), feature pipeline {' and '.join(sorted(pipelines))}, AUROC %"
+    shots = ", ".join(f"{k}-shot" if k else "zero-shot" for k in sorted(k_shots))
+    title = f"MVFA {shots}, {len(args.seeds)} seed(s), feature pipeline {' and '.join(sorted(pipelines))}, AUROC %"
     if random_weights:
         title += " (RANDOM CLIP weights: the numbers mean nothing)"
-    table = markdown_table(summary, title)
+    table = markdown_table(summary, title, set(undefined))
     note = (
         "ours: the model's online fusion (calibrated on the support images, no test statistics). "
         "authors: min-max of each branch over the test set, then 0.5/0.5 (max of the map for AC where masks "
-        "exist); uses test-set statistics, for comparison with the paper only.\n"
+        "exist); uses test-set statistics, for comparison with the paper only. '-': not applicable (no masks).\n"
     )
+    if undefined:
+        reasons = [reason for group in undefined.values() for reason in group]
+        note += "Empty cells and means over fewer seeds: undefined metrics, left out. " + "; ".join(reasons) + ".\n"
     print("\n" + table + "\n" + note)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    stem = f"{args.setting}" + ("" if args.setting == "zero-shot" else f"_{args.k_shot}shot")
+    stem = "_".join(f"few-shot_{k}shot" if k else "zero-shot" for k in sorted(k_shots))
     write_atomically(output / f"{stem}_runs.csv", lambda name: Path(name).write_text(buffer.getvalue()))
     write_atomically(output / f"{stem}.md", lambda name: Path(name).write_text(table + "\n" + note))
     print(f"tables written to {output / f'{stem}.md'} and {output / f'{stem}_runs.csv'}")

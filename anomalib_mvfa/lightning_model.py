@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,14 +43,17 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
 
+from .backbone import weights_fingerprint
 from .callback import FewShotMemoryBankCallback, ResumeCheckpoint
 from .loss import DetectionLoss, MvfaLoss
+from .metrics import mvfa_evaluator
 from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
 from .pre_processing import MvfaPreProcessor, mvfa_pre_processor
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
 from .support import SupportBatch, SupportDataset
 from .torch_model import MvfaModel
-from .utils import export_atomically
+from .utils import AtomicCheckpointIO, export_atomically
+from .visualization import MvfaVisualizer
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +66,8 @@ ZERO_SHOT_LEARNING_RATE = 1e-4
 ARCHITECTURE_KEYS = ("backbone", "image_size", "feature_layers")
 # Checkpoint key of the feature pipeline the checkpoint was made with.
 CHECKPOINT_PIPELINE_KEY = "mvfa_feature_pipeline"
+# Checkpoint key of the CLIP weights a checkpoint without them needs: {"pretrained", "fingerprint"}.
+CHECKPOINT_WEIGHTS_KEY = "mvfa_clip_weights"
 
 
 class Mvfa(AnomalibModule):
@@ -115,8 +121,10 @@ class Mvfa(AnomalibModule):
         pre_processor: Pre-processor, or ``True`` for the feature pipeline's: bicubic resize to
             ``image_size`` (the same in exported models), plus CLIP normalisation under ``"clip"``.
         post_processor: Post-processor, or ``True`` for anomalib's default.
-        evaluator: Evaluator, or ``True`` for image/pixel AUROC and F1.
-        visualizer: Visualizer, or ``True`` for anomalib's image visualizer.
+        evaluator: Evaluator, or ``True`` for image/pixel AUROC and F1 (an AUROC over one class only
+            is reported as NaN with a logged reason, not as 0).
+        visualizer: Visualizer, or ``True`` for anomalib's image visualizer (output paths keep the
+            folders below the dataset root, so images of the same name in two label folders both stay).
 
     Example:
         >>> model = Mvfa(backbone="tiny-random", pretrained=None, image_size=64,
@@ -254,6 +262,16 @@ class Mvfa(AnomalibModule):
         """
         return mvfa_pre_processor(image_size or (240, 240), resolve_feature_pipeline(feature_pipeline))
 
+    @staticmethod
+    def configure_evaluator() -> Evaluator:
+        """Anomalib's image and pixel AUROC and F1; an AUROC with one class only is NaN with a logged reason."""
+        return mvfa_evaluator()
+
+    @classmethod
+    def configure_visualizer(cls) -> MvfaVisualizer:
+        """The image visualizer of anomalib, keeping the label folders in the output paths."""
+        return MvfaVisualizer()
+
     def configure_post_processor(self) -> PostProcessor:
         """Anomalib's default post-processor: thresholds and normalisation from the validation split."""
         return PostProcessor()
@@ -275,8 +293,15 @@ class Mvfa(AnomalibModule):
     # ------------------------------------------------------------------ setup
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the text features for the class name, unless already there (checkpoint)."""
+        """Build the text features for the class name, unless already there (checkpoint).
+
+        The trainer's checkpoint writer is wrapped in :class:`AtomicCheckpointIO`, so that
+        ``model.ckpt`` and ``last.ckpt`` appear whole or not at all.
+        """
         del stage
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if strategy is not None and not isinstance(strategy.checkpoint_io, AtomicCheckpointIO):
+            strategy.checkpoint_io = AtomicCheckpointIO(strategy.checkpoint_io)
         if self.model.text_features.numel() == 0:
             self.model.setup(class_name=self.resolve_class_name())
 
@@ -372,11 +397,23 @@ class Mvfa(AnomalibModule):
         self._prefix_cache = None
 
     def on_train_epoch_end(self) -> None:
-        """Log the epoch's mean losses (also in the console, so that a run shows them falling)."""
+        """Log the epoch's mean losses (also in the console, so that a run shows them falling).
+
+        Raises:
+            FloatingPointError: If a loss of the epoch was NaN or infinite. Lightning runs this hook
+                before its checkpoint callbacks, so nothing of the diverged run is saved.
+        """
         if self._epoch_loss_sums is None:
             return
         steps, total, segmentation, detection = (self._epoch_loss_sums / self._epoch_loss_sums[0]).tolist()
-        del steps
+        if not math.isfinite(total):
+            self._epoch_loss_sums = None
+            msg = (
+                f"Mvfa training diverged: a loss of epoch {self.current_epoch + 1} over {int(steps)} step(s) is NaN or "
+                f"infinite (learning rates {self.seg_learning_rate:g} and {self.det_learning_rate:g}). The fit is "
+                "stopped and no model or adapter file is written; lower the learning rates or check the images."
+            )
+            raise FloatingPointError(msg)
         logger.info(
             "Mvfa epoch %d/%d: loss %.4f (segmentation %.4f, detection %.4f)",
             self.current_epoch + 1,
@@ -398,6 +435,24 @@ class Mvfa(AnomalibModule):
     def save_adapters(self, path: str | Path) -> Path:
         """Write the adapters alone, in the authors' layout."""
         return self.model.save_adapters(path)
+
+    def _check_clip_weights(self, stored: dict[str, str] | None) -> None:
+        """Refuse a checkpoint made on other CLIP weights than this model's (it holds only the adapters).
+
+        Raises:
+            ValueError: Naming both weights and their fingerprints.
+        """
+        if not stored:
+            return  # the checkpoint holds its CLIP weights (random), or predates the record
+        current = weights_fingerprint(self.model.clip.state_dict())
+        if current != stored.get("fingerprint"):
+            msg = (
+                f"This checkpoint was trained on the CLIP weights '{stored.get('pretrained')}' (fingerprint "
+                f"{stored.get('fingerprint')}), but this model loaded pretrained='{self.hparams.get('pretrained')}' "
+                f"(fingerprint {current}): its adapters would score features they were not trained on. Pass the "
+                "weights it was trained with."
+            )
+            raise ValueError(msg)
 
     def adopt_feature_pipeline(self, stored: FeaturePipeline) -> None:
         """Run ``stored``, the feature pipeline of a checkpoint being loaded.
@@ -449,6 +504,10 @@ class Mvfa(AnomalibModule):
         checkpoint.setdefault("hyper_parameters", {})["feature_pipeline"] = self.feature_pipeline.value
         if self.hparams.get("pretrained") is None:
             return
+        checkpoint[CHECKPOINT_WEIGHTS_KEY] = {
+            "pretrained": str(self.hparams["pretrained"]),
+            "fingerprint": weights_fingerprint(self.model.clip.state_dict()),
+        }
         checkpoint["state_dict"] = {
             key: value for key, value in checkpoint["state_dict"].items() if not key.startswith("model.clip.")
         }
@@ -465,6 +524,7 @@ class Mvfa(AnomalibModule):
             details = ", ".join(f"{key}: checkpoint {old}, model {new}" for key, (old, new) in mismatched.items())
             msg = f"This checkpoint was made for another Mvfa architecture ({details}); pass the same model arguments."
             raise ValueError(msg)
+        self._check_clip_weights(checkpoint.get(CHECKPOINT_WEIGHTS_KEY))
         self.adopt_feature_pipeline(checkpoint_feature_pipeline(checkpoint))
         super().on_load_checkpoint(checkpoint)
         clip_state = {f"model.clip.{key}": value for key, value in self.model.clip.state_dict().items()}

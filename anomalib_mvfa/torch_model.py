@@ -401,6 +401,19 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             msg = f"{name} must be a tensor of shape {shape_text}, got {shape}."
             raise ValueError(msg)
+        if images.shape[0] == 0:
+            msg = f"{name} is an empty batch (shape {tuple(images.shape)}): give at least one image."
+            raise ValueError(msg)
+        if images.is_meta:
+            msg = f"{name} is on the 'meta' device, which holds no values: move it to the model's device first."
+            raise ValueError(msg)
+        if not images.is_floating_point():
+            msg = (
+                f"{name} has dtype {images.dtype}; the model takes preprocessed float images. For 8-bit images "
+                "divide by 255 (images.float() / 255) and apply the pre-processor (Mvfa.pre_processor, or "
+                "anomalib_mvfa.pre_processing.mvfa_pre_processor)."
+            )
+            raise ValueError(msg)
         if not finite or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return  # exported graphs take no data-dependent branch
         is_finite = torch.isfinite(images)
@@ -734,6 +747,14 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             raise ValueError(msg)
         for name in ("seg_adapters", "det_adapters"):
             self._check_adapter_state(path, name, checkpoint[name])
+            for key, value in checkpoint[name].items():
+                bad = int((~torch.isfinite(value)).sum())
+                if bad:
+                    msg = (
+                        f"Adapter checkpoint '{path}' holds {bad} NaN or infinite value(s) in '{name}' "
+                        f"'{key}': adapters from a diverged training cannot score."
+                    )
+                    raise ValueError(msg)
         self.seg_adapters.load_state_dict(checkpoint["seg_adapters"])
         self.det_adapters.load_state_dict(checkpoint["det_adapters"])
         self._warn_on_pipeline_mismatch(path, checkpoint.get(ADAPTER_PIPELINE_KEY))

@@ -6,6 +6,10 @@ import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 
 def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -22,10 +26,54 @@ def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
     os.close(descriptor)
     try:
         write(temporary)
+        with Path(temporary).open("rb+") as file:  # on disk before the rename: a power loss leaves no empty file
+            os.fsync(file.fileno())
+        os.chmod(temporary, 0o666 & ~_umask())  # a plain write's permissions (mkstemp makes 0600)
         Path(temporary).replace(path)
     finally:
         Path(temporary).unlink(missing_ok=True)
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class AtomicCheckpointIO(CheckpointIO):
+    """A checkpoint writer (Lightning's or anomalib's) whose checkpoints appear whole or not at all.
+
+    Local checkpoints are written by ``wrapped`` to a temporary file beside the target, synced and
+    renamed (a full disk or a kill leaves no truncated ``model.ckpt``); other paths (``s3://`` and
+    the like) and loading go to ``wrapped`` as they are.
+
+    Example:
+        >>> trainer.strategy.checkpoint_io = AtomicCheckpointIO(trainer.strategy.checkpoint_io)  # doctest: +SKIP
+    """
+
+    def __init__(self, wrapped: CheckpointIO | None = None) -> None:
+        self.wrapped = wrapped if wrapped is not None else TorchCheckpointIO()
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
+        """Write ``checkpoint`` to ``path`` atomically."""
+        save = self.wrapped.save_checkpoint
+        if "://" in str(path):
+            save(checkpoint, path, storage_options)
+            return
+        write_atomically(path, lambda temporary: save(checkpoint, temporary, storage_options))
+
+    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """Load with the wrapped writer."""
+        return self.wrapped.load_checkpoint(*args, **kwargs)
+
+    def remove_checkpoint(self, path: str | Path) -> None:
+        """Remove with the wrapped writer."""
+        self.wrapped.remove_checkpoint(path)
+
+    def teardown(self) -> None:
+        """Tear the wrapped writer down."""
+        self.wrapped.teardown()
 
 
 def export_atomically(export_root: str | Path, export: Callable[[Path], Path]) -> Path:

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch import Trainer
 from PIL import Image
 
-from anomalib_mvfa import MvfaModel
+from anomalib_mvfa import Mvfa, MvfaModel
 
 TINY_IMAGE_SIZE = 64
 TINY_CONFIG = {
@@ -143,3 +144,11 @@ def medical_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_medical_category(root, "Liver", masks=True, seed=1)
     write_medical_category(root, "Chest", masks=False, seed=2)
     return root
+
+
+def save_checkpoint_file(model: Mvfa, path: Path) -> Path:
+    """Write ``model``'s Lightning checkpoint to ``path`` without fitting (as a trainer would)."""
+    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
+    trainer.strategy.connect(model)
+    trainer.save_checkpoint(path)
+    return path

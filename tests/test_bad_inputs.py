@@ -17,19 +17,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pytest
 import torch
 from anomalib.engine import Engine
 from PIL import Image
 
 from anomalib_mvfa import Mvfa, MvfaModel
-from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip
+from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip, resolve_model_config
 from anomalib_mvfa.cli import console
 from anomalib_mvfa.data import MedicalAD
 from anomalib_mvfa.image_io import read_image_file, read_mask_file
 from anomalib_mvfa.support import draw_from_folder, resize_image
 
-from .conftest import TINY_IMAGE_SIZE, write_medical_category
+from .conftest import TINY_IMAGE_SIZE, save_checkpoint_file, write_medical_category
 
 TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
 
@@ -146,6 +147,44 @@ def adapters_of_another_width(tmp: Path) -> None:
     tiny_model().load_adapters(tmp / "wide.pth")
 
 
+def _scored(images: torch.Tensor) -> None:
+    model = tiny_model()
+    model.setup("scan")
+    model.eval()(images)
+
+
+def empty_batch(tmp: Path) -> None:
+    del tmp
+    _scored(torch.rand(0, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE))
+
+
+def meta_device_batch(tmp: Path) -> None:
+    del tmp
+    _scored(torch.rand(2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE, device="meta"))
+
+
+def integer_batch(tmp: Path) -> None:
+    del tmp
+    _scored(torch.randint(0, 256, (2, 3, TINY_IMAGE_SIZE, TINY_IMAGE_SIZE), dtype=torch.uint8))
+
+
+def adapters_with_nan(tmp: Path) -> None:
+    diverged = tiny_model()
+    diverged.det_adapters[1].fc2[0].weight.data[0, :3] = float("nan")
+    diverged.save_adapters(tmp / "diverged.pth")
+    tiny_model().load_adapters(tmp / "diverged.pth")
+
+
+def checkpoint_of_other_clip_weights(tmp: Path) -> None:
+    config = resolve_model_config("tiny-random")[1]
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        torch.save(open_clip.CLIP(**config).state_dict(), tmp / f"clip{seed}.pt")
+    model = Mvfa(**{**TINY, "pretrained": str(tmp / "clip1.pt")}, epochs=0, k_shot=0, class_name="scan")
+    save_checkpoint_file(model, tmp / "model.pt")  # not *.ckpt: the catalogue checks that no run left a .ckpt
+    Mvfa.load_from_checkpoint(tmp / "model.pt", pretrained=str(tmp / "clip2.pt"))
+
+
 def adapters_of_another_layer_count(tmp: Path) -> None:
     tiny_model(feature_layers=(2, 4)).save_adapters(tmp / "two_layers.pth")
     tiny_model().load_adapters(tmp / "two_layers.pth")
@@ -190,6 +229,47 @@ def weights_that_run_code(tmp: Path) -> None:
         load_clip("tiny-random", tmp / "evil_weights.pt", TINY_IMAGE_SIZE)
     finally:
         assert not (tmp / "pwned").exists(), "the pickle ran code"
+
+
+def bad_test_files_before_training(tmp: Path) -> None:
+    root = medical(tmp)
+    test = root / "Brain_AD" / "test"
+    (test / "good" / "img" / "zz_empty.png").write_bytes(b"")
+    (test / "good" / "img" / "zz_garbage.png").write_bytes(b"not an image")
+    mask = next((test / "Ungood" / "anomaly_mask").iterdir())
+    Image.fromarray(np.zeros((20, 30), np.uint8)).save(mask, format="PNG")
+    fit_on_medical(root, tmp, k_shot=2)
+
+
+def masks_all_empty(tmp: Path) -> None:
+    root = medical(tmp)
+    for mask in (root / "Brain_AD" / "test" / "Ungood" / "anomaly_mask").iterdir():
+        Image.fromarray(np.zeros((48, 48), np.uint8)).save(mask, format="PNG")  # the annotation is lost
+    MedicalAD(root=root, category="Brain").setup()
+
+
+def label_folder_in_two_cases(tmp: Path) -> None:
+    root = medical(tmp)
+    shutil.copytree(root / "Brain_AD" / "test" / "Ungood", root / "Brain_AD" / "test" / "ungood")
+    MedicalAD(root=root, category="Brain").setup()
+
+
+def _fit_with_seed_file(tmp: Path, lines: str, k_shot: int) -> None:
+    root = medical(tmp)
+    (tmp / "seeds.txt").write_text(lines)
+    model = Mvfa(**TINY, k_shot=k_shot, epochs=1, abnormal_source="train")
+    engine = Engine(default_root_dir=tmp / "results", accelerator="cpu", devices=1, logger=False)
+    datamodule = MedicalAD(root=root, category="Brain", num_workers=0, seed_file=tmp / "seeds.txt")
+    engine.fit(model, datamodule=datamodule)
+
+
+def seed_line_shorter_than_k_shot(tmp: Path) -> None:
+    normal = "valid_good_0.png valid_good_1.JPEG valid_good_2.png"
+    _fit_with_seed_file(tmp, f"n-0: {normal}\na-0: valid_Ungood_0.png valid_Ungood_1.JPEG\n", k_shot=3)
+
+
+def seed_file_without_normal_line(tmp: Path) -> None:
+    _fit_with_seed_file(tmp, "a-0: valid_Ungood_0.png valid_Ungood_1.JPEG\n", k_shot=2)
 
 
 # --------------------------------------------------------------------------- settings
@@ -261,6 +341,47 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         mixed_image_sizes,
         ValueError,
         r"images is a list of 2 tensors of shapes \[\(3, 64, 64\), \(3, 32, 48\)\]: resize every image to 64 x 64",
+    ),
+    "bad files of the test split, found when the fit starts": (
+        bad_test_files_before_training,
+        ValueError,
+        r"3 file problem\(s\) in the splits this run uses, found before it started: "
+        r"test: Mask '.*anomaly_mask/.*' is \(20, 30\) pixels but its image '.*' is \(48, 48\); "
+        r"test: '.*zz_empty\.png' is empty \(0 bytes\); test: '.*zz_garbage\.png' cannot be decoded",
+    ),
+    "every mask of a folder empty": (
+        masks_all_empty,
+        ValueError,
+        r"Every one of the 6 masks of abnormal images in '.*test/Ungood/anomaly_mask' is empty",
+    ),
+    "label folder in two letter cases": (
+        label_folder_in_two_cases,
+        ValueError,
+        r"'.*Brain_AD/test' holds 2 folders named 'Ungood' in different letter cases: \['Ungood', 'ungood'\]",
+    ),
+    "seed-file line with fewer files than k_shot": (
+        seed_line_shorter_than_k_shot,
+        ValueError,
+        r"Seed file '.*seeds\.txt', line 2 \('a-0'\) names 2 file\(s\); k_shot=3 needs 3",
+    ),
+    "seed file without a normal line": (
+        seed_file_without_normal_line,
+        ValueError,
+        r"Seed file '.*seeds\.txt' has no 'n-0' line for the normal support images",
+    ),
+    "empty batch": (empty_batch, ValueError, r"images is an empty batch \(shape \(0, 3, 64, 64\)\)"),
+    "batch on the meta device": (meta_device_batch, ValueError, r"images is on the 'meta' device"),
+    "integer batch": (integer_batch, ValueError, r"images has dtype torch.uint8.*divide by 255"),
+    "adapters holding NaN": (
+        adapters_with_nan,
+        ValueError,
+        r"diverged\.pth' holds 3 NaN or infinite value\(s\) in 'det_adapters' '1\.fc2\.0\.weight'",
+    ),
+    "checkpoint of other CLIP weights": (
+        checkpoint_of_other_clip_weights,
+        ValueError,
+        r"trained on the CLIP weights '.*clip1\.pt' \(fingerprint \w+\), but this model loaded "
+        r"pretrained='.*clip2\.pt' \(fingerprint \w+\)",
     ),
     "adapters of another backbone width": (adapters_of_another_width, ValueError, r"wide\.pth.*\(32, 64\).*\(32, 48\)"),
     "adapters of another layer count": (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 import yaml
@@ -33,7 +34,7 @@ def test_benchmark_writes_both_tables_with_every_column(mvtec_root, tmp_path, ca
     path.write_text(yaml.safe_dump(config))
     code = main([
         "benchmark", "--config", str(path), "--random-weights", "--feature-pipeline", "clip",
-        "--output", str(tmp_path / "out"),
+        "--output", str(tmp_path / "out"), "--in-process",
     ])  # fmt: skip
     output = capsys.readouterr().out
     assert code == 0
@@ -79,18 +80,56 @@ def test_benchmark_workers_give_the_rows_of_a_sequential_run(mvtec_root, tmp_pat
     path = tmp_path / "benchmark.yaml"
     path.write_text(yaml.safe_dump(config))
     tables = {}
-    for workers in ("1", "2"):
+    for workers in ("1", "2"):  # one after another in this process, then two job processes at a time
         output = tmp_path / f"workers{workers}"
-        code = main(
-            ["benchmark", "--config", str(path), "--random-weights", "--output", str(output), "--workers", workers]
-        )
+        how = ["--in-process"] if workers == "1" else ["--workers", workers]
+        code = main(["benchmark", "--config", str(path), "--random-weights", "--output", str(output), *how])
         assert code == 0
         with (output / "benchmark.csv").open() as file:
             tables[workers] = list(csv.DictReader(file))
-    assert "2 job(s) on CPU, 2 worker process(es)" in capsys.readouterr().out
+    assert "2 job(s) on CPU, 2 at a time, each in its own process" in capsys.readouterr().out
     accuracy = ("model", "seed", "image_AUROC", "pixel_AUROC", "image_F1Score")
     sequential, parallel = ([tuple(row[key] for key in accuracy) for row in tables[w]] for w in ("1", "2"))
     assert parallel == sequential  # same jobs, same seeds, same results, in grid order
     assert [row[1] for row in parallel] == ["0", "1"]
     with pytest.raises(ValueError, match="--workers must be at least 1, got 0"):
         main(["benchmark", "--config", str(path), "--random-weights", "--workers", "0"])
+
+
+class DiesOnConstruction:
+    """A "model" whose construction ends its process at once, as the kernel's out-of-memory killer would."""
+
+    def __init__(self, **_kwargs: object) -> None:
+        os._exit(9)
+
+
+def test_each_job_runs_in_its_own_process_and_a_dead_one_is_reported(mvtec_root, tmp_path, capsys) -> None:
+    config = {
+        "models": [
+            {"class_path": "tests.test_benchmark.DiesOnConstruction"},
+            {"class_path": "anomalib_mvfa.Mvfa", "init_args": MVFA_TINY},
+        ],
+        "data": [
+            {
+                "class_path": "anomalib.data.MVTecAD",
+                "init_args": {"root": str(mvtec_root), "val_split_mode": "from_test", "num_workers": 0},
+            }
+        ],
+        "categories": ["bottle"],
+        "seeds": [0],
+    }
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code = main(["benchmark", "--config", str(path), "--random-weights", "--output", str(tmp_path / "out")])
+    assert code == 0  # this process survived the job whose process died
+    with (tmp_path / "out" / "benchmark.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["model"], bool(row["error"])) for row in rows] == [
+        ("DiesOnConstruction", True),
+        ("Mvfa (authors)", False),
+    ]
+    assert "process died" in rows[0]["error"]
+    assert float(rows[1]["image_AUROC"]) >= 0.0  # the next job ran as usual
+    table = (tmp_path / "out" / "benchmark.md").read_text()
+    assert "Failed jobs (left out of the means): DiesOnConstruction on MVTecAD bottle seed 0: its process died" in table
+    assert "FAILED" in capsys.readouterr().out

@@ -21,7 +21,7 @@ def test_demo_runs_end_to_end_with_tiny_random_backbone(tmp_path, capsys) -> Non
     assert sorted(name for name, _ in rows) == ["image_AUROC", "image_F1Score", "pixel_AUROC", "pixel_F1Score"]
     assert all("RANDOM CLIP weights" in note for _, note in rows)
     visualisations = re.search(r"^visualisations: (.+)$", output, re.M).group(1)
-    assert len(list((tmp_path / "results").rglob("images/*/*.png"))) > 0
+    assert len(list((tmp_path / "results").rglob("images/**/*.png"))) > 0
     assert visualisations.startswith(str(tmp_path / "results"))
 
 

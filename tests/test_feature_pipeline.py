@@ -12,7 +12,6 @@ import open_clip
 import pytest
 import torch
 from anomalib.pre_processing.utils.transform import get_exportable_transform
-from lightning.pytorch import Trainer
 from PIL import Image
 from torch.nn import functional as F  # noqa: N812
 
@@ -21,7 +20,7 @@ from anomalib_mvfa.backbone import load_clip, runs_quick_gelu
 from anomalib_mvfa.image_io import read_image_file
 from anomalib_mvfa.pipeline import uses_quick_gelu
 
-from .conftest import TINY_CONFIG, TINY_IMAGE_SIZE
+from .conftest import TINY_CONFIG, TINY_IMAGE_SIZE, save_checkpoint_file
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI's published statistics, written out here
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -207,18 +206,11 @@ def test_memory_banks_hold_cls_tokens_under_authors_only(tiny_config) -> None:
 # -------------------------------------------------------------------- checkpoints
 
 
-def _checkpoint(model: Mvfa, path: Path) -> Path:
-    trainer = Trainer(logger=False, enable_checkpointing=False, enable_progress_bar=False, accelerator="cpu")
-    trainer.strategy.connect(model)
-    trainer.save_checkpoint(path)
-    return path
-
-
 def test_checkpoint_keeps_the_pipeline_and_refuses_a_conflicting_one(tmp_path) -> None:
     torch.manual_seed(0)
     model = Mvfa(**TINY_MODEL, epochs=0, k_shot=0, class_name="bottle", feature_pipeline="clip")
     model.setup()
-    path = _checkpoint(model, tmp_path / "clip.ckpt")
+    path = save_checkpoint_file(model, tmp_path / "clip.ckpt")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     assert checkpoint["mvfa_feature_pipeline"] == "clip"
 
@@ -245,7 +237,7 @@ def test_checkpoint_keeps_the_pipeline_and_refuses_a_conflicting_one(tmp_path) -
 def test_checkpoint_without_a_record_is_the_earlier_clip_pipeline(tmp_path) -> None:
     model = Mvfa(**TINY_MODEL, epochs=0, k_shot=0, class_name="bottle", feature_pipeline="clip")
     model.setup()
-    checkpoint = torch.load(_checkpoint(model, tmp_path / "old.ckpt"), map_location="cpu", weights_only=True)
+    checkpoint = torch.load(save_checkpoint_file(model, tmp_path / "old.ckpt"), map_location="cpu", weights_only=True)
     del checkpoint["mvfa_feature_pipeline"]
     checkpoint["hyper_parameters"].pop("feature_pipeline")
     default = Mvfa(**TINY_MODEL, epochs=0, k_shot=0)

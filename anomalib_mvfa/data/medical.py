@@ -48,6 +48,7 @@ MEDICAL_CATEGORIES = ("Brain", "Liver", "Retina_RESC", "Retina_OCT2017", "Chest"
 SEGMENTATION_CATEGORIES = ("Brain", "Liver", "Retina_RESC")
 SPLITS = ("valid", "test")
 SEED_LINE = re.compile(r"^\s*([an])-(\d+)\s*:\s*(.*)$")
+LABELS = ("good", "ungood")  # label folders of a split, compared in lower case
 
 
 # The reader of this layout is the package's own (16-bit aware, 1 to 4 channels), under its earlier name.
@@ -58,6 +59,24 @@ def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def layout_folder(parent: Path, name: str) -> Path:
+    """The child folder of ``parent`` named ``name`` in any letter case (``ungood``, ``IMG``, ...).
+
+    Returns ``parent / name`` when there is none (callers treat it as empty).
+
+    Raises:
+        ValueError: If several children match, for example ``Ungood`` and ``ungood``.
+    """
+    if not parent.is_dir():
+        return parent / name
+    matches = sorted(child for child in parent.iterdir() if child.is_dir() and child.name.lower() == name.lower())
+    if len(matches) > 1:
+        names = [match.name for match in matches]
+        msg = f"'{parent}' holds {len(matches)} folders named '{name}' in different letter cases: {names}."
+        raise ValueError(msg)
+    return matches[0] if matches else parent / name
 
 
 def category_folder(root: str | Path, category: str) -> Path:
@@ -83,13 +102,14 @@ def make_medical_samples(root: str | Path, category: str, split: str) -> pd.Data
     Raises:
         ValueError: If the split holds no image.
     """
-    base = category_folder(root, category) / split
+    base = layout_folder(category_folder(root, category), split)
+    _warn_about_unknown_folders(base)
     rows = []
     for label, label_index in (("good", LabelName.NORMAL), ("Ungood", LabelName.ABNORMAL)):
-        mask_folder = base / label / "anomaly_mask"
-        masks = {path.name: path for path in _image_files(mask_folder)}
+        label_folder = layout_folder(base, label)
+        masks = {path.name: path for path in _image_files(layout_folder(label_folder, "anomaly_mask"))}
         masks_by_stem = {path.stem: path for path in masks.values()}
-        for path in _image_files(base / label / "img"):
+        for path in _image_files(layout_folder(label_folder, "img")):
             mask = masks.get(path.name) or masks_by_stem.get(path.stem)
             rows.append(
                 {
@@ -106,13 +126,47 @@ def make_medical_samples(root: str | Path, category: str, split: str) -> pd.Data
         msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
         raise ValueError(msg)
     _check_masks(rows, category, base)
+    normal = sum(row["label_index"] == LabelName.NORMAL for row in rows)
+    with_masks = sum(bool(row["mask_path"]) for row in rows)
+    logger.info(
+        "MedicalAD %s/%s: %d normal and %d abnormal images (%d with masks).",
+        category,
+        split,
+        normal,
+        len(rows) - normal,
+        with_masks,
+    )
     return pd.DataFrame(rows)
 
 
+def _warn_about_unknown_folders(base: Path) -> None:
+    """Name the folders of a split that the layout does not read (a misspelt label loses its images)."""
+    if not base.is_dir():
+        return
+    unknown = sorted(child.name for child in base.iterdir() if child.is_dir() and child.name.lower() not in LABELS)
+    if unknown:
+        logger.warning(
+            "Split '%s' holds folders that are not read: %s (expected 'good' and 'Ungood', any letter case).",
+            base,
+            unknown,
+        )
+
+
 def _check_masks(rows: list[dict], category: str, base: Path) -> None:
-    """Every abnormal image needs a mask where the category has masks (or some of its images do)."""
+    """Every abnormal image needs a mask where the category has masks (or some of its images do).
+
+    A mask folder in which every mask is empty is refused too: its annotation was not read.
+    """
     abnormal = [row for row in rows if row["label_index"] == LabelName.ABNORMAL]
     missing = [Path(row["image_path"]).name for row in abnormal if not row["mask_path"]]
+    masked = [row["mask_path"] for row in abnormal if row["mask_path"]]
+    if masked and not any(read_mask_file(path).any() for path in masked):
+        msg = (
+            f"Every one of the {len(masked)} masks of abnormal images in '{Path(masked[0]).parent}' is empty: "
+            "no abnormal pixel was found in any channel (alpha included). Check that the masks mark the "
+            "anomalies with non-zero values."
+        )
+        raise ValueError(msg)
     if not missing or (category not in SEGMENTATION_CATEGORIES and len(missing) == len(abnormal)):
         return
     reason = "it is a segmentation category" if category in SEGMENTATION_CATEGORIES else "other images have masks"
@@ -210,6 +264,16 @@ def parse_seed_file(path: str | Path) -> dict[int, dict[str, list[str]]]:
     return draws
 
 
+def _seed_line_numbers(path: Path) -> dict[tuple[str, int], int]:
+    """``{("a" or "n", seed): line number}`` of an authors'-format seed file."""
+    numbers = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        match = SEED_LINE.match(line)
+        if match is not None:
+            numbers[match.group(1), int(match.group(2))] = number
+    return numbers
+
+
 class MedicalAD(AnomalibDataModule):
     """Datamodule of the medical benchmark layout (see the module docstring).
 
@@ -302,11 +366,20 @@ class MedicalAD(AnomalibDataModule):
         """Class name in the prompts for ``category`` (``class_names`` first, then the paper's)."""
         return self.class_names.get(category) or prompt_class_name(category)
 
-    def support_files(self, seed: int) -> dict[str, list[str]] | None:
+    def support_files(
+        self, seed: int, k_shot: int | None = None, kinds: Sequence[str] = ("normal", "abnormal")
+    ) -> dict[str, list[str]] | None:
         """File names the seed file fixes for ``seed`` (``None`` without a seed file).
 
+        Args:
+            seed: Selects the lines ``n-<seed>`` and ``a-<seed>``.
+            k_shot: When given, each line of ``kinds`` must name at least this many files (the
+                first ``k_shot`` are used, as in the authors' code).
+            kinds: The lines that must exist: ``"normal"`` (``n-``) and/or ``"abnormal"`` (``a-``).
+
         Raises:
-            ValueError: If the seed file has no line for ``seed``.
+            ValueError: If a line of ``kinds`` is missing or names fewer than ``k_shot`` files; the
+                message names the file and the line.
         """
         if self.seed_file is None:
             return None
@@ -314,4 +387,18 @@ class MedicalAD(AnomalibDataModule):
         if seed not in draws:
             msg = f"Seed file '{self.seed_file}' has no lines 'a-{seed}'/'n-{seed}'; it has seeds {sorted(draws)}."
             raise ValueError(msg)
+        lines = _seed_line_numbers(self.seed_file)
+        for kind in kinds:
+            prefix = "n" if kind == "normal" else "a"
+            number = lines.get((prefix, seed))
+            if number is None:
+                msg = f"Seed file '{self.seed_file}' has no '{prefix}-{seed}' line for the {kind} support images."
+                raise ValueError(msg)
+            count = len(draws[seed][kind])
+            if k_shot is not None and count < k_shot:
+                msg = (
+                    f"Seed file '{self.seed_file}', line {number} ('{prefix}-{seed}') names {count} file(s); "
+                    f"k_shot={k_shot} needs {k_shot}."
+                )
+                raise ValueError(msg)
         return draws[seed]
