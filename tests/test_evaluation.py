@@ -10,9 +10,12 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from anomalib_mvfa import Mvfa
-from anomalib_mvfa.cli import main
+from anomalib_mvfa.cli import console, main
 from anomalib_mvfa.evaluation import SplitScores, fusion_metrics
 
+from .conftest import save_checkpoint_file
+
+TINY_MODEL = {"backbone": "tiny-random", "pretrained": None, "image_size": 64, "feature_layers": (1, 2, 4)}
 TINY = ["--backbone", "tiny-random", "--pretrained", "none", "--image-size", "64", "--feature-layers", "1", "2", "4"]
 
 
@@ -128,3 +131,32 @@ def test_authors_layout_adapters_give_the_same_predictions_as_weights_set_by_han
     wrong = Mvfa(**{**tiny, "feature_layers": (2, 4)}, epochs=0)
     with pytest.raises(ValueError, match=r"Brain\.pth.*3 layer\(s\).*expects 2 layer\(s\)"):
         wrong.model.load_adapters(tmp_path / "Brain.pth")
+
+
+def test_evaluate_reports_unreadable_inputs_in_one_line(medical_root, tmp_path, capsys) -> None:
+    truncated = tmp_path / "model.ckpt"
+    save_checkpoint_file(Mvfa(**TINY_MODEL, k_shot=2, epochs=0), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])  # cut, as a full disk or an interrupted copy leaves it
+    for extra, expected in (
+        (["--ckpt-path", str(truncated)], f"Checkpoint '{truncated}' cannot be read as an Mvfa checkpoint"),
+        (["--adapter-checkpoint", "adapters/{cat}.pth"], "--adapter-checkpoint 'adapters/{cat}.pth' is not a valid"),
+    ):
+        code = console(["evaluate", "--root", str(medical_root), "--categories", "Brain", *TINY, *extra])
+        captured = capsys.readouterr()
+        assert code == 2
+        assert captured.err.startswith(f"anomalib-mvfa: error: {expected}")
+        assert "Traceback" not in captured.out + captured.err
+
+
+def test_evaluate_title_comes_from_the_evaluated_checkpoint(medical_root, tmp_path) -> None:
+    model = Mvfa(**TINY_MODEL, k_shot=2, epochs=0, class_name="Brain")
+    model.setup()  # text features, as a fit leaves them
+    path = save_checkpoint_file(model, tmp_path / "model.ckpt")
+    code = main([
+        "evaluate", "--root", str(medical_root), "--categories", "Brain", "--ckpt-path", str(path),
+        "--output", str(tmp_path / "out"),
+    ])  # fmt: skip
+    assert code == 0
+    title = (tmp_path / "out" / "few-shot_2shot.md").read_text().splitlines()[0]
+    assert "2-shot" in title  # the checkpoint's K, not the command's default of 4
+    assert "RANDOM CLIP weights" in title  # the checkpoint's CLIP is random, although --pretrained says openai
