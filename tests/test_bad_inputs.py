@@ -31,6 +31,7 @@ from anomalib_mvfa.image_io import read_image_file, read_mask_file
 from anomalib_mvfa.support import draw_from_folder, resize_image
 
 from .conftest import TINY_IMAGE_SIZE, save_checkpoint_file, write_medical_category
+from .test_weight_files import archive_that_runs_code, deflated_copy, torch_file
 
 TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
 
@@ -272,6 +273,28 @@ def seed_file_without_normal_line(tmp: Path) -> None:
     _fit_with_seed_file(tmp, "a-0: valid_Ungood_0.png valid_Ungood_1.JPEG\n", k_shot=2)
 
 
+def torchscript_weights_that_run_code(tmp: Path) -> None:
+    archive, marker = archive_that_runs_code(tmp)
+    try:
+        load_clip("tiny-random", archive, TINY_IMAGE_SIZE)
+    finally:
+        assert not marker.exists(), "the archive's code ran"
+
+
+def compressed_weights(tmp: Path) -> None:
+    torch.save({"visual.proj": torch.zeros(4 * 2**20)}, tmp / "plain.pt")
+    load_clip("tiny-random", deflated_copy(tmp / "plain.pt", tmp / "bomb.pt"), TINY_IMAGE_SIZE)
+
+
+def weights_declaring_more_than_they_hold(tmp: Path) -> None:
+    load_clip("tiny-random", torch_file(tmp / "liar.pt", declared_numel=2**32, held_bytes=16), TINY_IMAGE_SIZE)
+
+
+def weights_larger_than_the_backbone(tmp: Path) -> None:
+    numel = 10 * 2**20
+    load_clip("tiny-random", torch_file(tmp / "huge.pt", numel, held_bytes=4 * numel), TINY_IMAGE_SIZE)
+
+
 # --------------------------------------------------------------------------- settings
 
 
@@ -404,6 +427,26 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         weights_that_run_code,
         PretrainedWeightsError,
         r"Weights file '.*evil_weights\.pt' was refused: .*could run code",
+    ),
+    "TorchScript weights whose code writes a file when loaded": (
+        torchscript_weights_that_run_code,
+        PretrainedWeightsError,
+        r"Weights '.*ViT-B-16\.pt' do not fit backbone 'tiny-random': \d+ missing keys",
+    ),
+    "compressed weights (a decompression bomb)": (
+        compressed_weights,
+        PretrainedWeightsError,
+        r"bomb\.pt' was refused: 2 of its tensor entries are compressed",
+    ),
+    "weights declaring more bytes than they hold": (
+        weights_declaring_more_than_they_hold,
+        PretrainedWeightsError,
+        r"liar\.pt' was refused: it declares 17179869184 bytes for tensor storage '0' but holds 16",
+    ),
+    "weights larger than the backbone": (
+        weights_larger_than_the_backbone,
+        PretrainedWeightsError,
+        r"huge\.pt' was refused before loading: its tensors declare 40\.0 MiB, more than the 2\d\.\d MiB",
     ),
     "unknown backbone name": (
         unknown_backbone,

@@ -42,7 +42,7 @@ class TouchesAFile(torch.nn.Module):
         self.training = state[2]
 
 
-def _archive_that_runs_code(folder: Path) -> tuple[Path, Path]:
+def archive_that_runs_code(folder: Path) -> tuple[Path, Path]:
     marker = folder / "marker"
     archive = folder / "ViT-B-16.pt"
     torch.jit.save(torch.jit.script(TouchesAFile(str(marker))), str(archive))
@@ -53,14 +53,14 @@ def _archive_that_runs_code(folder: Path) -> tuple[Path, Path]:
 
 
 def test_torchscript_weights_never_run_their_code_in_python(tmp_path) -> None:
-    archive, marker = _archive_that_runs_code(tmp_path)
+    archive, marker = archive_that_runs_code(tmp_path)
     with pytest.raises(PretrainedWeightsError, match=r"ViT-B-16\.pt"):
         load_clip("tiny-random", archive, TINY_IMAGE_SIZE)
     assert not marker.exists()
 
 
 def test_torchscript_weights_never_run_their_code_from_the_command_line(tmp_path, capsys) -> None:
-    archive, marker = _archive_that_runs_code(tmp_path)
+    archive, marker = archive_that_runs_code(tmp_path)
     code = console([
         "demo", "--backbone", "tiny-random", "--pretrained", str(archive),
         "--root", str(tmp_path / "data"), "--results", str(tmp_path / "results"), "--epochs", "1",
@@ -80,7 +80,7 @@ def test_torchscript_reader_gives_the_archive_weights(tmp_path) -> None:
     assert all(torch.equal(read[key], value) for key, value in expected.items())
 
 
-def _deflated_copy(source: Path, target: Path) -> Path:
+def deflated_copy(source: Path, target: Path) -> Path:
     with zipfile.ZipFile(source) as original, zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as copy:
         for info in original.infolist():
             copy.writestr(info.filename, original.read(info))
@@ -89,7 +89,7 @@ def _deflated_copy(source: Path, target: Path) -> Path:
 
 def test_compressed_weights_are_refused_before_inflating(tmp_path) -> None:
     torch.save({"visual.proj": torch.zeros(4 * 2**20)}, tmp_path / "plain.pt")  # 16 MiB of zeros
-    bomb = _deflated_copy(tmp_path / "plain.pt", tmp_path / "bomb.pt")
+    bomb = deflated_copy(tmp_path / "plain.pt", tmp_path / "bomb.pt")
     assert bomb.stat().st_size < 2**20 / 10  # it inflates more than a hundredfold
     with pytest.raises(PretrainedWeightsError, match=r"bomb\.pt' was refused: .* tensor entries are compressed"):
         load_clip("tiny-random", bomb, TINY_IMAGE_SIZE)
@@ -118,7 +118,7 @@ class _TorchPickler(pickle.Pickler):
         return None
 
 
-def _torch_file(path: Path, declared_numel: int, held_bytes: int) -> Path:
+def torch_file(path: Path, declared_numel: int, held_bytes: int) -> Path:
     """A file in torch.save's layout whose one tensor declares ``declared_numel`` values."""
     buffer = io.BytesIO()
     _TorchPickler(buffer, protocol=2).dump({"visual.proj": _Tensor(_Storage(declared_numel))})
@@ -130,18 +130,18 @@ def _torch_file(path: Path, declared_numel: int, held_bytes: int) -> Path:
 
 
 def test_a_file_is_readable_when_it_holds_what_it_declares(tmp_path) -> None:
-    path = _torch_file(tmp_path / "honest.pt", declared_numel=4, held_bytes=16)  # the crafting is right
+    path = torch_file(tmp_path / "honest.pt", declared_numel=4, held_bytes=16)  # the crafting is right
     assert torch.equal(load_tensors_safely(path, "Weights file")["visual.proj"], torch.zeros(4))
 
 
 def test_weights_declaring_more_than_they_hold_are_refused(tmp_path) -> None:
-    path = _torch_file(tmp_path / "liar.pt", declared_numel=2**32, held_bytes=16)  # asks for 16 GiB
+    path = torch_file(tmp_path / "liar.pt", declared_numel=2**32, held_bytes=16)  # asks for 16 GiB
     with pytest.raises(PretrainedWeightsError, match=r"declares 17179869184 bytes for tensor storage '0' but holds 16"):
         load_clip("tiny-random", path, TINY_IMAGE_SIZE)
 
 
 def test_weights_larger_than_the_backbone_are_refused_before_loading(tmp_path) -> None:
     numel = 10 * 2**20  # 40 MiB, really held; the tiny backbone's budget is below 30 MiB
-    path = _torch_file(tmp_path / "huge.pt", declared_numel=numel, held_bytes=4 * numel)
+    path = torch_file(tmp_path / "huge.pt", declared_numel=numel, held_bytes=4 * numel)
     with pytest.raises(PretrainedWeightsError, match=r"declare 40\.0 MiB, more than the 2\d\.\d MiB"):
         load_clip("tiny-random", path, TINY_IMAGE_SIZE)
