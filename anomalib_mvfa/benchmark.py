@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import ctypes
 import importlib
 import inspect
 import io
@@ -64,6 +65,9 @@ from .utils import write_atomically
 
 logger = logging.getLogger(__name__)
 
+# glibc's mallopt parameter for the mmap threshold, and its initial value (see fix_mmap_threshold).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
 METRICS = ("image_AUROC", "pixel_AUROC", "image_F1Score", "fit_seconds", "images_per_second", "peak_memory_mb")
 
 
@@ -182,8 +186,27 @@ class PeakMemory:
             self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
 
 
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Keep glibc's allocator from raising its mmap threshold; return whether it could be set.
+
+    glibc serves a large block from the heap instead of mapping it once its threshold has risen,
+    and it raises the threshold (up to 32 MiB) whenever such a block is freed. anomalib's
+    k-center-greedy coreset (PatchCore, ``memory_bank_ratio`` of Mvfa) frees an N x k temporary
+    every step and keeps a small index tensor alive, which pins the freed holes: with fewer than
+    about 32 training images the heap then grows by megabytes a step until memory runs out,
+    depending on what ran in the process before. A fixed threshold (glibc's initial 128 KiB) maps
+    every such temporary and returns it on free.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to fix
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, size))
+
+
 def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int, config: BenchmarkConfig) -> dict:
     """Train and test one model on one datamodule category with one seed; return its row."""
+    fix_mmap_threshold()
     model_name = model_entry["class_path"].rsplit(".", 1)[1]
     data_class = load_class(data_entry["class_path"])
     data_args = dict(data_entry.get("init_args") or {})
