@@ -277,8 +277,13 @@ class Mvfa(AnomalibModule):
         return PostProcessor()
 
     def configure_callbacks(self) -> list[Callback]:
-        """Anomalib's components, the few-shot memory-bank callback and, while adapters train, ``last.ckpt``."""
-        resume = [ResumeCheckpoint()] if self.trains_adapters else []
+        """Anomalib's components, the few-shot memory-bank callback and, while adapters train, ``last.ckpt``.
+
+        ``last.ckpt`` is added only when the trainer checkpoints at all (not with
+        ``Engine(barebones=True)`` or ``enable_checkpointing=False``).
+        """
+        checkpointing = self._trainer is None or bool(self._trainer.checkpoint_callbacks)
+        resume = [ResumeCheckpoint()] if self.trains_adapters and checkpointing else []
         return [*super().configure_callbacks(), FewShotMemoryBankCallback(), *resume]
 
     def resolve_abnormal_source(self, datamodule: Any) -> str:

@@ -230,3 +230,11 @@ def test_visualisations_of_same_named_images_in_two_label_folders_both_stay(tmp_
     written = sorted((tmp_path / "results").rglob("images/**/*.*"))
     assert len([path for path in written if path.is_file()]) == 12
     assert any("Ungood" in str(path) for path in written)
+
+
+def test_barebones_engine_writes_no_checkpoint(tmp_path) -> None:
+    write_medical_category(tmp_path / "MVFA", "Brain", masks=True)
+    model = Mvfa(**TINY, k_shot=1, epochs=1)
+    engine = Engine(default_root_dir=tmp_path / "results", accelerator="cpu", devices=1, logger=False, barebones=True)
+    engine.fit(model, datamodule=MedicalAD(root=tmp_path / "MVFA", category="Brain", num_workers=0))
+    assert not list((tmp_path / "results").rglob("*.ckpt"))
