@@ -285,6 +285,14 @@ class FewShotMemoryBankCallback(Callback):
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         """Give the datamodule its own training loader back."""
         del trainer, pl_module, stage
+        self._restore_datamodule()
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        """A fit that raises (or is interrupted) skips ``teardown``: give the datamodule its loader back here."""
+        del trainer, pl_module, exception
+        self._restore_datamodule()
+
+    def _restore_datamodule(self) -> None:
         if self._patched_datamodule is not None:
             vars(self._patched_datamodule).pop("train_dataloader", None)
             self._patched_datamodule = None

@@ -190,6 +190,7 @@ def test_a_diverging_fit_stops_and_writes_no_model(tmp_path) -> None:
     datamodule = MedicalAD(root=tmp_path / "MVFA", category="Brain", num_workers=0, eval_batch_size=4)
     with pytest.raises(FloatingPointError, match=r"Mvfa training diverged: a loss of epoch \d+ .* NaN or infinite"):
         engine.fit(model, datamodule=datamodule)
+    assert "train_dataloader" not in vars(datamodule)  # the support set was served for the fit only
     assert not list((tmp_path / "results").rglob("*.ckpt"))
     assert not list((tmp_path / "results").rglob("mvfa_adapters.pth"))
 
