@@ -34,11 +34,13 @@ from typing import Any
 import torch
 from anomalib import LearningType
 from anomalib.data import Batch
+from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 from anomalib.metrics import Evaluator
 from anomalib.models.components import AnomalibModule
 from anomalib.post_processing import PostProcessor
 from anomalib.pre_processing import PreProcessor
 from anomalib.visualization import Visualizer
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch import nn
@@ -300,13 +302,16 @@ class Mvfa(AnomalibModule):
     def setup(self, stage: str | None = None) -> None:
         """Build the text features for the class name, unless already there (checkpoint).
 
-        The trainer's checkpoint writer is wrapped in :class:`AtomicCheckpointIO`, so that
-        ``model.ckpt`` and ``last.ckpt`` appear whole or not at all.
+        The trainer's default checkpoint writer (Lightning's or anomalib's) is replaced by
+        :class:`AtomicCheckpointIO`, so that ``model.ckpt`` and ``last.ckpt`` appear whole or not at
+        all; a writer of the user's own is left as it is.
         """
         del stage
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if strategy is not None and not isinstance(strategy.checkpoint_io, AtomicCheckpointIO):
-            strategy.checkpoint_io = AtomicCheckpointIO(strategy.checkpoint_io)
+        io = strategy.checkpoint_io if strategy is not None else None
+        if type(io) in {TorchCheckpointIO, AnomalibCheckpointIO}:
+            safe_globals = getattr(io, "extra_safe_globals", None)
+            strategy.checkpoint_io = AtomicCheckpointIO(extra_safe_globals=safe_globals)
         if self.model.text_features.numel() == 0:
             self.model.setup(class_name=self.resolve_class_name())
 

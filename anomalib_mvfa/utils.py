@@ -8,8 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
-from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 
 
 def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -41,39 +40,24 @@ def _umask() -> int:
     return mask
 
 
-class AtomicCheckpointIO(CheckpointIO):
-    """A checkpoint writer (Lightning's or anomalib's) whose checkpoints appear whole or not at all.
+class AtomicCheckpointIO(AnomalibCheckpointIO):
+    """anomalib's checkpoint writer, but a checkpoint appears whole or not at all (full disk, kill).
 
-    Local checkpoints are written by ``wrapped`` to a temporary file beside the target, synced and
-    renamed (a full disk or a kill leaves no truncated ``model.ckpt``); other paths (``s3://`` and
-    the like) and loading go to ``wrapped`` as they are.
+    Local checkpoints are written to a temporary file beside the target, synced and renamed;
+    other paths (``s3://`` and the like) are written as anomalib writes them. Loading is anomalib's
+    (``weights_only`` with the model's safe globals), and anomalib's Engine still recognises it.
 
     Example:
-        >>> trainer.strategy.checkpoint_io = AtomicCheckpointIO(trainer.strategy.checkpoint_io)  # doctest: +SKIP
+        >>> trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # doctest: +SKIP
     """
-
-    def __init__(self, wrapped: CheckpointIO | None = None) -> None:
-        self.wrapped = wrapped if wrapped is not None else TorchCheckpointIO()
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any = None) -> None:
         """Write ``checkpoint`` to ``path`` atomically."""
-        save = self.wrapped.save_checkpoint
+        save = super().save_checkpoint
         if "://" in str(path):
             save(checkpoint, path, storage_options)
             return
         write_atomically(path, lambda temporary: save(checkpoint, temporary, storage_options))
-
-    def load_checkpoint(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """Load with the wrapped writer."""
-        return self.wrapped.load_checkpoint(*args, **kwargs)
-
-    def remove_checkpoint(self, path: str | Path) -> None:
-        """Remove with the wrapped writer."""
-        self.wrapped.remove_checkpoint(path)
-
-    def teardown(self) -> None:
-        """Tear the wrapped writer down."""
-        self.wrapped.teardown()
 
 
 def export_atomically(export_root: str | Path, export: Callable[[Path], Path]) -> Path:
