@@ -252,8 +252,9 @@ def _defined_aurocs(results: dict[str, Any], datamodule: Any) -> tuple[dict[str,
     """
     values: dict[str, float | None] = {key: results.get(key) for key in ("image_AUROC", "pixel_AUROC")}
     reasons = []
-    labels = torch.tensor(datamodule.test_data.samples.label_index.tolist())
-    reason = undefined_auroc_reason(labels, "image_AUROC")
+    samples = getattr(getattr(datamodule, "test_data", None), "samples", None)
+    labels = torch.tensor(samples.label_index.tolist()) if samples is not None and "label_index" in samples else None
+    reason = None if labels is None else undefined_auroc_reason(labels, "image_AUROC")
     if reason is not None:
         values["image_AUROC"] = None
         reasons.append(reason)
