@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -126,9 +127,12 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except (PretrainedWeightsError, ValueError) as error:
-        print(f"error: {error}")
-        print("Offline, pass a local weights file (--pretrained /path/to/weights.pt) or run the tiny random")
-        print("backbone (--backbone tiny-random), whose scores mean nothing.")
+        print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
+        print(
+            "Offline, pass a local weights file (--pretrained /path/to/weights.pt) or run the tiny random\n"
+            "backbone (--backbone tiny-random), whose scores mean nothing.",
+            file=sys.stderr,
+        )
         return 2
 
     folder = generate_dataset(args.root, seed=args.seed)

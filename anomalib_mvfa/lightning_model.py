@@ -11,7 +11,7 @@ abnormal half synthesised from it by default), and FEW_SHOT or ZERO_SHOT only wh
 ``epochs=0`` (for example with ``adapter_checkpoint``). The optimisation then runs in
 Lightning's own fit loop: the few-shot callback serves the augmented support set as the
 training data, two Adam optimisers step in ``training_step`` (manual optimisation), and
-losses are logged per step and per epoch.
+epoch-mean losses are logged (and printed after each epoch).
 
 Example:
     >>> from anomalib.data import MVTecAD
@@ -56,6 +56,8 @@ from .support import SupportBatch, SupportDataset
 from .torch_model import MvfaModel
 from .utils import AtomicCheckpointIO, export_atomically
 from .visualization import MvfaVisualizer
+
+__all__ = ["Mvfa", "checkpoint_feature_pipeline"]
 
 logger = logging.getLogger(__name__)
 

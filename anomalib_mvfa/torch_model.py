@@ -41,6 +41,8 @@ from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
 from .tensor_files import load_tensors_safely
 from .utils import write_atomically
 
+__all__ = ["AdaptedTokens", "Adapter", "BranchOutputs", "MvfaModel", "TrainingOutputs"]
+
 logger = logging.getLogger(__name__)
 
 # Weights of the residual stream and the two adapter outputs after each feature layer.

@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end_with_tiny_random_backbone(tmp_path, capsys) -> Non
 
 def test_demo_offline_with_default_weights_fails_fast(tmp_path, capsys) -> None:
     code = main(["demo", "--root", str(tmp_path / "data"), "--results", str(tmp_path / "results")])
-    output = capsys.readouterr().out
+    output = capsys.readouterr().err  # errors go to stderr, as in the other commands
     assert code == 2
     assert "'openai'" in output
     assert "--pretrained /path/to/weights.pt" in output

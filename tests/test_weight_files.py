@@ -66,7 +66,7 @@ def test_torchscript_weights_never_run_their_code_from_the_command_line(tmp_path
         "--root", str(tmp_path / "data"), "--results", str(tmp_path / "results"), "--epochs", "1",
     ])  # fmt: skip
     assert code == 2
-    assert "ViT-B-16.pt" in capsys.readouterr().out
+    assert "ViT-B-16.pt" in capsys.readouterr().err
     assert not marker.exists()
 
 
