@@ -9,9 +9,20 @@ its adapters in both settings, so ``Mvfa`` reports ``LearningType.ONE_CLASS`` wh
 has epochs to train (its support set is drawn from the normal training split, the
 abnormal half synthesised from it by default), and FEW_SHOT or ZERO_SHOT only when
 ``epochs=0`` (for example with ``adapter_checkpoint``). The optimisation then runs in
-Lightning's own fit loop: the few-shot callback serves the augmented support set as the
-training data, two Adam optimisers step in ``training_step`` (manual optimisation), and
-epoch-mean losses are logged (and printed after each epoch).
+Lightning's own fit loop.
+
+What a fit iterates over: when the fit starts, the few-shot callback
+(:class:`~anomalib_mvfa.support.FewShotMemoryBankCallback`) draws and augments the support set
+and tells the model (:meth:`Mvfa.train_on`). The model then serves it from its own
+``train_dataloader`` hook: it points this fit's training source at itself instead of the
+datamodule, which is left untouched (its validation and test loaders serve as usual, and
+the next fit attaches the datamodule again). Two Adam optimisers step in ``training_step``
+(manual optimisation); Lightning averages the logged losses over each epoch, and the
+averages are printed after each epoch.
+
+Training-only inputs (``abnormal_source``, ``few_shot_source``, ``adapter_checkpoint``) are
+read when a fit starts, never when a checkpoint is loaded: testing, prediction and export
+need only the checkpoint (and the CLIP weights it names).
 
 Example:
     >>> from anomalib.data import MVTecAD
@@ -27,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -43,25 +55,26 @@ from anomalib.visualization import Visualizer
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import nn
+from torch.utils.data import DataLoader
+from torchmetrics import MeanMetric
 
 from .backbone import weights_fingerprint
-from .callback import FewShotMemoryBankCallback, ResumeCheckpoint
 from .loss import DetectionLoss, MvfaLoss
 from .metrics import mvfa_evaluator
 from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
 from .pre_processing import MvfaPreProcessor, mvfa_pre_processor
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
-from .support import SupportBatch, SupportDataset
+from .support import ABNORMAL_SOURCES, FewShotMemoryBankCallback, SupportBatch, TrainingSet
 from .torch_model import MvfaModel
-from .utils import AtomicCheckpointIO, export_atomically
+from .utils import AtomicCheckpointIO, ResumeCheckpoint, export_atomically
 from .visualization import MvfaVisualizer
 
 __all__ = ["Mvfa", "checkpoint_feature_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-ABNORMAL_SOURCES = ("auto", "synthetic", "validation", "train")
 FEW_SHOT_LEARNING_RATE = 1e-3
 # Support images run through the frozen prefix at once when the fit starts.
 PREFIX_CHUNK = 8
@@ -102,10 +115,11 @@ class Mvfa(AnomalibModule):
             split), a folder of abnormal images (masks in its ``masks/`` subfolder, same
             file stems; without masks they train the detection adapters only), or
             ``"auto"``: ``"train"`` when the training split holds abnormal images,
-            ``"synthetic"`` otherwise.
+            ``"synthetic"`` otherwise. A folder is checked when a fit starts.
         few_shot_source: Folder of normal support images instead of the training split.
         epochs: Training epochs over the augmented support set (the paper: 50). ``0``
-            trains nothing (use with ``adapter_checkpoint``).
+            trains nothing (use with ``adapter_checkpoint``). The progress bar and the log
+            count epochs from 0, as Lightning does.
         batch_size: Support images per optimisation step (the paper: 1).
         seg_learning_rate: Adam learning rate of the segmentation adapters. Default: the paper's
             1e-3 few-shot, 1e-4 zero-shot (``k_shot=0``).
@@ -113,7 +127,9 @@ class Mvfa(AnomalibModule):
         detection_loss: ``"authors"`` (BCE-with-logits on a probability, as published) or
             ``"bce"`` (corrected).
         seed: Seed of the support selection, the synthetic anomalies and the shuffling.
-        adapter_checkpoint: Adapters to start from, in the authors' layout.
+        adapter_checkpoint: Adapters to start from, in the authors' layout. Read when the model is
+            first set up by a trainer (or exported), unless a checkpoint is restored: the
+            checkpoint's adapters win, and a loaded checkpoint never needs this file.
         image_score_from_map: Image score = maximum of the fused anomaly map.
         cache_prefix: Few-shot training computes the frozen blocks before the first adapter
             once per support image and reuses them in every epoch (same result, less work).
@@ -188,8 +204,8 @@ class Mvfa(AnomalibModule):
             )
         # None: not chosen by the caller, so a loaded checkpoint's setting is adopted.
         self.requested_feature_pipeline = None if feature_pipeline is None else pipeline
-        if adapter_checkpoint:
-            self.model.load_adapters(adapter_checkpoint)
+        # read at the first setup or export, unless a checkpoint is restored first
+        self.pending_adapter_checkpoint = adapter_checkpoint or None
         self.loss = MvfaLoss(detection_loss=DetectionLoss(detection_loss))
         self.image_size = image_size
         self.k_shot = k_shot
@@ -201,12 +217,16 @@ class Mvfa(AnomalibModule):
         default_learning_rate = FEW_SHOT_LEARNING_RATE if k_shot else ZERO_SHOT_LEARNING_RATE
         self.seg_learning_rate = seg_learning_rate or default_learning_rate
         self.det_learning_rate = det_learning_rate or default_learning_rate
-        self.training_text_features: torch.Tensor | None = None  # C x 2 per training prompt class
         self.cache_prefix = cache_prefix
-        self._prefix_cache: torch.Tensor | None = None  # N x T x W, row i: support image i
         self.seed = seed
         self.automatic_optimization = False  # two optimisers, stepped together in training_step
-        self._epoch_loss_sums: torch.Tensor | None = None  # (steps, total, segmentation, detection)
+        # What the current fit trains on, as the few-shot callback said (train_on), and what is
+        # computed from it once when training starts.
+        self.training_set: TrainingSet | None = None
+        self._training_text_features: torch.Tensor | None = None  # n x C x 2, one per prompt class
+        self._prefix_cache: torch.Tensor | None = None  # N x T x W, row i: support image i
+        # epoch mean of the segmentation loss over the images with masks (weighted on the device)
+        self.train_seg_loss = MeanMetric(nan_strategy="disable")
 
     @staticmethod
     def _check_arguments(
@@ -215,8 +235,8 @@ class Mvfa(AnomalibModule):
         if k_shot < 0 or epochs < 0 or batch_size < 1:
             msg = f"Expected k_shot >= 0, epochs >= 0 and batch_size >= 1, got {k_shot}, {epochs} and {batch_size}."
             raise ValueError(msg)
-        if abnormal_source not in ABNORMAL_SOURCES and not Path(abnormal_source).is_dir():
-            msg = f"abnormal_source must be one of {ABNORMAL_SOURCES} or an existing folder, got '{abnormal_source}'."
+        if not isinstance(abnormal_source, str | Path) or not str(abnormal_source).strip():
+            msg = f"abnormal_source must be one of {ABNORMAL_SOURCES} or a folder, got {abnormal_source!r}."
             raise ValueError(msg)
         if class_name is not None and not class_name.strip():
             msg = "class_name must not be empty: give a name or leave it unset to use the datamodule's category."
@@ -288,21 +308,22 @@ class Mvfa(AnomalibModule):
         """
         checkpointing = self._trainer is None or bool(self._trainer.checkpoint_callbacks)
         resume = [ResumeCheckpoint()] if self.trains_adapters and checkpointing else []
-        return [*super().configure_callbacks(), FewShotMemoryBankCallback(), *resume]
-
-    def resolve_abnormal_source(self, datamodule: Any) -> str:
-        """The abnormal source this run uses (``"auto"`` resolved against the datamodule)."""
-        if self.abnormal_source != "auto":
-            return self.abnormal_source
-        train_data = getattr(datamodule, "train_data", None)
-        if train_data is not None and (train_data.samples.label_index == 1).sum() >= self.k_shot:
-            return "train"
-        return "synthetic"
+        support = FewShotMemoryBankCallback(
+            k_shot=self.k_shot,
+            seed=self.seed,
+            image_size=self.image_size,
+            abnormal_source=str(self.abnormal_source),
+            few_shot_source=self.few_shot_source,
+            batch_size=self.batch_size,
+            train_adapters=self.trains_adapters,
+            feature_pipeline=self.feature_pipeline.value,
+        )
+        return [*super().configure_callbacks(), support, *resume]
 
     # ------------------------------------------------------------------ setup
 
     def setup(self, stage: str | None = None) -> None:
-        """Build the text features for the class name, unless already there (checkpoint).
+        """Read ``adapter_checkpoint`` unless a checkpoint is restored; text features for the class name.
 
         The trainer's default checkpoint writer (Lightning's or anomalib's) is replaced by
         :class:`AtomicCheckpointIO`, so that ``model.ckpt`` and ``last.ckpt`` appear whole or not at
@@ -314,8 +335,17 @@ class Mvfa(AnomalibModule):
         if type(io) in {TorchCheckpointIO, AnomalibCheckpointIO}:
             safe_globals = getattr(io, "extra_safe_globals", None)
             strategy.checkpoint_io = AtomicCheckpointIO(extra_safe_globals=safe_globals)
+        restoring = self._trainer is not None and self._trainer.ckpt_path is not None
+        if not restoring:
+            self.load_pending_adapters()
         if self.model.text_features.numel() == 0:
             self.model.setup(class_name=self.resolve_class_name())
+
+    def load_pending_adapters(self) -> None:
+        """Load ``adapter_checkpoint`` into the adapters, once (a restored checkpoint cancels it)."""
+        if self.pending_adapter_checkpoint:
+            self.model.load_adapters(self.pending_adapter_checkpoint)
+            self.pending_adapter_checkpoint = None
 
     def resolve_class_name(self) -> str:
         """``class_name``, else the datamodule's name for its category, else ``"object"``."""
@@ -335,10 +365,10 @@ class Mvfa(AnomalibModule):
         transform = self.pre_processor.transform if self.pre_processor is not None else None
         return transform(images) if transform is not None else images
 
-    @torch.no_grad()
-    def set_training_prompts(self, class_names: Sequence[str]) -> None:
-        """Text features of each training prompt class (``n x C x 2``), used by ``training_step``."""
-        self.training_text_features = torch.stack([self.model.encode_prompts(name) for name in class_names])
+    @property
+    def has_memory_bank(self) -> bool:
+        """Whether memory banks exist (built, or restored from a checkpoint)."""
+        return self.model.has_memory_bank
 
     @torch.no_grad()
     def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor) -> None:
@@ -357,21 +387,56 @@ class Mvfa(AnomalibModule):
             torch.optim.Adam(self.model.det_adapters.parameters(), lr=self.det_learning_rate, betas=(0.5, 0.999)),
         ]
 
+    def train_on(self, training_set: TrainingSet) -> None:
+        """Train on ``training_set`` in the fit that is starting (the few-shot callback calls this).
+
+        The fit's training batches then come from :meth:`train_dataloader`; the datamodule, whose
+        training split MVFA does not iterate over, is not modified.
+
+        Raises:
+            RuntimeError: If the trainer's fit loop has no training source to point at this model
+                (a Lightning version this package does not know).
+        """
+        self.training_set = training_set
+        source = getattr(getattr(self.trainer, "fit_loop", None), "_data_source", None)
+        if source is None or not hasattr(source, "instance"):
+            msg = (
+                "Mvfa cannot serve its support set to this Lightning version's fit loop (no fit_loop._data_source); "
+                "install a Lightning version that anomalib-mvfa supports (see its pyproject.toml)."
+            )
+            raise RuntimeError(msg)
+        source.instance = self
+
+    def train_dataloader(self) -> DataLoader:
+        """The training set of the current fit, in a seeded order per epoch.
+
+        Raises:
+            RuntimeError: If no training set was given (the few-shot callback was removed).
+        """
+        if self.training_set is None:
+            msg = (
+                "Mvfa has no training set: its FewShotMemoryBankCallback (added by configure_callbacks) draws one "
+                "when a fit starts. Do not remove it from the trainer's callbacks."
+            )
+            raise RuntimeError(msg)
+        return self.training_set.loader()
+
     def training_step(self, batch: SupportBatch, batch_idx: int) -> STEP_OUTPUT:
-        """One MVFA step on a batch of augmented support images."""
+        """One MVFA step on a batch of augmented support images; no value is read back from the device."""
         del batch_idx
         seg_optimizer, det_optimizer = self.optimizers()
         text_features = None
-        if self.training_text_features is not None:
-            text_features = self.training_text_features.to(batch.image.device)[batch.class_index]
+        if self._training_text_features is not None:
+            text_features = self._training_text_features[batch.class_index]
         if self._prefix_cache is not None:
-            prefix = self._prefix_cache[batch.index]  # indexed on the device: no host synchronisation
-            outputs = self.model.training_outputs(
-                self.model.encode_from(prefix, start=self.model.feature_layers[0]), text_features
-            )
-        else:
-            outputs = self.model(batch.image, text_features=text_features)
-        seg_loss, det_loss = self.loss(outputs, batch.gt_label, batch.gt_mask, batch.has_mask)
+            prefix = self._prefix_cache[batch.index]  # indexed on the device
+            tokens = self.model.encode_from(prefix, start=self.model.feature_layers[0])
+        else:  # anomalib's PreProcessor callback has transformed batch.image already
+            self.model.check_images(batch.image, "support images", finite=False)
+            tokens = self.model.encode(batch.image)
+        outputs = self.model.training_outputs(tokens, text_features)
+        masks = batch.gt_mask if self.training_set is None or self.training_set.segmentation else None
+        seg_loss, det_loss = self.loss(outputs, batch.gt_label, masks, batch.has_mask)
         loss = det_loss if seg_loss is None else seg_loss + det_loss
         seg_optimizer.zero_grad()
         det_optimizer.zero_grad()
@@ -379,62 +444,81 @@ class Mvfa(AnomalibModule):
         seg_optimizer.step()
         det_optimizer.step()
         size = batch.image.shape[0]
-        step_losses = torch.stack(
-            [torch.ones_like(loss), loss, seg_loss if seg_loss is not None else 0 * loss, det_loss]
-        )
-        sums = step_losses.detach() if self._epoch_loss_sums is None else self._epoch_loss_sums + step_losses.detach()
-        self._epoch_loss_sums = sums
-        # epoch means only: a per-step value in the progress bar would synchronise with the GPU every step
+        # epoch means only: a per-step value in the progress bar would synchronise with the device every step
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
         self.log("train_det_loss", det_loss, on_step=False, on_epoch=True, batch_size=size)
         if seg_loss is not None:
-            self.log("train_seg_loss", seg_loss, on_step=False, on_epoch=True, batch_size=size)
+            self.train_seg_loss.update(seg_loss.detach(), weight=batch.has_mask.sum())
+            self.log("train_seg_loss", self.train_seg_loss, on_step=False, on_epoch=True)
         return {"loss": loss.detach()}
 
-    def on_train_start(self) -> None:
-        """Compute the frozen prefix of every augmented support image once for the whole fit.
+    def on_fit_start(self) -> None:
+        """Silence Lightning's "modules in eval mode" warning when those modules are the frozen CLIP's only.
 
-        Applies when ``cache_prefix`` is set and the fit runs on the few-shot support set.
+        CLIP stays in eval mode on purpose (:meth:`MvfaModel.train`); any other module in eval mode is
+        still reported.
         """
-        self._prefix_cache = None
-        dataset = getattr(self.trainer.train_dataloader, "dataset", None)
-        if not (self.cache_prefix and isinstance(dataset, SupportDataset)):
-            return
-        images = self.preprocess(dataset.images.to(self.device))
-        self.model.check_images(images, "support images")
-        self._prefix_cache = torch.cat([self.model.encode_prefix(chunk) for chunk in images.split(PREFIX_CHUNK)])
+        in_eval = [name for name, module in self.named_modules() if not module.training]
+        if in_eval and all(name == "model.clip" or name.startswith("model.clip.") for name in in_eval):
+            warnings.filterwarnings(
+                "ignore",
+                message=rf"Found {len(in_eval)} module\(s\) in eval mode at the start of training",
+                category=PossibleUserWarning,
+            )
 
-    def on_train_end(self) -> None:
-        """Free the prefix cache."""
-        self._prefix_cache = None
+    @torch.no_grad()
+    def on_train_start(self) -> None:
+        """Compute what every step needs once: training text features; the frozen prefix of in-memory images.
 
-    def on_train_epoch_end(self) -> None:
-        """Log the epoch's mean losses (also in the console, so that a run shows them falling).
+        The prefix (the blocks before the first adapter) is cached when ``cache_prefix`` is set
+        and the training set holds its images in memory (the few-shot support set).
 
         Raises:
-            FloatingPointError: If a loss of the epoch was NaN or infinite. Lightning runs this hook
+            RuntimeError: If no training set was given.
+        """
+        if self.training_set is None:
+            self.train_dataloader()  # raises, naming the cause
+        names = self.training_set.class_names
+        self._training_text_features = torch.stack([self.model.encode_prompts(n) for n in names]) if names else None
+        self._prefix_cache = None
+        if self.cache_prefix and self.training_set.images is not None:
+            images = self.preprocess(self.training_set.images.to(self.device))
+            self.model.check_images(images, "support images")
+            self._prefix_cache = torch.cat([self.model.encode_prefix(chunk) for chunk in images.split(PREFIX_CHUNK)])
+
+    def on_train_end(self) -> None:
+        """Free what the fit computed from its training set."""
+        self._prefix_cache = None
+        self._training_text_features = None
+        self.training_set = None
+
+    def on_train_epoch_end(self) -> None:
+        """Print the epoch's mean losses (as Lightning logged them), so that a run shows them falling.
+
+        Raises:
+            FloatingPointError: If the epoch's mean loss is NaN or infinite. Lightning runs this hook
                 before its checkpoint callbacks, so nothing of the diverged run is saved.
         """
-        if self._epoch_loss_sums is None:
+        logged = self.trainer.callback_metrics
+        if "train_loss" not in logged:
             return
-        steps, total, segmentation, detection = (self._epoch_loss_sums / self._epoch_loss_sums[0]).tolist()
+        total = float(logged["train_loss"])
         if not math.isfinite(total):
-            self._epoch_loss_sums = None
             msg = (
-                f"Mvfa training diverged: a loss of epoch {self.current_epoch + 1} over {int(steps)} step(s) is NaN or "
-                f"infinite (learning rates {self.seg_learning_rate:g} and {self.det_learning_rate:g}). The fit is "
-                "stopped and no model or adapter file is written; lower the learning rates or check the images."
+                f"Mvfa training diverged: the mean loss of epoch {self.current_epoch} is NaN or infinite (learning "
+                f"rates {self.seg_learning_rate:g} and {self.det_learning_rate:g}). The fit is stopped and no model "
+                "or adapter file is written; lower the learning rates or check the images."
             )
             raise FloatingPointError(msg)
+        segmentation = f"{float(logged['train_seg_loss']):.4f}" if "train_seg_loss" in logged else "not trained"
         logger.info(
-            "Mvfa epoch %d/%d: loss %.4f (segmentation %.4f, detection %.4f)",
-            self.current_epoch + 1,
-            self.epochs,
+            "Mvfa epoch %d/%d: loss %.4f (segmentation %s, detection %.4f)",
+            self.current_epoch,
+            self.epochs - 1,
             total,
             segmentation,
-            detection,
+            float(logged["train_det_loss"]),
         )
-        self._epoch_loss_sums = None
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
         """Score a validation batch (thresholds and normalisation come from these scores)."""
@@ -446,6 +530,7 @@ class Mvfa(AnomalibModule):
 
     def save_adapters(self, path: str | Path) -> Path:
         """Write the adapters alone, in the authors' layout."""
+        self.load_pending_adapters()
         return self.model.save_adapters(path)
 
     def _check_clip_weights(self, stored: dict[str, str] | None) -> None:
@@ -493,16 +578,19 @@ class Mvfa(AnomalibModule):
 
     def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
         """Anomalib's torch export, written whole or not at all (see :func:`export_atomically`)."""
+        self.load_pending_adapters()
         export = super().to_torch
         return export_atomically(export_root, lambda root: export(root, model_file_name))
 
     def to_onnx(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         """Anomalib's ONNX export, written whole or not at all."""
+        self.load_pending_adapters()
         export = super().to_onnx
         return export_atomically(export_root, lambda root: export(root, *args, **kwargs))
 
     def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         """Anomalib's OpenVINO export (``.bin`` moved before ``.xml``), written whole or not at all."""
+        self.load_pending_adapters()
         export = super().to_openvino
         return export_atomically(export_root, lambda root: export(root, *args, **kwargs))
 
@@ -538,6 +626,7 @@ class Mvfa(AnomalibModule):
             raise ValueError(msg)
         self._check_clip_weights(checkpoint.get(CHECKPOINT_WEIGHTS_KEY))
         self.adopt_feature_pipeline(checkpoint_feature_pipeline(checkpoint))
+        self.pending_adapter_checkpoint = None  # the checkpoint holds the adapters
         super().on_load_checkpoint(checkpoint)
         clip_state = {f"model.clip.{key}": value for key, value in self.model.clip.state_dict().items()}
         checkpoint["state_dict"] = {**clip_state, **checkpoint["state_dict"]}  # saved CLIP weights win

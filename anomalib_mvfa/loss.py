@@ -5,6 +5,10 @@ logits plus a binary Dice loss on the abnormal channel. Detection: binary
 cross-entropy between the image label and the mean abnormal probability of the
 detection tokens. Each loss is summed over the feature layers.
 
+Images whose mask is unknown are left out of the segmentation loss by a per-sample
+weight of zero, not by selecting samples: nothing in the loss reads a value back from
+the device, so a GPU never waits in the training step.
+
 The authors apply ``BCEWithLogitsLoss`` to that probability, i.e. they pass it
 through a second sigmoid. :attr:`DetectionLoss.AUTHORS` reproduces this (the
 default, so that published numbers can be reproduced); :attr:`DetectionLoss.BCE`
@@ -20,6 +24,7 @@ Example:
 from __future__ import annotations
 
 from enum import Enum
+from typing import Literal
 
 import torch
 from torch import nn
@@ -44,6 +49,7 @@ def focal_loss(
     target: torch.Tensor,
     gamma: float = 2.0,
     smooth: float = 1e-5,
+    reduction: Literal["mean", "none"] = "mean",
 ) -> torch.Tensor:
     """Focal loss on class probabilities.
 
@@ -56,6 +62,7 @@ def focal_loss(
         target: ``B x H x W`` (or ``B x 1 x H x W``) class indices.
         gamma: Focusing parameter.
         smooth: Label smoothing and log offset.
+        reduction: ``"mean"`` over all pixels, or ``"none"``: the mean of each image (``B``).
 
     Example:
         >>> probabilities = torch.tensor([0.9, 0.1]).reshape(1, 2, 1, 1)
@@ -63,19 +70,27 @@ def focal_loss(
         0.00105
     """
     target = target.reshape(probabilities.shape[0], *probabilities.shape[2:]).long()
-    one_hot = F.one_hot(target, probabilities.shape[1]).movedim(-1, 1).to(probabilities.dtype)
+    classes = torch.arange(probabilities.shape[1], device=target.device).view(1, -1, *[1] * (target.dim() - 1))
+    one_hot = (target.unsqueeze(1) == classes).to(probabilities.dtype)  # F.one_hot reads the maximum back
     one_hot = one_hot.clamp(smooth / (probabilities.shape[1] - 1), 1.0 - smooth)
     p_true = (one_hot * probabilities).sum(dim=1) + smooth
-    return (-((1.0 - p_true) ** gamma) * p_true.log()).mean()
+    loss = -((1.0 - p_true) ** gamma) * p_true.log()
+    return loss.mean() if reduction == "mean" else loss.flatten(1).mean(dim=1)
 
 
-def dice_loss(probabilities: torch.Tensor, target: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
+def dice_loss(
+    probabilities: torch.Tensor,
+    target: torch.Tensor,
+    smooth: float = 1.0,
+    reduction: Literal["mean", "none"] = "mean",
+) -> torch.Tensor:
     """Binary Dice loss ``1 - mean_b (2 |P T| + s) / (|P| + |T| + s)``.
 
     Args:
         probabilities: ``B x H x W`` probabilities of the positive class.
         target: ``B x H x W`` binary targets.
         smooth: Added to numerator and denominator.
+        reduction: ``"mean"`` over images, or ``"none"``: the loss of each image (``B``).
 
     Example:
         >>> round(dice_loss(torch.ones(1, 2, 2), torch.ones(1, 2, 2)).item(), 5)
@@ -84,7 +99,18 @@ def dice_loss(probabilities: torch.Tensor, target: torch.Tensor, smooth: float =
     predicted = probabilities.flatten(1)
     target = target.reshape(predicted.shape).to(predicted.dtype)
     dice = (2 * (predicted * target).sum(dim=1) + smooth) / (predicted.sum(dim=1) + target.sum(dim=1) + smooth)
-    return 1.0 - dice.mean()
+    return 1.0 - dice.mean() if reduction == "mean" else 1.0 - dice
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w * v) / sum(w)``, and 0 when all weights are 0 (no division by zero, no host synchronisation).
+
+    Example:
+        >>> weighted_mean(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0])).item()
+        1.0
+    """
+    weights = weights.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 class MvfaLoss(nn.Module):
@@ -112,13 +138,21 @@ class MvfaLoss(nn.Module):
         self.detection_loss = DetectionLoss(detection_loss)
         self.mask_threshold = mask_threshold
 
-    def segmentation(self, logits: list[torch.Tensor], masks: torch.Tensor) -> torch.Tensor:
-        """Focal + Dice loss of the upsampled segmentation logits against ``masks``."""
+    def segmentation(
+        self, logits: list[torch.Tensor], masks: torch.Tensor, weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Focal + Dice loss of the upsampled segmentation logits against ``masks``.
+
+        ``weights`` (``B``, default all 1) weigh each image's loss; the result is their weighted mean.
+        """
         target = (masks.reshape(masks.shape[0], *logits[0].shape[2:]) > self.mask_threshold).float()
+        weights = target.new_ones(target.shape[0]) if weights is None else weights.reshape(-1)
         total = logits[0].new_zeros(())
         for layer_logits in logits:
             probabilities = torch.softmax(layer_logits, dim=1)
-            total = total + focal_loss(probabilities, target) + dice_loss(probabilities[:, 1], target)
+            focal = focal_loss(probabilities, target, reduction="none")
+            dice = dice_loss(probabilities[:, 1], target, reduction="none")
+            total = total + weighted_mean(focal, weights) + weighted_mean(dice, weights)
         return total
 
     def detection(self, logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
@@ -146,16 +180,13 @@ class MvfaLoss(nn.Module):
             outputs: The model's training outputs.
             labels: ``B`` image labels (1: abnormal).
             masks: ``B x H x W`` masks, or ``None`` when no sample has one.
-            has_mask: Optional ``B`` booleans: only these samples enter the segmentation loss.
+            has_mask: Optional ``B`` booleans: only these samples enter the segmentation loss
+                (as weights; a batch without any gives a segmentation loss of 0).
 
         Returns:
-            The segmentation loss (``None`` when no sample has a mask) and the detection loss.
+            The segmentation loss (``None`` when ``masks`` is ``None``) and the detection loss.
         """
         segmentation = None
-        logits = outputs.segmentation_logits
-        if masks is not None and has_mask is not None:
-            has_mask = has_mask.reshape(-1).bool()
-            logits, masks = [layer[has_mask] for layer in logits], masks[has_mask]
-        if masks is not None and masks.shape[0] > 0:
-            segmentation = self.segmentation(logits, masks)
+        if masks is not None:
+            segmentation = self.segmentation(outputs.segmentation_logits, masks, has_mask)
         return segmentation, self.detection(outputs.detection_logits, labels)

@@ -41,7 +41,7 @@ from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
 from .tensor_files import load_tensors_safely
 from .utils import write_atomically
 
-__all__ = ["AdaptedTokens", "Adapter", "BranchOutputs", "MvfaModel", "TrainingOutputs"]
+__all__ = ["AdaptedTokens", "Adapter", "BranchOutputs", "MvfaModel", "Scores", "TrainingOutputs"]
 
 logger = logging.getLogger(__name__)
 
@@ -157,6 +157,21 @@ class BranchOutputs:
     zero_shot_score: torch.Tensor
     few_shot_map: torch.Tensor | None = None
     few_shot_score: torch.Tensor | None = None
+
+
+@dataclass
+class Scores:
+    """What scoring images gives: both branches' raw outputs and the model's fused result.
+
+    Attributes:
+        branches: The raw outputs of both branches (see :class:`BranchOutputs`).
+        pred_score: ``B`` fused image scores (the maximum of the map with ``image_score_from_map``).
+        anomaly_map: ``B x H x W`` fused anomaly maps.
+    """
+
+    branches: BranchOutputs
+    pred_score: torch.Tensor
+    anomaly_map: torch.Tensor
 
 
 @dataclass
@@ -693,12 +708,26 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         if self.training:
             self.check_images(images, finite=False)
             return self.training_outputs(self.encode(images), text_features)
-        with torch.no_grad():
-            outputs = self.branch_outputs(images)
-            pred_score, anomaly_map = self.fuse(outputs)
+        scores = self.score(images)
+        return InferenceBatch(pred_score=scores.pred_score, anomaly_map=scores.anomaly_map)
+
+    @torch.no_grad()
+    def score(self, images: torch.Tensor) -> Scores:
+        """Score preprocessed images: both branches and their fusion (the one scoring path).
+
+        ``forward`` (and so anomalib's test, predict and export) returns the fused part;
+        ``anomalib-mvfa evaluate`` also uses the branches for the authors' offline fusion.
+
+        Example:
+            >>> scores = model.eval().score(images)  # doctest: +SKIP
+            >>> scores.branches.zero_shot_map.shape == scores.anomaly_map.shape  # doctest: +SKIP
+            True
+        """
+        branches = self.branch_outputs(images)
+        pred_score, anomaly_map = self.fuse(branches)
         if self.image_score_from_map:
             pred_score = anomaly_map.flatten(1).amax(dim=1)
-        return InferenceBatch(pred_score=pred_score, anomaly_map=anomaly_map)
+        return Scores(branches, pred_score, anomaly_map)
 
     def training_outputs(self, tokens: AdaptedTokens, text_features: torch.Tensor | None = None) -> TrainingOutputs:
         """What the losses need from adapted tokens (see :class:`TrainingOutputs`)."""

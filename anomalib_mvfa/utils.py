@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
+from lightning.pytorch.callbacks import ModelCheckpoint
 
 
 def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -81,3 +82,22 @@ def export_atomically(export_root: str | Path, export: Callable[[Path], Path]) -
             if file.is_file():
                 Path(file).replace(target.parent / file.name)
     return target
+
+
+class ResumeCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every training epoch, to resume an interrupted fit with ``--ckpt_path``.
+
+    anomalib's own checkpoint (``model.ckpt``) is written only after the last epoch's validation.
+
+    Example:
+        >>> ResumeCheckpoint().state_key
+        'MvfaResumeCheckpoint'
+    """
+
+    def __init__(self) -> None:
+        super().__init__(filename="last", enable_version_counter=False, save_on_train_epoch_end=True)
+
+    @property
+    def state_key(self) -> str:
+        """Distinct from anomalib's checkpoint callback in the checkpoint's callback states."""
+        return "MvfaResumeCheckpoint"

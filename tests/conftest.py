@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from anomalib.data import Folder
+from anomalib.engine import Engine
+from lightning.pytorch import Callback, Trainer
 from PIL import Image
 
 from anomalib_mvfa import Mvfa, MvfaModel
@@ -152,3 +154,31 @@ def save_checkpoint_file(model: Mvfa, path: Path) -> Path:
     trainer.strategy.connect(model)
     trainer.save_checkpoint(path)
     return path
+
+
+def folder_datamodule(root: Path) -> Folder:
+    """anomalib's Folder datamodule over a dataset written by ``write_dataset(root, "folder")``."""
+    return Folder(
+        name="scans",
+        root=root,
+        normal_dir="train/good",
+        normal_test_dir="test/good",
+        abnormal_dir="test/broken",
+        mask_dir="ground_truth/broken",
+        train_batch_size=4,
+        eval_batch_size=4,
+        num_workers=0,
+        seed=0,
+    )
+
+
+def cpu_engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
+    """anomalib's Engine on the CPU, quiet: no logger, no progress bar."""
+    return Engine(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=callbacks or [],
+    )

@@ -25,7 +25,7 @@ from PIL import Image
 
 from anomalib_mvfa import Mvfa, MvfaModel
 from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip, resolve_model_config
-from anomalib_mvfa.cli import console
+from anomalib_mvfa.commands import console
 from anomalib_mvfa.data import MedicalAD
 from anomalib_mvfa.image_io import read_image_file, read_mask_file
 from anomalib_mvfa.support import draw_from_folder, resize_image

@@ -8,8 +8,17 @@ import os
 import pytest
 import yaml
 
-from anomalib_mvfa.benchmark import METRICS
-from anomalib_mvfa.cli import main
+from anomalib_mvfa.commands import main
+from anomalib_mvfa.commands.benchmark import METRICS
+
+
+def mvtec_entry(root: object) -> dict:
+    """The generated MVTec AD dataset as a benchmark data entry."""
+    return {
+        "class_path": "anomalib.data.MVTecAD",
+        "init_args": {"root": str(root), "val_split_mode": "from_test", "num_workers": 0},
+    }
+
 
 MVFA_TINY = {"backbone": "tiny-random", "image_size": 64, "feature_layers": [1, 2, 4], "k_shot": 2, "epochs": 1}
 
@@ -68,12 +77,7 @@ def test_benchmark_config_errors_name_the_problem(tmp_path) -> None:
 def test_benchmark_workers_give_the_rows_of_a_sequential_run(mvtec_root, tmp_path, capsys) -> None:
     config = {
         "models": [{"class_path": "anomalib_mvfa.Mvfa", "init_args": MVFA_TINY}],
-        "data": [
-            {
-                "class_path": "anomalib.data.MVTecAD",
-                "init_args": {"root": str(mvtec_root), "val_split_mode": "from_test", "num_workers": 0},
-            }
-        ],
+        "data": [mvtec_entry(mvtec_root)],
         "categories": ["bottle"],
         "seeds": [0, 1],
     }
@@ -109,12 +113,7 @@ def test_each_job_runs_in_its_own_process_and_a_dead_one_is_reported(mvtec_root,
             {"class_path": "tests.test_benchmark.DiesOnConstruction"},
             {"class_path": "anomalib_mvfa.Mvfa", "init_args": MVFA_TINY},
         ],
-        "data": [
-            {
-                "class_path": "anomalib.data.MVTecAD",
-                "init_args": {"root": str(mvtec_root), "val_split_mode": "from_test", "num_workers": 0},
-            }
-        ],
+        "data": [mvtec_entry(mvtec_root)],
         "categories": ["bottle"],
         "seeds": [0],
     }

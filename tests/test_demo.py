@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from anomalib_mvfa.cli import main
+from anomalib_mvfa.commands import main
 
 
 def test_demo_runs_end_to_end_with_tiny_random_backbone(tmp_path, capsys) -> None:

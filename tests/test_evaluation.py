@@ -10,8 +10,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from anomalib_mvfa import Mvfa
-from anomalib_mvfa.cli import console, main
-from anomalib_mvfa.evaluation import SplitScores, fusion_metrics
+from anomalib_mvfa.commands import console, main
+from anomalib_mvfa.commands.evaluate import SplitScores, fusion_metrics
 
 from .conftest import save_checkpoint_file
 
@@ -113,6 +113,7 @@ def test_authors_layout_adapters_give_the_same_predictions_as_weights_set_by_han
     torch.save(layout, tmp_path / "Brain.pth")
     tiny = {"backbone": "tiny-random", "pretrained": None, "image_size": 64, "feature_layers": (1, 2, 4)}
     loaded = Mvfa(**tiny, epochs=0, adapter_checkpoint=str(tmp_path / "Brain.pth"))
+    loaded.setup("test")  # as a trainer does first: the adapter file is read here
     by_hand = Mvfa(**tiny, epochs=0)
     for branch, adapters in (
         ("seg_adapters", by_hand.model.seg_adapters),

@@ -11,6 +11,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from anomalib_mvfa import Mvfa
 
+from .conftest import cpu_engine
 from .test_lightning import TINY_MODEL, mvtec
 
 
@@ -30,17 +31,6 @@ class _InterruptAtEpoch(Callback):
             raise _InterruptedError
 
 
-def _engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
-    return Engine(
-        default_root_dir=root,
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_progress_bar=False,
-        callbacks=callbacks or [],
-    )
-
-
 def _adapters(model: Mvfa) -> dict[str, torch.Tensor]:
     state = model.model.adapter_state_dict()
     return {f"{branch}.{key}": value for branch in state for key, value in state[branch].items()}
@@ -55,7 +45,7 @@ def test_same_seed_gives_bitwise_identical_adapters_and_scores(tmp_path, mvtec_r
     runs = []
     for name in ("first", "second"):
         model = Mvfa(**TINY_MODEL, epochs=2, seed=3)
-        engine = _engine(tmp_path / name)
+        engine = cpu_engine(tmp_path / name)
         engine.fit(model, datamodule=mvtec(mvtec_root))
         runs.append((_adapters(model), *_predictions(engine, model, mvtec_root)))
     (adapters_a, scores_a, maps_a), (adapters_b, scores_b, maps_b) = runs
@@ -64,23 +54,23 @@ def test_same_seed_gives_bitwise_identical_adapters_and_scores(tmp_path, mvtec_r
     assert torch.equal(maps_a, maps_b)
     # another seed gives other adapters: the comparison can fail
     other = Mvfa(**TINY_MODEL, epochs=2, seed=4)
-    _engine(tmp_path / "other").fit(other, datamodule=mvtec(mvtec_root))
+    cpu_engine(tmp_path / "other").fit(other, datamodule=mvtec(mvtec_root))
     assert any(not torch.equal(adapters_a[key], value) for key, value in _adapters(other).items())
 
 
 def test_resumed_fit_ends_with_the_adapters_of_an_uninterrupted_fit(tmp_path, mvtec_root) -> None:
     uninterrupted = Mvfa(**TINY_MODEL, epochs=4)
-    _engine(tmp_path / "uninterrupted").fit(uninterrupted, datamodule=mvtec(mvtec_root))
+    cpu_engine(tmp_path / "uninterrupted").fit(uninterrupted, datamodule=mvtec(mvtec_root))
 
     interrupted = Mvfa(**TINY_MODEL, epochs=4)
     with pytest.raises(_InterruptedError):
-        _engine(tmp_path / "interrupted", [_InterruptAtEpoch(2)]).fit(interrupted, datamodule=mvtec(mvtec_root))
+        cpu_engine(tmp_path / "interrupted", [_InterruptAtEpoch(2)]).fit(interrupted, datamodule=mvtec(mvtec_root))
     (last,) = (tmp_path / "interrupted").rglob("last.ckpt")
     assert torch.load(last, map_location="cpu", weights_only=False)["epoch"] == 1  # written after epochs 1 and 2
     assert not list((tmp_path / "interrupted").rglob("model.ckpt"))  # the run did not finish
 
     resumed = Mvfa(**TINY_MODEL, epochs=4)
-    _engine(tmp_path / "resumed").fit(resumed, datamodule=mvtec(mvtec_root), ckpt_path=last)
+    cpu_engine(tmp_path / "resumed").fit(resumed, datamodule=mvtec(mvtec_root), ckpt_path=last)
     expected, found = _adapters(uninterrupted), _adapters(resumed)
     assert all(torch.equal(expected[key], found[key]) for key in expected)
     halfway = _adapters(interrupted)

@@ -6,8 +6,8 @@ import copy
 import re
 
 from anomalib_mvfa import Mvfa
-from anomalib_mvfa.cli import main
-from anomalib_mvfa.speed import max_adapter_difference, train_reference
+from anomalib_mvfa.commands import main
+from anomalib_mvfa.commands.speed import max_adapter_difference, train_reference
 from anomalib_mvfa.support import SupportDataset
 
 from .test_lightning import TINY_MODEL, engine, mvtec

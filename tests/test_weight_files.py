@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip
-from anomalib_mvfa.cli import console
+from anomalib_mvfa.commands import console
 from anomalib_mvfa.tensor_files import load_tensors_safely, read_torchscript_tensors
 
 from .conftest import TINY_CONFIG, TINY_IMAGE_SIZE

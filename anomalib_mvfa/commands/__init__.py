@@ -2,9 +2,11 @@
 
 Training, testing, prediction and export go through anomalib's own CLI
 (``anomalib train --model anomalib_mvfa.Mvfa ...``); this entry point holds what anomalib
-has no command for.
+has no command for. Each command lives in a module of this package that is imported only
+when that command runs, so ``anomalib-mvfa --help`` loads neither torch nor anomalib.
 
 Example:
+    anomalib-mvfa configs --dest .
     anomalib-mvfa demo --backbone tiny-random --epochs 1
     anomalib-mvfa evaluate --root datasets/MVFA --categories Brain --k-shot 4 --seeds 0 1 2
 """
@@ -12,39 +14,57 @@ Example:
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
+import warnings
 
-from . import benchmark, demo, evaluation, speed
-from .backbone import PretrainedWeightsError
+__all__ = ["COMMANDS", "build_parser", "console", "main"]
+
+# name -> (module of this package with add_arguments(parser) and run(args), one-line help)
+COMMANDS = {
+    "demo": ("demo", "train and test few-shot MVFA on a generated histology dataset"),
+    "evaluate": ("evaluate", "AC/AS on the medical benchmark layout under both fusions, over K-shot seeds"),
+    "speed": ("speed", "training and inference speed against the authors' way"),
+    "benchmark": ("benchmark", "Mvfa beside any anomalib model, over data and seeds"),
+    "configs": ("configs", "list the shipped anomalib configs, or copy them into a folder"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``anomalib-mvfa`` parser with its subcommands."""
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The ``anomalib-mvfa`` parser; only ``command``'s module is imported, to add its arguments.
+
+    Example:
+        >>> build_parser().parse_args(["configs"]).command
+        'configs'
+    """
     parser = argparse.ArgumentParser(prog="anomalib-mvfa", description="MVFA for anomalib.")
-    commands = parser.add_subparsers(dest="command", required=True)
-    demo_parser = commands.add_parser("demo", help="train and test few-shot MVFA on a generated histology dataset")
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.run)
-    evaluate_parser = commands.add_parser(
-        "evaluate", help="AC/AS on the medical benchmark layout under both fusions, over K-shot seeds"
-    )
-    evaluation.add_arguments(evaluate_parser)
-    evaluate_parser.set_defaults(run=evaluation.run)
-    speed_parser = commands.add_parser("speed", help="training and inference speed against the authors' way")
-    speed.add_arguments(speed_parser)
-    speed_parser.set_defaults(run=speed.run)
-    benchmark_parser = commands.add_parser("benchmark", help="Mvfa beside any anomalib model, over data and seeds")
-    benchmark.add_arguments(benchmark_parser)
-    benchmark_parser.set_defaults(run=benchmark.run)
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        subparser = subparsers.add_parser(name, help=help_text, description=help_text)
+        if name == command:
+            module = importlib.import_module(f"{__name__}.{module_name}")
+            module.add_arguments(subparser)
+            subparser.set_defaults(run=module.run)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; return its exit code (errors propagate, for use from Python)."""
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = next((argument for argument in argv if not argument.startswith("-")), None)
+    # anomalib and timm warn of their own deprecations when imported: not this command's business
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(anomalib|timm)(\.|$)")
+    args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.run(args)
+
+
+def _reported_errors() -> tuple[type[BaseException], ...]:
+    """Errors that mean bad input: reported in one line. Imported late: only a command raises them."""
+    from ..backbone import PretrainedWeightsError  # noqa: PLC0415
+
+    return ValueError, PretrainedWeightsError, FileNotFoundError, FloatingPointError
 
 
 def console(argv: list[str] | None = None) -> int:
@@ -57,7 +77,9 @@ def console(argv: list[str] | None = None) -> int:
     """
     try:
         return main(argv)
-    except (ValueError, PretrainedWeightsError, FileNotFoundError, FloatingPointError) as error:
+    except Exception as error:
+        if not isinstance(error, _reported_errors()):
+            raise
         print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
         return 2
 

@@ -59,9 +59,9 @@ import torch
 import yaml
 from anomalib.engine import Engine
 
-from .metrics import undefined_auroc_reason
-from .pipeline import add_feature_pipeline_argument
-from .utils import write_atomically
+from ..metrics import undefined_auroc_reason
+from ..pipeline import add_feature_pipeline_argument
+from ..utils import write_atomically
 
 logger = logging.getLogger(__name__)
 

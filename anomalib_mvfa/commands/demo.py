@@ -23,9 +23,9 @@ from anomalib.engine import Engine
 from PIL import Image
 from skimage import data as skimage_data
 
-from .backbone import PretrainedWeightsError, resolve_model_config
-from .lightning_model import Mvfa
-from .pipeline import add_feature_pipeline_argument
+from ..backbone import PretrainedWeightsError, resolve_model_config
+from ..lightning_model import Mvfa
+from ..pipeline import add_feature_pipeline_argument
 
 logger = logging.getLogger(__name__)
 

@@ -25,20 +25,20 @@ import logging
 import pickle
 import statistics
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from anomalib.engine import Engine
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 from torchmetrics.functional.classification import binary_auroc
 from torchvision.transforms.v2 import InterpolationMode, Resize
 
-from .data.medical import MEDICAL_CATEGORIES, MedicalAD
-from .lightning_model import Mvfa
-from .metrics import undefined_auroc_reason
-from .pipeline import add_feature_pipeline_argument
-from .utils import write_atomically
+from ..data.medical import MEDICAL_CATEGORIES, MedicalAD
+from ..lightning_model import Mvfa
+from ..metrics import undefined_auroc_reason
+from ..pipeline import add_feature_pipeline_argument
+from ..utils import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -120,22 +120,47 @@ def fusion_metrics(outputs: SplitScores) -> dict[str, dict[str, float]]:
     }
 
 
+class ResizedItems(Dataset):
+    """Items of an anomalib dataset with image and mask resized to the model's input size.
+
+    Test images of one category may differ in size; resizing each item before collation
+    batches them without changing the dataset (its ``augmentations`` are left as they are).
+    """
+
+    def __init__(self, dataset: Dataset, size: int) -> None:
+        self.dataset = dataset
+        self.resize = Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)
+
+    def __len__(self) -> int:
+        """Number of items."""
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> object:
+        """The item at ``index``, resized (bicubic image, nearest-neighbour mask)."""
+        item = self.dataset[index]
+        if item.gt_mask is None:
+            return replace(item, image=self.resize(item.image))
+        image, mask = self.resize(item.image, item.gt_mask)
+        return replace(item, image=image, gt_mask=mask)
+
+
 @torch.no_grad()
 def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) -> SplitScores:
-    """Run the model's branches over the datamodule's test split (images resized to the model's size)."""
-    datamodule.setup()
+    """Score the datamodule's test split with the model's own scoring (:meth:`MvfaModel.score`).
+
+    The datamodule and its test dataset are read, not changed (set up first if they are not yet).
+    """
+    if getattr(datamodule, "test_data", None) is None:
+        datamodule.setup()
     test_data = datamodule.test_data
-    size = model.image_size
-    test_data.augmentations = Resize((size, size), interpolation=InterpolationMode.BICUBIC, antialias=True)
-    loader = DataLoader(test_data, batch_size=batch_size, shuffle=False, collate_fn=test_data.collate_fn)
+    loader = DataLoader(
+        ResizedItems(test_data, model.image_size), batch_size=batch_size, shuffle=False, collate_fn=test_data.collate_fn
+    )
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {}
     for batch in loader:
-        images = model.preprocess(batch.image.to(model.device))
-        branches = model.model.branch_outputs(images)
-        score, anomaly_map = model.model.fuse(branches)
-        if model.model.image_score_from_map:
-            score = anomaly_map.flatten(1).amax(dim=1)
+        scores = model.model.score(model.preprocess(batch.image.to(model.device)))
+        branches = scores.branches
         values = {
             "labels": batch.gt_label,
             "masks": None if batch.gt_mask is None else (batch.gt_mask > 0),
@@ -143,8 +168,8 @@ def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) ->
             "zero_shot_map": branches.zero_shot_map,
             "few_shot_score": branches.few_shot_score,
             "few_shot_map": branches.few_shot_map,
-            "score": score,
-            "anomaly_map": anomaly_map,
+            "score": scores.pred_score,
+            "anomaly_map": scores.anomaly_map,
         }
         for key, value in values.items():
             if value is not None:

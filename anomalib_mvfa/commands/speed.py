@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from .augmentation import augment_support_set
-from .backbone import resolve_model_config
-from .loss import MvfaLoss
-from .pipeline import add_feature_pipeline_argument
-from .torch_model import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, SEARCH_PRECISIONS, AdaptedTokens, MvfaModel
+from ..backbone import resolve_model_config
+from ..loss import MvfaLoss
+from ..pipeline import add_feature_pipeline_argument
+from ..support.augmentation import augment_support_set
+from ..torch_model import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, SEARCH_PRECISIONS, AdaptedTokens, MvfaModel
 
 BETAS = (0.5, 0.999)
 

@@ -1,9 +1,9 @@
-"""Few-shot support sets: seeded selection of images, abnormal sources, training batches.
+"""Where MVFA's support images come from: settings, sources and seeded draws.
 
 The support set of MVFA is K normal images and K abnormal images (with masks where they
-exist), each augmented into 11 variants. Normal images come from a dataset's training
-split or a folder; abnormal ones are synthesised from the normal images with anomalib's
-Perlin anomaly generator, drawn from a validation split, or read from a folder.
+exist). Normal images come from a dataset's training split or a folder; abnormal ones are
+synthesised from the normal images with anomalib's Perlin anomaly generator, drawn from a
+validation or training split, or read from a folder (:func:`draw_normal`, :func:`draw_abnormal`).
 
 Images are kept in ``[0, 1]`` at the model's input size and are normalised later by the
 model's pre-processor.
@@ -17,9 +17,12 @@ Example:
 
 from __future__ import annotations
 
+import inspect
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from anomalib.data.utils.generators.perlin import PerlinAnomalyGenerator
@@ -27,10 +30,41 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
-from .augmentation import augment_support_set
-from .image_io import IMAGE_SUFFIXES, read_image_file, read_mask_file
+from ..image_io import IMAGE_SUFFIXES, read_image_file, read_mask_file
+
+logger = logging.getLogger(__name__)
 
 MASK_FOLDER = "masks"
+ABNORMAL_SOURCES = ("auto", "synthetic", "validation", "train")
+
+
+@dataclass(frozen=True)
+class SupportSettings:
+    """What the support set is drawn from and how it is served.
+
+    Attributes:
+        k_shot: Normal support images (and as many abnormal ones); 0: zero-shot.
+        seed: Seed of the draws, the synthetic anomalies and the shuffling.
+        image_size: Side of the support images.
+        abnormal_source: ``"auto"``, ``"synthetic"``, ``"validation"``, ``"train"`` or a folder.
+        few_shot_source: Folder of normal support images instead of the training split.
+        batch_size: Support images per optimisation step.
+        train_adapters: Whether the fit trains adapters (``epochs > 0``).
+        feature_pipeline: Recorded in ``support_set.json`` beside the selected files.
+
+    Example:
+        >>> SupportSettings(k_shot=4, abnormal_source="synthetic").seed
+        0
+    """
+
+    k_shot: int = 4
+    seed: int = 0
+    image_size: int = 240
+    abnormal_source: str = "auto"
+    few_shot_source: str | None = None
+    batch_size: int = 1
+    train_adapters: bool = True
+    feature_pipeline: str | None = None
 
 
 @dataclass
@@ -65,91 +99,6 @@ class SupportImages:
             has_mask=torch.cat([part.has_mask for part in parts]),
             sources=[source for part in parts for source in part.sources],
         )
-
-
-@dataclass
-class SupportBatch:
-    """A training batch; ``PreProcessor`` normalises ``image`` in place.
-
-    ``class_index`` says which prompt class each image belongs to (zero-shot training over
-    several categories); it is 0 for a single class. ``index`` is each image's position in
-    its dataset (the key of the training prefix cache).
-    """
-
-    image: torch.Tensor
-    gt_mask: torch.Tensor
-    gt_label: torch.Tensor
-    has_mask: torch.Tensor
-    class_index: torch.Tensor
-    index: torch.Tensor
-
-
-class SupportDataset(Dataset):
-    """Augmented support set for the fit loop: MVFA's 11 variants of every support image.
-
-    Args:
-        support: The support images (normal and abnormal).
-
-    Example:
-        >>> dataset = SupportDataset(support)  # doctest: +SKIP
-        >>> loader = DataLoader(dataset, shuffle=True, collate_fn=SupportDataset.collate)  # doctest: +SKIP
-    """
-
-    def __init__(self, support: SupportImages) -> None:
-        augmented = augment_support_set(support.images, support.masks)
-        self.images = augmented.images
-        self.masks = augmented.masks
-        self.labels = support.labels[augmented.groups]
-        self.has_mask = support.has_mask[augmented.groups]
-
-    def __len__(self) -> int:
-        """Number of augmented images."""
-        return self.images.shape[0]
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        """Image, mask, label, mask flag, class index (0) and index of one augmented image."""
-        image, mask, label, has_mask = self.images[index], self.masks[index], self.labels[index], self.has_mask[index]
-        return image, mask, label, has_mask, torch.tensor(0), torch.tensor(index)
-
-    @staticmethod
-    def collate(items: list[tuple[torch.Tensor, ...]]) -> SupportBatch:
-        """Stack items into a :class:`SupportBatch`."""
-        columns = [torch.stack(column) for column in zip(*items, strict=True)]
-        return SupportBatch(*columns)
-
-
-class LabelledDataset(Dataset):
-    """Labelled images of an anomalib dataset for zero-shot training, read lazily.
-
-    Each image is resized to ``image_size``; its mask is used where the dataset has one
-    (otherwise it enters the detection loss only); ``class_index`` points into
-    ``class_names`` through the sample's ``category`` column.
-
-    Args:
-        dataset: An anomalib dataset whose ``samples`` may carry a ``category`` column.
-        image_size: Side of the returned images.
-        categories: Categories in the order of the prompt classes.
-    """
-
-    def __init__(self, dataset: Dataset, image_size: int, categories: Sequence[str]) -> None:
-        self.dataset = dataset
-        self.image_size = image_size
-        samples = dataset.samples
-        sample_categories = samples["category"] if "category" in samples else [categories[0]] * len(samples)
-        self.class_index = torch.tensor([list(categories).index(category) for category in sample_categories])
-
-    def __len__(self) -> int:
-        """Number of images."""
-        return len(self.dataset)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        """Image, mask, label, mask flag, class index and index of one image."""
-        item = self.dataset[index]
-        has_mask = item.gt_mask is not None
-        mask = resize_mask(item.gt_mask, self.image_size) if has_mask else torch.zeros(self.image_size, self.image_size)
-        label = torch.as_tensor(item.gt_label).long()
-        image = resize_image(item.image, self.image_size)
-        return image, mask, label, torch.tensor(has_mask), self.class_index[index], torch.tensor(index)
 
 
 def resize_image(image: torch.Tensor, image_size: int) -> torch.Tensor:
@@ -295,3 +244,106 @@ def synthesize_abnormal(normal: SupportImages, seed: int) -> SupportImages:
         has_mask=torch.ones(len(normal), dtype=torch.bool),
         sources=[f"perlin({source})" for source in normal.sources],
     )
+
+
+# ------------------------------------------------------------------ sources
+
+
+def shares_test_images(datamodule: Any, dataset: Any) -> bool:
+    """Whether ``dataset`` shares image files with the datamodule's test split."""
+    test_data = getattr(datamodule, "test_data", None)
+    if test_data is None or dataset is None:
+        return False
+    return not set(dataset.samples.image_path).isdisjoint(test_data.samples.image_path)
+
+
+def resolve_abnormal_source(settings: SupportSettings, datamodule: Any) -> str:
+    """The abnormal source a fit uses: ``"auto"`` resolved against the datamodule, a folder checked.
+
+    ``"auto"`` is ``"train"`` when the training split holds at least K abnormal images, else
+    ``"synthetic"``.
+
+    Raises:
+        ValueError: If the source is neither a known name nor an existing folder.
+    """
+    source = settings.abnormal_source
+    if source == "auto":
+        train_data = getattr(datamodule, "train_data", None)
+        if train_data is not None and (train_data.samples.label_index == 1).sum() >= settings.k_shot:
+            return "train"
+        return "synthetic"
+    if source not in ABNORMAL_SOURCES and not Path(source).is_dir():
+        msg = f"abnormal_source must be one of {ABNORMAL_SOURCES} or an existing folder, got '{source}'."
+        raise ValueError(msg)
+    return source
+
+
+def fixed_files(datamodule: Any, settings: SupportSettings, kind: str) -> list[str] | None:
+    """Files a datamodule's seed file fixes for the seed (``MedicalAD(seed_file=...)``), else ``None``."""
+    support_files = getattr(datamodule, "support_files", None)
+    if not callable(support_files):
+        return None
+    if "k_shot" in inspect.signature(support_files).parameters:
+        fixed = support_files(settings.seed, k_shot=settings.k_shot, kinds=(kind,))
+    else:
+        fixed = support_files(settings.seed)
+    return None if fixed is None else fixed[kind]
+
+
+def draw_normal(settings: SupportSettings, datamodule: Any) -> SupportImages:
+    """The K normal support images: from ``few_shot_source``, else the datamodule's training split.
+
+    Raises:
+        ValueError: If neither exists, or the source holds too few normal images.
+    """
+    if settings.few_shot_source:
+        normal = draw_from_folder(settings.few_shot_source, settings.k_shot, settings.seed, settings.image_size)
+    elif datamodule is not None and getattr(datamodule, "train_data", None) is not None:
+        normal = draw_from_dataset(
+            datamodule.train_data,
+            0,
+            settings.k_shot,
+            settings.seed,
+            settings.image_size,
+            "The training split",
+            files=fixed_files(datamodule, settings, "normal"),
+        )
+    else:
+        msg = (
+            "Mvfa needs normal support images: give the trainer a datamodule with a training split, "
+            "or set few_shot_source to a folder of normal images."
+        )
+        raise ValueError(msg)
+    logger.info("MVFA normal support images (seed %d): %s", settings.seed, normal.sources)
+    return normal
+
+
+def draw_abnormal(settings: SupportSettings, normal: SupportImages, datamodule: Any) -> SupportImages:
+    """The K abnormal support images from the resolved ``abnormal_source``.
+
+    Raises:
+        ValueError: If the source is missing, holds too few abnormal images, or is the test split.
+    """
+    source = resolve_abnormal_source(settings, datamodule)
+    if source == "synthetic":
+        abnormal = synthesize_abnormal(normal, settings.seed)
+    elif source in {"validation", "train"}:
+        split = "val_data" if source == "validation" else "train_data"
+        dataset = getattr(datamodule, split, None)
+        if dataset is None:
+            msg = f"abnormal_source='{source}' needs a datamodule with a {split} split; none was found."
+            raise ValueError(msg)
+        if shares_test_images(datamodule, dataset):
+            msg = (
+                f"abnormal_source='{source}' would draw support images from the test split: the datamodule's "
+                f"{split} shares images with test_data (anomalib's val_split_mode 'same_as_test' does this). "
+                "Use a disjoint validation split, for example --data.val_split_mode from_test."
+            )
+            raise ValueError(msg)
+        name = "The validation split" if source == "validation" else "The training split"
+        files = fixed_files(datamodule, settings, "abnormal")
+        abnormal = draw_from_dataset(dataset, 1, settings.k_shot, settings.seed, settings.image_size, name, files)
+    else:
+        abnormal = draw_from_folder(source, settings.k_shot, settings.seed, settings.image_size, label=1)
+    logger.info("MVFA abnormal support images (%s): %s", source, abnormal.sources)
+    return abnormal
