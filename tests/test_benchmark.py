@@ -132,3 +132,26 @@ def test_each_job_runs_in_its_own_process_and_a_dead_one_is_reported(mvtec_root,
     table = (tmp_path / "out" / "benchmark.md").read_text()
     assert "Failed jobs (left out of the means): DiesOnConstruction on MVTecAD bottle seed 0: its process died" in table
     assert "FAILED" in capsys.readouterr().out
+
+
+def test_rows_are_labelled_from_the_weights_each_model_was_given(mvtec_root, tmp_path) -> None:
+    """Without --random-weights, a model configured without pretrained weights is still labelled random."""
+    config = {
+        "models": [
+            {"class_path": "anomalib_mvfa.Mvfa", "init_args": {**MVFA_TINY, "pretrained": None}},
+            {"class_path": "tests.test_benchmark.DiesOnConstruction", "init_args": {"pretrained": None}},
+        ],
+        "data": [mvtec_entry(mvtec_root)],
+        "categories": ["bottle"],
+        "seeds": [0],
+    }
+    path = tmp_path / "benchmark.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["benchmark", "--config", str(path), "--output", str(tmp_path / "out")]) == 0
+    with (tmp_path / "out" / "benchmark.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [(row["model"], row["weights"]) for row in rows] == [
+        ("Mvfa (authors)", "random (accuracy not meaningful)"),
+        ("DiesOnConstruction", "random (accuracy not meaningful)"),  # a failed job: from its init_args
+    ]
+    assert "their accuracy columns mean nothing" in (tmp_path / "out" / "benchmark.md").read_text()

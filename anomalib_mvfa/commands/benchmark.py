@@ -47,7 +47,7 @@ import queue
 import statistics
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
@@ -100,6 +100,26 @@ class BenchmarkConfig:
             msg = f"Benchmark config '{path}' needs the lists {missing} (entries with class_path and init_args)."
             raise ValueError(msg)
         return cls(**content)
+
+
+RANDOM_WEIGHTS = "random (accuracy not meaningful)"
+
+
+def weights_label(settings: Mapping[str, Any], random_weights: bool) -> str:
+    """A row's weights label, from the model's own settings (its ``hparams``, or the entry's ``init_args``).
+
+    Random when ``--random-weights`` (or the config's ``random_weights``) is set, or when the
+    model was configured without pretrained weights (Mvfa ``pretrained: null``, PatchCore
+    ``pre_trained: false``).
+
+    Example:
+        >>> weights_label({"pretrained": None}, random_weights=False)
+        'random (accuracy not meaningful)'
+    """
+    configured_random = ("pretrained" in settings and settings["pretrained"] is None) or settings.get(
+        "pre_trained"
+    ) is False
+    return RANDOM_WEIGHTS if random_weights or configured_random else "pretrained"
 
 
 def load_class(class_path: str) -> type:
@@ -237,7 +257,7 @@ def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int
         "fit_seconds": fit_seconds,
         "images_per_second": len(datamodule.test_data) / test_seconds,
         "peak_memory_mb": memory.peak_mb,
-        "weights": "random (accuracy not meaningful)" if config.random_weights else "pretrained",
+        "weights": weights_label(getattr(model, "hparams", {}), config.random_weights),
         "undefined": "; ".join(undefined),
         "error": "",
     }
@@ -334,7 +354,7 @@ def failed_row(job: Job, config: BenchmarkConfig, error: BaseException) -> dict[
         "category": category,
         "seed": seed,
         **dict.fromkeys(METRICS),
-        "weights": "random (accuracy not meaningful)" if config.random_weights else "pretrained",
+        "weights": weights_label(model.get("init_args") or {}, config.random_weights),
         "undefined": "",
         "error": reason.splitlines()[0][:300],
     }
@@ -433,7 +453,8 @@ def run(args: argparse.Namespace) -> int:
     writer.writerows(rows)
     write_atomically(output / "benchmark.csv", lambda path: Path(path).write_text(buffer.getvalue()))
     table = summary_table(rows)
-    note = "\nRandom weights: speed figures only, the accuracy columns mean nothing.\n" if config.random_weights else ""
+    random_rows = any(row["weights"] == RANDOM_WEIGHTS for row in rows)
+    note = "\nRandom weights: speed figures only, their accuracy columns mean nothing.\n" if random_rows else ""
     write_atomically(output / "benchmark.md", lambda path: Path(path).write_text(table + note))
     print("\n" + table + note)
     print(f"tables written to {output / 'benchmark.md'} and {output / 'benchmark.csv'}")
