@@ -39,8 +39,16 @@ def shipped_configs() -> dict[str, Traversable]:
             elif entry.name.endswith(CONFIG_SUFFIXES):
                 found[f"{prefix}{entry.name}"] = entry
 
-    visit(resources.files(CONFIG_PACKAGE), "")
+    visit(_config_folder(), "")
     return dict(sorted(found.items()))
+
+
+def _config_folder() -> Traversable:
+    """The installed ``anomalib_mvfa.configs``; in a source tree imported without its install, ``configs/``."""
+    try:
+        return resources.files(CONFIG_PACKAGE)
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "configs"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
