@@ -127,9 +127,9 @@ class Mvfa(AnomalibModule):
         detection_loss: ``"authors"`` (BCE-with-logits on a probability, as published) or
             ``"bce"`` (corrected).
         seed: Seed of the support selection, the synthetic anomalies and the shuffling.
-        adapter_checkpoint: Adapters to start from, in the authors' layout. Read when the model is
-            first set up by a trainer (or exported), unless a checkpoint is restored: the
-            checkpoint's adapters win, and a loaded checkpoint never needs this file.
+        adapter_checkpoint: Adapters to start from, in the authors' layout. Read when a fit,
+            validation, test or prediction starts (or at export), unless a checkpoint was restored:
+            the checkpoint's adapters win, and a loaded checkpoint never needs this file.
         image_score_from_map: Image score = maximum of the fused anomaly map.
         cache_prefix: Few-shot training computes the frozen blocks before the first adapter
             once per support image and reuses them in every epoch (same result, less work).
@@ -323,29 +323,55 @@ class Mvfa(AnomalibModule):
     # ------------------------------------------------------------------ setup
 
     def setup(self, stage: str | None = None) -> None:
-        """Read ``adapter_checkpoint`` unless a checkpoint is restored; text features for the class name.
+        """Install the atomic checkpoint writer; called without a trainer, :meth:`prepare` the model.
 
         The trainer's default checkpoint writer (Lightning's or anomalib's) is replaced by
         :class:`AtomicCheckpointIO`, so that ``model.ckpt`` and ``last.ckpt`` appear whole or not at
-        all; a writer of the user's own is left as it is.
+        all; a writer of the user's own is left as it is. Under a trainer, Lightning calls this hook
+        before it restores a checkpoint, so the model is prepared later, in the stage's start hooks.
         """
         del stage
-        strategy = self._trainer.strategy if self._trainer is not None else None
-        io = strategy.checkpoint_io if strategy is not None else None
+        if self._trainer is None:
+            self.prepare()
+            return
+        strategy = self._trainer.strategy
+        io = strategy.checkpoint_io
         if type(io) in {TorchCheckpointIO, AnomalibCheckpointIO}:
             safe_globals = getattr(io, "extra_safe_globals", None)
             strategy.checkpoint_io = AtomicCheckpointIO(extra_safe_globals=safe_globals)
-        restoring = self._trainer is not None and self._trainer.ckpt_path is not None
-        if not restoring:
-            self.load_pending_adapters()
+
+    def prepare(self) -> None:
+        """Load ``adapter_checkpoint`` and build the text features, unless there already.
+
+        Runs when a fit, validation, test or prediction starts (after Lightning has restored any
+        checkpoint, whose adapters and text features win: its model never reads the adapter file),
+        before a memory bank is built and before an export.
+        """
+        self._load_pending_adapters()
         if self.model.text_features.numel() == 0:
             self.model.setup(class_name=self.resolve_class_name())
 
-    def load_pending_adapters(self) -> None:
-        """Load ``adapter_checkpoint`` into the adapters, once (a restored checkpoint cancels it)."""
+    def _load_pending_adapters(self) -> None:
         if self.pending_adapter_checkpoint:
             self.model.load_adapters(self.pending_adapter_checkpoint)
             self.pending_adapter_checkpoint = None
+
+    def on_fit_start(self) -> None:
+        """Prepare the model (:meth:`prepare`); see also :meth:`_silence_frozen_clip_warning`."""
+        self.prepare()
+        self._silence_frozen_clip_warning()
+
+    def on_validation_start(self) -> None:
+        """Prepare the model (:meth:`prepare`)."""
+        self.prepare()
+
+    def on_test_start(self) -> None:
+        """Prepare the model (:meth:`prepare`)."""
+        self.prepare()
+
+    def on_predict_start(self) -> None:
+        """Prepare the model (:meth:`prepare`)."""
+        self.prepare()
 
     def resolve_class_name(self) -> str:
         """``class_name``, else the datamodule's name for its category, else ``"object"``."""
@@ -373,6 +399,7 @@ class Mvfa(AnomalibModule):
     @torch.no_grad()
     def build_memory_bank(self, images: torch.Tensor, groups: torch.Tensor) -> None:
         """Memory banks and calibration from normal ``[0, 1]`` support images with the current adapters."""
+        self.prepare()  # the callback's hooks run before the model's: adapters and text features first
         was_training = self.model.training
         self.model.eval()
         self.model.setup(reference_images=self.preprocess(images.to(self.device)), reference_groups=groups)
@@ -452,7 +479,7 @@ class Mvfa(AnomalibModule):
             self.log("train_seg_loss", self.train_seg_loss, on_step=False, on_epoch=True)
         return {"loss": loss.detach()}
 
-    def on_fit_start(self) -> None:
+    def _silence_frozen_clip_warning(self) -> None:
         """Silence Lightning's "modules in eval mode" warning when those modules are the frozen CLIP's only.
 
         CLIP stays in eval mode on purpose (:meth:`MvfaModel.train`); any other module in eval mode is
@@ -530,7 +557,7 @@ class Mvfa(AnomalibModule):
 
     def save_adapters(self, path: str | Path) -> Path:
         """Write the adapters alone, in the authors' layout."""
-        self.load_pending_adapters()
+        self._load_pending_adapters()
         return self.model.save_adapters(path)
 
     def _check_clip_weights(self, stored: dict[str, str] | None) -> None:
@@ -578,19 +605,19 @@ class Mvfa(AnomalibModule):
 
     def to_torch(self, export_root: Path | str, model_file_name: str = "model") -> Path:
         """Anomalib's torch export, written whole or not at all (see :func:`export_atomically`)."""
-        self.load_pending_adapters()
+        self.prepare()
         export = super().to_torch
         return export_atomically(export_root, lambda root: export(root, model_file_name))
 
     def to_onnx(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         """Anomalib's ONNX export, written whole or not at all."""
-        self.load_pending_adapters()
+        self.prepare()
         export = super().to_onnx
         return export_atomically(export_root, lambda root: export(root, *args, **kwargs))
 
     def to_openvino(self, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         """Anomalib's OpenVINO export (``.bin`` moved before ``.xml``), written whole or not at all."""
-        self.load_pending_adapters()
+        self.prepare()
         export = super().to_openvino
         return export_atomically(export_root, lambda root: export(root, *args, **kwargs))
 

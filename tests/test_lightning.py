@@ -146,10 +146,11 @@ def test_cli_test_predict_and_export_from_checkpoint(tmp_path, mvtec_root, monke
     assert re.search(r"image_AUROC\s*│\s*\d\.\d+", tested)
 
     predicted_root = tmp_path / "predict"
-    run_anomalib(
+    predicted = run_anomalib(
         "predict", *model_args, "--data", mvtec_root / "bottle" / "test" / "broken", "--ckpt_path", checkpoint,
         "--default_root_dir", predicted_root,
     )  # fmt: skip
+    assert "prompts use" not in predicted  # the checkpoint's text features are used, none are made for 'object'
     written = sorted(p.name for p in predicted_root.rglob("*.png"))
     assert written == sorted(p.name for p in (mvtec_root / "bottle" / "test" / "broken").glob("*.png"))
 

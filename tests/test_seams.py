@@ -101,6 +101,14 @@ def test_a_checkpoint_tests_and_predicts_after_its_training_folders_are_deleted(
         reloaded = loaded.eval().model(loaded.preprocess(images)).pred_score
     assert torch.allclose(reloaded, expected, atol=1e-5)
 
+    # as `anomalib predict --config ... --ckpt_path`: a model built with the deleted paths, then restored
+    rebuilt = Mvfa(
+        **TINY, k_shot=2, epochs=1, few_shot_source=str(normal), abnormal_source=str(abnormal),
+        adapter_checkpoint=str(adapters),
+    )  # fmt: skip
+    again = cpu_engine(tmp_path / "predict-ckpt").predict(rebuilt, dataloaders=loader, ckpt_path=checkpoint)
+    assert torch.allclose(torch.cat([batch.pred_score for batch in again]), scores, atol=1e-5)
+
 
 def test_evaluation_scores_without_changing_the_test_dataset(medical_root, tmp_path) -> None:
     datamodule = MedicalAD(root=medical_root, category="Brain", num_workers=0, eval_batch_size=4)
