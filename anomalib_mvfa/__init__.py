@@ -9,8 +9,9 @@ Layout:
     - ``support``: the few-shot support set (selection, augmentation, datasets) and the callback
       that serves it and builds the memory banks.
     - ``loss``, ``prompting``, ``backbone``, ``pipeline``, ``pre_processing``, ``metrics``,
-      ``visualization``, ``image_io``, ``tensor_files``: the parts the two models use.
-    - ``data``: data modules of the medical benchmark layout.
+      ``visualization``, ``tensor_files``: the parts the two models use.
+    - ``data``: the reader of images, DICOM and NIfTI, and the datamodules (``MedicalAD``,
+      ``MedicalFolder``, ``ScanFolder``).
     - ``commands``: the ``anomalib-mvfa`` command line (demo, evaluate, speed, benchmark, configs).
 
 Example:

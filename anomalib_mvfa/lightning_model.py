@@ -61,6 +61,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
 from .backbone import weights_fingerprint
+from .data.datasets import adopt_prediction_datasets
 from .loss import DetectionLoss, MvfaLoss
 from .metrics import mvfa_evaluator
 from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
@@ -370,8 +371,14 @@ class Mvfa(AnomalibModule):
         self.prepare()
 
     def on_predict_start(self) -> None:
-        """Prepare the model (:meth:`prepare`)."""
+        """Prepare the model (:meth:`prepare`) and read anomalib's prediction datasets with this package's reader.
+
+        ``anomalib predict --data <folder>`` and ``Engine.predict(data_path=...)`` build anomalib's
+        ``PredictDataset``, whose reader saturates 16-bit images; its files are read with
+        :class:`~anomalib_mvfa.data.ScanReader` instead.
+        """
         self.prepare()
+        adopt_prediction_datasets(self._trainer.predict_dataloaders if self._trainer is not None else None)
 
     def resolve_class_name(self) -> str:
         """``class_name``, else the datamodule's name for its category, else ``"object"``."""

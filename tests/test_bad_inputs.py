@@ -26,8 +26,9 @@ from PIL import Image
 from anomalib_mvfa import Mvfa, MvfaModel
 from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip, resolve_model_config
 from anomalib_mvfa.commands import console
-from anomalib_mvfa.data import MedicalAD
-from anomalib_mvfa.image_io import read_image_file, read_mask_file
+from anomalib_mvfa.data import MedicalAD, ScanReader
+from anomalib_mvfa.data import read_image as read_image_file
+from anomalib_mvfa.data import read_mask as read_mask_file
 from anomalib_mvfa.support import draw_from_folder, resize_image
 
 from .conftest import TINY_IMAGE_SIZE, save_checkpoint_file, write_medical_category
@@ -492,7 +493,8 @@ def test_images_with_1_2_or_4_channels_and_16_bits_are_read_as_rgb(tmp_path: Pat
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "rgba.PNG")
     Image.fromarray(grey_alpha, mode="LA").save(tmp_path / "grey_alpha.png")
     expected_grey = torch.from_numpy(grey16.astype(np.float64) / 65535).float().expand(3, 5, 7)
-    assert torch.allclose(read_image_file(tmp_path / "grey16.png"), expected_grey, atol=1e-6)
+    full_range = ScanReader(intensity="range")
+    assert torch.allclose(full_range.read_image(tmp_path / "grey16.png"), expected_grey, atol=1e-6)
     expected_rgb = torch.from_numpy(rgba[..., :3].astype(np.float64) / 255).float().permute(2, 0, 1)
     assert torch.allclose(read_image_file(tmp_path / "rgba.PNG"), expected_rgb, atol=1e-6)
     expected_la = torch.from_numpy(grey_alpha[..., 0].astype(np.float64) / 255).float().expand(3, 5, 7)

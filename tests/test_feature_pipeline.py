@@ -17,7 +17,7 @@ from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mvfa import Mvfa, MvfaModel
 from anomalib_mvfa.backbone import load_clip, runs_quick_gelu
-from anomalib_mvfa.image_io import read_image_file
+from anomalib_mvfa.data import read_image as read_image_file
 from anomalib_mvfa.pipeline import uses_quick_gelu
 
 from .conftest import TINY_CONFIG, TINY_IMAGE_SIZE, save_checkpoint_file

@@ -11,7 +11,7 @@ from anomalib.engine import Engine
 from PIL import Image
 
 from anomalib_mvfa import FewShotMemoryBankCallback, Mvfa
-from anomalib_mvfa.data import MedicalAD, parse_seed_file, read_medical_image
+from anomalib_mvfa.data import MedicalAD, ScanReader, parse_seed_file, read_image
 
 from .test_lightning import CONFIGS, TINY_CLI, run_anomalib
 
@@ -29,14 +29,14 @@ def engine(root) -> Engine:
 def test_images_are_read_as_they_come(tmp_path) -> None:
     values = np.array([[0, 1000], [40000, 65535]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "grey16.png")
-    image = read_medical_image(tmp_path / "grey16.png")
+    image = ScanReader(intensity="range").read_image(tmp_path / "grey16.png")
     assert image.shape == (3, 2, 2)
     assert torch.allclose(image[1], torch.from_numpy(values.astype(np.float32) / 65535.0))
     Image.fromarray(np.full((2, 2, 4), 255, np.uint8)).save(tmp_path / "rgba.PNG")
-    assert torch.equal(read_medical_image(tmp_path / "rgba.PNG"), torch.ones(3, 2, 2))
+    assert torch.equal(read_image(tmp_path / "rgba.PNG"), torch.ones(3, 2, 2))
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match=r"broken\.png.*cannot be decoded"):
-        read_medical_image(tmp_path / "broken.png")
+        read_image(tmp_path / "broken.png")
 
 
 def test_splits_masks_and_tasks(medical_root) -> None:

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from anomalib_mvfa import Mvfa
 from anomalib_mvfa.commands import main
 from anomalib_mvfa.data import MedicalAD
-from anomalib_mvfa.image_io import read_mask_file
+from anomalib_mvfa.data import read_mask as read_mask_file
 from anomalib_mvfa.metrics import DefinedAUROC
 
 from .conftest import TINY_CONFIG, TINY_IMAGE_SIZE, save_checkpoint_file, write_medical_category

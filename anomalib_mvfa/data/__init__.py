@@ -1,24 +1,48 @@
-"""Data modules for MVFA's medical benchmark layout.
+"""Data: the package's reader of images, DICOM and NIfTI, and its datamodules.
+
+- :class:`ScanReader`, :func:`read_image`, :func:`read_mask`: the one reader every data path uses.
+- :class:`MedicalAD`: MVFA's medical benchmark layout.
+- :class:`MedicalFolder`: anomalib's ``Folder`` layout for any folder of scans.
+- :class:`ScanFolder`, :class:`ScanPredictDataset`: unlabelled scans for prediction.
+- :class:`VolumeMapWriter`: anomaly maps of NIfTI volumes written back as volumes.
 
 Example:
-    >>> from anomalib_mvfa.data import MedicalAD
+    >>> from anomalib_mvfa.data import MedicalAD, MedicalFolder
     >>> datamodule = MedicalAD(root="datasets/MVFA", category="Brain")  # doctest: +SKIP
+    >>> scans = MedicalFolder(root="scans", normal_dir="normal", abnormal_dir="abnormal")  # doctest: +SKIP
 """
 
+from .datasets import MedicalFolderDataset, ScanDataset, ScanPredictDataset
+from .folder import MedicalFolder, ScanFolder
+from .intensity import INTENSITY_MODES, Intensity
 from .medical import (
     MEDICAL_CATEGORIES,
     SEGMENTATION_CATEGORIES,
     MedicalAD,
     MedicalADDataset,
     parse_seed_file,
-    read_medical_image,
 )
+from .readers import SCAN_SUFFIXES, SampleName, ScanReader, file_format, read_image, read_mask
+from .volumes import VolumeMapWriter
 
 __all__ = [
+    "INTENSITY_MODES",
     "MEDICAL_CATEGORIES",
+    "SCAN_SUFFIXES",
     "SEGMENTATION_CATEGORIES",
+    "Intensity",
     "MedicalAD",
     "MedicalADDataset",
+    "MedicalFolder",
+    "MedicalFolderDataset",
+    "SampleName",
+    "ScanDataset",
+    "ScanFolder",
+    "ScanPredictDataset",
+    "ScanReader",
+    "VolumeMapWriter",
+    "file_format",
     "parse_seed_file",
-    "read_medical_image",
+    "read_image",
+    "read_mask",
 ]

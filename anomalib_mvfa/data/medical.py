@@ -14,8 +14,9 @@ Splits of :class:`MedicalAD`:
   images of the other categories (their ``test`` split, as in the paper, or ``valid``), each
   prompted with its own category's class name; ``val_data`` and ``test_data`` are as above.
 
-Images are read as they come: 8- and 16-bit PNG, JPEG, TIFF, one to four channels (grey is
-replicated to three), any letter case of the file suffix.
+Files are read with :class:`~anomalib_mvfa.data.readers.ScanReader`: PNG, JPEG and TIFF in every
+image mode and bit depth, DICOM (one sample per frame) and NIfTI (one sample per slice), any
+letter case of the file suffix.
 
 Example:
     >>> from anomalib_mvfa.data import MedicalAD
@@ -33,14 +34,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
-import torch
-from anomalib.data import AnomalibDataModule, AnomalibDataset, ImageItem
+from anomalib.data import AnomalibDataModule
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
-from torchvision.tv_tensors import Mask
 
-from ..image_io import IMAGE_SUFFIXES, read_image_file, read_mask_file
 from ..prompting import prompt_class_name
+from .datasets import ScanDataset, _sample_rows, file_key
+from .readers import DEFAULT_READER, ScanReader, file_format
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,10 @@ SEED_LINE = re.compile(r"^\s*([an])-(\d+)\s*:\s*(.*)$")
 LABELS = ("good", "ungood")  # label folders of a split, compared in lower case
 
 
-# The reader of this layout is the package's own (16-bit aware, 1 to 4 channels), under its earlier name.
-read_medical_image = read_image_file
-
-
 def _image_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
-    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    return sorted(path for path in folder.iterdir() if path.is_file() and file_format(path) is not None)
 
 
 def layout_folder(parent: Path, name: str) -> Path:
@@ -96,8 +92,10 @@ def category_folder(root: str | Path, category: str) -> Path:
     return folder
 
 
-def make_medical_samples(root: str | Path, category: str, split: str) -> pd.DataFrame:
-    """Samples table (anomalib's columns plus ``category``) of one category and split.
+def make_medical_samples(
+    root: str | Path, category: str, split: str, reader: ScanReader = DEFAULT_READER
+) -> pd.DataFrame:
+    """Samples table (anomalib's columns plus ``category`` and ``source_file``) of one category and split.
 
     Raises:
         ValueError: If the split holds no image.
@@ -108,24 +106,16 @@ def make_medical_samples(root: str | Path, category: str, split: str) -> pd.Data
     for label, label_index in (("good", LabelName.NORMAL), ("Ungood", LabelName.ABNORMAL)):
         label_folder = layout_folder(base, label)
         masks = {path.name: path for path in _image_files(layout_folder(label_folder, "anomaly_mask"))}
-        masks_by_stem = {path.stem: path for path in masks.values()}
+        masks_by_key = {file_key(path): path for path in masks.values()}
         for path in _image_files(layout_folder(label_folder, "img")):
-            mask = masks.get(path.name) or masks_by_stem.get(path.stem)
-            rows.append(
-                {
-                    "path": str(base),
-                    "split": split,
-                    "label": label,
-                    "image_path": str(path),
-                    "mask_path": str(mask) if mask is not None and label_index == LabelName.ABNORMAL else "",
-                    "label_index": int(label_index),
-                    "category": category,
-                }
-            )
+            mask = masks.get(path.name) or masks_by_key.get(file_key(path))
+            mask = mask if label_index == LabelName.ABNORMAL else None
+            for row in _sample_rows(reader, path, label_index, split, mask, base):
+                rows.append({**row, "label": label, "category": category})
     if not rows:
         msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
         raise ValueError(msg)
-    _check_masks(rows, category, base)
+    _check_masks(rows, category, base, reader)
     normal = sum(row["label_index"] == LabelName.NORMAL for row in rows)
     with_masks = sum(bool(row["mask_path"]) for row in rows)
     logger.info(
@@ -152,7 +142,7 @@ def _warn_about_unknown_folders(base: Path) -> None:
         )
 
 
-def _check_masks(rows: list[dict], category: str, base: Path) -> None:
+def _check_masks(rows: list[dict], category: str, base: Path, reader: ScanReader) -> None:
     """Every abnormal image needs a mask where the category has masks (or some of its images do).
 
     A mask folder in which every mask is empty is refused too: its annotation was not read.
@@ -160,7 +150,7 @@ def _check_masks(rows: list[dict], category: str, base: Path) -> None:
     abnormal = [row for row in rows if row["label_index"] == LabelName.ABNORMAL]
     missing = [Path(row["image_path"]).name for row in abnormal if not row["mask_path"]]
     masked = [row["mask_path"] for row in abnormal if row["mask_path"]]
-    if masked and not any(read_mask_file(path).any() for path in masked):
+    if masked and not any(reader.read_mask(path).any() for path in masked):
         msg = (
             f"Every one of the {len(masked)} masks of abnormal images in '{Path(masked[0]).parent}' is empty: "
             "no abnormal pixel was found in any channel (alpha included). Check that the masks mark the "
@@ -178,7 +168,7 @@ def _check_masks(rows: list[dict], category: str, base: Path) -> None:
     raise ValueError(msg)
 
 
-class MedicalADDataset(AnomalibDataset):
+class MedicalADDataset(ScanDataset):
     """Images of one or several categories of the medical layout.
 
     Args:
@@ -186,6 +176,7 @@ class MedicalADDataset(AnomalibDataset):
         categories: Category names (``Brain``, ...).
         split: ``"valid"`` or ``"test"``.
         augmentations: Optional transforms applied to each item.
+        reader: The reader (intensity, NIfTI slicing); the default :class:`ScanReader` when ``None``.
     """
 
     def __init__(
@@ -194,47 +185,20 @@ class MedicalADDataset(AnomalibDataset):
         categories: Sequence[str],
         split: str,
         augmentations: Transform | None = None,
+        reader: ScanReader | None = None,
     ) -> None:
-        super().__init__(augmentations=augmentations)
+        super().__init__(reader=reader, augmentations=augmentations)
         if split not in SPLITS:
             msg = f"split must be one of {SPLITS}, got '{split}'."
             raise ValueError(msg)
         self.root = Path(root)
         self.split = split
         self._category = categories[0] if len(categories) == 1 else "+".join(categories)
-        samples = pd.concat([make_medical_samples(root, category, split) for category in categories])
+        samples = pd.concat([make_medical_samples(root, category, split, self.reader) for category in categories])
         samples = samples.reset_index(drop=True)
         has_masks = (samples.mask_path != "").any()
         samples.attrs["task"] = "segmentation" if has_masks else "classification"
         self.samples = samples
-
-    def __getitem__(self, index: int) -> ImageItem:
-        """Image (``[0, 1]``, three channels), label and mask (where the layout has one)."""
-        sample = self.samples.iloc[index]
-        image = read_image_file(sample.image_path)
-        gt_mask = None
-        if sample.mask_path:
-            gt_mask = Mask(read_mask_file(sample.mask_path))
-            if gt_mask.shape[-2:] != image.shape[-2:]:
-                msg = (
-                    f"Mask '{sample.mask_path}' is {tuple(gt_mask.shape[-2:])} pixels but its image "
-                    f"'{sample.image_path}' is {tuple(image.shape[-2:])}."
-                )
-                raise ValueError(msg)
-        elif self.task.value == "segmentation" and sample.label_index == LabelName.NORMAL:
-            gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
-        if self.augmentations:
-            if gt_mask is None:
-                image = self.augmentations(image)
-            else:
-                image, gt_mask = self.augmentations(image, gt_mask)
-        return ImageItem(
-            image=image,
-            gt_mask=gt_mask,
-            gt_label=torch.tensor(int(sample.label_index)),
-            image_path=sample.image_path,
-            mask_path=sample.mask_path,
-        )
 
 
 def parse_seed_file(path: str | Path) -> dict[int, dict[str, list[str]]]:
@@ -287,6 +251,12 @@ class MedicalAD(AnomalibDataModule):
         seed_file: Authors'-format seed file fixing the few-shot subsets; the model's seed
             selects the line (``a-<seed>``, ``n-<seed>``).
         class_names: Prompt class name per category, overriding the paper's names.
+        intensity: ``"auto"``, ``"range"``, ``"bits"``, ``"window"`` or ``"percentile"``
+            (:mod:`anomalib_mvfa.data.intensity`).
+        window: ``(centre, width)`` of ``intensity="window"`` (Hounsfield units for CT).
+        percentiles: ``(low, high)`` of ``"percentile"`` and ``"auto"``.
+        slice_axis: NIfTI slicing axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
+        skip_empty_slices: Leave out NIfTI slices holding only the volume's background value.
         train_batch_size: Training batch size.
         eval_batch_size: Validation and test batch size.
         num_workers: Data-loading workers.
@@ -305,6 +275,11 @@ class MedicalAD(AnomalibDataModule):
         zero_shot_split: str = "test",
         seed_file: str | Path | None = None,
         class_names: dict[str, str] | None = None,
+        intensity: str = "auto",
+        window: tuple[float, float] | None = None,
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        slice_axis: str = "axial",
+        skip_empty_slices: bool = False,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 8,
@@ -332,6 +307,13 @@ class MedicalAD(AnomalibDataModule):
         self.zero_shot_split = zero_shot_split
         self.seed_file = Path(seed_file) if seed_file else None
         self.class_names = dict(class_names or {})
+        self.scan_reader = ScanReader(
+            intensity=intensity,
+            window=window,
+            percentiles=percentiles,
+            slice_axis=slice_axis,
+            skip_empty_slices=skip_empty_slices,
+        )
 
     @property
     def name(self) -> str:
@@ -353,14 +335,16 @@ class MedicalAD(AnomalibDataModule):
     def _setup(self, _stage: str | None = None) -> None:
         train_categories = self.resolved_train_categories()
         if train_categories is None:
-            self.train_data = MedicalADDataset(self.root, [self.category], "valid")
+            self.train_data = MedicalADDataset(self.root, [self.category], "valid", reader=self.scan_reader)
         else:
             if not train_categories:
                 msg = f"No category besides '{self.category}' under '{self.root}' to train zero-shot on."
                 raise ValueError(msg)
-            self.train_data = MedicalADDataset(self.root, train_categories, self.zero_shot_split)
-        self.val_data = MedicalADDataset(self.root, [self.category], "valid")
-        self.test_data = MedicalADDataset(self.root, [self.category], "test")
+            self.train_data = MedicalADDataset(
+                self.root, train_categories, self.zero_shot_split, reader=self.scan_reader
+            )
+        self.val_data = MedicalADDataset(self.root, [self.category], "valid", reader=self.scan_reader)
+        self.test_data = MedicalADDataset(self.root, [self.category], "test", reader=self.scan_reader)
 
     def prompt_name(self, category: str) -> str:
         """Class name in the prompts for ``category`` (``class_names`` first, then the paper's)."""

@@ -13,10 +13,9 @@ Example:
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 from typing import Any
 
-from PIL import Image
+from .readers import DEFAULT_READER, SampleName, ScanReader
 
 logger = logging.getLogger(__name__)
 
@@ -24,8 +23,9 @@ logger = logging.getLogger(__name__)
 MAX_LISTED_PROBLEMS = 10
 
 
-def _header_size(path: Path) -> tuple[int, int]:
+def _header_size(name: str, reader: ScanReader) -> tuple[int, int]:
     """``(height, width)`` from the file's header; ``ValueError`` naming the file when there is none."""
+    path = SampleName.parse(name).file
     if not path.is_file():
         msg = f"'{path}' does not exist"
         raise ValueError(msg)
@@ -33,10 +33,9 @@ def _header_size(path: Path) -> tuple[int, int]:
         msg = f"'{path}' is empty (0 bytes)"
         raise ValueError(msg)
     try:
-        with Image.open(path) as image:
-            return image.height, image.width
+        return reader.image_size(name)
     except Exception as error:
-        msg = f"'{path}' cannot be decoded ({error})"
+        msg = f"'{name}' cannot be decoded ({error})"
         raise ValueError(msg) from error
 
 
@@ -46,12 +45,13 @@ def split_file_problems(name: str, dataset: Any) -> list[str]:
     if samples is None or "image_path" not in samples:
         return []
     masks = samples["mask_path"] if "mask_path" in samples else [""] * len(samples)
+    reader = getattr(dataset, "reader", None) or DEFAULT_READER
     problems = []
     for image_path, mask_path in zip(samples["image_path"], masks, strict=True):
         try:
-            size = _header_size(Path(image_path))
+            size = _header_size(str(image_path), reader)
             if isinstance(mask_path, str) and mask_path:
-                mask_size = _header_size(Path(mask_path))
+                mask_size = _header_size(mask_path, reader)
                 if mask_size != size:
                     problems.append(
                         f"{name}: Mask '{mask_path}' is {mask_size} pixels but its image '{image_path}' is {size}"

@@ -30,7 +30,8 @@ from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
-from ..image_io import IMAGE_SUFFIXES, read_image_file, read_mask_file
+from ..data.datasets import file_key
+from ..data.readers import DEFAULT_READER, SampleName, ScanReader, list_scan_files
 
 logger = logging.getLogger(__name__)
 
@@ -192,40 +193,58 @@ def draw_from_dataset(
     )
 
 
-def list_images(folder: str | Path) -> list[Path]:
-    """Image files directly inside ``folder``, sorted by name (any letter case of the suffix)."""
+def list_images(folder: str | Path, reader: ScanReader | None = None) -> list[str]:
+    """Samples of the files directly inside ``folder`` (images, DICOM frames, NIfTI slices), sorted."""
     folder = Path(folder)
     if not folder.is_dir():
         msg = f"Support folder '{folder}' does not exist or is not a folder."
         raise ValueError(msg)
-    return sorted(path for path in folder.iterdir() if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES)
+    reader = reader or DEFAULT_READER
+    return [name for path in list_scan_files(folder, recursive=False) for name in reader.samples(path)]
 
 
-def draw_from_folder(folder: str | Path, k: int, seed: int, image_size: int, label: int = 0) -> SupportImages:
-    """Draw ``k`` images from a folder, seeded; masks come from ``<folder>/masks/<same stem>.*``.
+def draw_from_folder(
+    folder: str | Path, k: int, seed: int, image_size: int, label: int = 0, reader: ScanReader | None = None
+) -> SupportImages:
+    """Draw ``k`` samples from a folder, seeded; masks come from ``<folder>/masks/<same name>.*``.
+
+    Args:
+        folder: The folder (images, DICOM, NIfTI volumes: every frame and slice is a sample).
+        k: How many.
+        seed: Seed of the draw.
+        image_size: Side the samples are resized to.
+        label: 0 (normal) or 1 (abnormal: masks are read).
+        reader: The reader (the datamodule's, so that support and test images are read alike).
 
     Raises:
-        ValueError: If the folder is missing or holds fewer than ``k`` images.
+        ValueError: If the folder is missing or holds fewer than ``k`` samples.
     """
-    files = list_images(folder)
-    if len(files) < k:
-        msg = f"Support folder '{folder}' holds {len(files)} image(s); k_shot={k} needs at least {k}."
+    reader = reader or DEFAULT_READER
+    names = list_images(folder, reader)
+    if len(names) < k:
+        msg = f"Support folder '{folder}' holds {len(names)} image(s); k_shot={k} needs at least {k}."
         raise ValueError(msg)
-    chosen = [files[i] for i in seeded_choice(len(files), k, seed)]
+    chosen = [names[i] for i in seeded_choice(len(names), k, seed)]
     mask_folder = Path(folder) / MASK_FOLDER
-    mask_files = {path.stem: path for path in list_images(mask_folder)} if label and mask_folder.is_dir() else {}
-    images = [read_image_file(path) for path in chosen]
+    mask_files = (
+        {file_key(path): path for path in list_scan_files(mask_folder, recursive=False)}
+        if label and mask_folder.is_dir()
+        else {}
+    )
+    images = [reader.read_image(name) for name in chosen]
     masks: list[torch.Tensor | None] = []
-    for path, image in zip(chosen, images, strict=True):
-        mask = read_mask_file(mask_files[path.stem]) if path.stem in mask_files else None
+    for name, image in zip(chosen, images, strict=True):
+        sample = SampleName.parse(name)
+        mask_file = mask_files.get(file_key(sample.file))
+        mask_name = str(SampleName(mask_file, sample.part, sample.index)) if mask_file is not None else None
+        mask = reader.read_mask(mask_name) if mask_name is not None else None
         if mask is not None and mask.shape != image.shape[-2:]:
             msg = (
-                f"Mask '{mask_files[path.stem]}' is {tuple(mask.shape)} pixels but its image '{path}' is "
-                f"{tuple(image.shape[-2:])}."
+                f"Mask '{mask_name}' is {tuple(mask.shape)} pixels but its image '{name}' is {tuple(image.shape[-2:])}."
             )
             raise ValueError(msg)
         masks.append(mask)
-    return _support_from_items(images, masks, label, [str(path) for path in chosen], image_size)
+    return _support_from_items(images, masks, label, chosen, image_size)
 
 
 def synthesize_abnormal(normal: SupportImages, seed: int) -> SupportImages:
@@ -297,7 +316,13 @@ def draw_normal(settings: SupportSettings, datamodule: Any) -> SupportImages:
         ValueError: If neither exists, or the source holds too few normal images.
     """
     if settings.few_shot_source:
-        normal = draw_from_folder(settings.few_shot_source, settings.k_shot, settings.seed, settings.image_size)
+        normal = draw_from_folder(
+            settings.few_shot_source,
+            settings.k_shot,
+            settings.seed,
+            settings.image_size,
+            reader=getattr(datamodule, "scan_reader", None),
+        )
     elif datamodule is not None and getattr(datamodule, "train_data", None) is not None:
         normal = draw_from_dataset(
             datamodule.train_data,
@@ -344,6 +369,7 @@ def draw_abnormal(settings: SupportSettings, normal: SupportImages, datamodule: 
         files = fixed_files(datamodule, settings, "abnormal")
         abnormal = draw_from_dataset(dataset, 1, settings.k_shot, settings.seed, settings.image_size, name, files)
     else:
-        abnormal = draw_from_folder(source, settings.k_shot, settings.seed, settings.image_size, label=1)
+        reader = getattr(datamodule, "scan_reader", None)
+        abnormal = draw_from_folder(source, settings.k_shot, settings.seed, settings.image_size, 1, reader)
     logger.info("MVFA abnormal support images (%s): %s", source, abnormal.sources)
     return abnormal

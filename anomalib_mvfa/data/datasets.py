@@ -1,0 +1,350 @@
+"""anomalib datasets whose samples are read with :class:`~anomalib_mvfa.data.readers.ScanReader`.
+
+- :class:`ScanDataset`: the base of the package's datasets: a samples table (anomalib's columns,
+  with sample names such as ``brain.nii.gz#axial=080`` and ``source_file``), read with its reader.
+- :func:`make_folder_samples`: the samples of anomalib's ``Folder`` layout (normal, abnormal,
+  normal test and mask folders), masks paired with images by file name.
+- :class:`ScanPredictDataset`: unlabelled scans of a folder, for prediction.
+- :func:`split_by_source_file`: runs anomalib's split steps on whole files, so that the slices of
+  one volume (the frames of one DICOM) never land in two splits.
+
+Example:
+    >>> from anomalib_mvfa.data.datasets import ScanPredictDataset
+    >>> dataset = ScanPredictDataset("scans/")  # every image, DICOM and NIfTI slice  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from anomalib.data import AnomalibDataset, ImageItem, PredictDataset
+from anomalib.data.utils import LabelName
+from torchvision.transforms.v2 import Transform
+from torchvision.tv_tensors import Mask
+
+from . import nifti
+from .readers import DEFAULT_READER, SampleName, ScanReader, file_format, list_scan_files
+
+logger = logging.getLogger(__name__)
+
+# Mask files may carry one of these after the image's name (``case1_mask.nii.gz`` for ``case1.nii.gz``).
+MASK_NAME_ENDINGS = ("", "_mask", "_seg", "_label", "_labels", "_gt", "-mask")
+_FORMAT_SUFFIX = re.compile(r"(\.nii\.gz|\.[A-Za-z0-9]+)$")
+
+
+def file_key(path: str | Path) -> str:
+    """A file's name without its format suffix (``.nii.gz`` counts as one), in lower case."""
+    return _FORMAT_SUFFIX.sub("", Path(path).name).lower()
+
+
+class ScanDataset(AnomalibDataset):
+    """An anomalib dataset whose samples are read with a :class:`ScanReader`.
+
+    Its samples table has anomalib's columns (``image_path`` holds sample names, which may name a
+    frame or slice of a file) and ``source_file``.
+
+    Args:
+        reader: The reader; the default :class:`ScanReader` when ``None``.
+        augmentations: Transforms applied to each item.
+    """
+
+    def __init__(self, reader: ScanReader | None = None, augmentations: Transform | None = None) -> None:
+        super().__init__(augmentations=augmentations)
+        self.reader = reader or DEFAULT_READER
+
+    @property
+    def samples(self) -> pd.DataFrame:
+        """The samples table."""
+        return super().samples
+
+    @samples.setter
+    def samples(self, samples: pd.DataFrame) -> None:
+        missing = sorted({str(SampleName.parse(name).file) for name in samples["image_path"]} - _existing(samples))
+        if missing:
+            msg = f"{len(missing)} file(s) of the samples do not exist, for example '{missing[0]}'."
+            raise FileNotFoundError(msg)
+        self._samples = samples.sort_values(by="image_path", ignore_index=True)
+
+    def __getitem__(self, index: int) -> ImageItem:
+        """Image (``[0, 1]``, three channels), label and mask (where there is one)."""
+        sample = self.samples.iloc[index]
+        image = self.reader.read_image(sample.image_path)
+        mask_path = str(sample.get("mask_path", "") or "")
+        gt_mask = None
+        if mask_path:
+            gt_mask = Mask(self.reader.read_mask(mask_path))
+            if gt_mask.shape[-2:] != image.shape[-2:]:
+                msg = (
+                    f"Mask '{mask_path}' is {tuple(gt_mask.shape[-2:])} pixels but its image "
+                    f"'{sample.image_path}' is {tuple(image.shape[-2:])}."
+                )
+                raise ValueError(msg)
+        elif self.task.value == "segmentation" and sample.label_index == LabelName.NORMAL:
+            gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
+        if self.augmentations:
+            if gt_mask is None:
+                image = self.augmentations(image)
+            else:
+                image, gt_mask = self.augmentations(image, gt_mask)
+        label = int(sample.label_index)
+        return ImageItem(
+            image=image,
+            gt_mask=gt_mask,
+            gt_label=None if label == LabelName.UNKNOWN else torch.tensor(label),
+            image_path=sample.image_path,
+            mask_path=mask_path,
+        )
+
+
+def _existing(samples: pd.DataFrame) -> set[str]:
+    files = {str(SampleName.parse(name).file) for name in samples["image_path"]}
+    return {file for file in files if Path(file).exists()}
+
+
+def _mask_index(mask_folders: Sequence[Path]) -> dict[str, Path]:
+    """Mask files by :func:`file_key`; each also under its key without a mask ending (``_mask``...)."""
+    masks: dict[str, Path] = {}
+    for folder in mask_folders:
+        for path in list_scan_files(folder):
+            masks.setdefault(file_key(path), path)
+    for key, path in list(masks.items()):
+        for ending in MASK_NAME_ENDINGS[1:]:
+            if key.endswith(ending):
+                masks.setdefault(key.removesuffix(ending), path)
+    return masks
+
+
+def _sample_rows(
+    reader: ScanReader, path: Path, label: LabelName, split: str, mask: Path | None, root: Path
+) -> list[dict[str, Any]]:
+    """Rows of one file: one per sample, with the mask sample and the label each slice's mask gives."""
+    names = reader.samples(path)
+    masks = [""] * len(names)
+    labels = [int(label)] * len(names)
+    if mask is not None:
+        if file_format(path) == "nifti":
+            nifti.check_label_volume(path, mask)
+            volume, _ = nifti.canonical_volume(mask, reader.time_point)
+            axis = nifti.SLICE_AXES[reader.slice_axis]
+            others = tuple(dim for dim in range(3) if dim != axis)
+            marked = (volume != 0).any(axis=others)
+            indices = [SampleName.parse(name).index for name in names]
+            masks = [str(SampleName(mask, reader.slice_axis, index)) for index in indices]
+            labels = [int(LabelName.ABNORMAL if marked[index] else LabelName.NORMAL) for index in indices]
+        else:
+            mask_names = reader.samples(mask)
+            if len(mask_names) != len(names):
+                msg = f"Mask '{mask}' holds {len(mask_names)} image(s) but its image '{path}' holds {len(names)}."
+                raise ValueError(msg)
+            masks = mask_names
+    return [
+        {
+            "path": str(root),
+            "split": split,
+            "label": "abnormal" if label == LabelName.ABNORMAL else "normal",
+            "image_path": name,
+            "mask_path": mask_name,
+            "label_index": sample_label,
+            "source_file": str(path),
+        }
+        for name, mask_name, sample_label in zip(names, masks, labels, strict=True)
+    ]
+
+
+def _folders(root: Path | None, folders: str | Path | Sequence[str | Path] | None) -> list[Path]:
+    if folders is None:
+        return []
+    items = [folders] if isinstance(folders, str | Path) else list(folders)
+    resolved = [Path(item) if root is None or Path(item).is_absolute() else root / item for item in items]
+    for folder in resolved:
+        if not folder.is_dir():
+            msg = f"Folder '{folder}' does not exist."
+            raise ValueError(msg)
+    return resolved
+
+
+def make_folder_samples(
+    reader: ScanReader,
+    normal_dir: str | Path | Sequence[str | Path],
+    root: str | Path | None = None,
+    abnormal_dir: str | Path | Sequence[str | Path] | None = None,
+    normal_test_dir: str | Path | Sequence[str | Path] | None = None,
+    mask_dir: str | Path | Sequence[str | Path] | None = None,
+    extensions: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Samples of anomalib's ``Folder`` layout, every file expanded into its samples.
+
+    Normal files are the ``train`` split, abnormal and normal-test files the ``test`` split.
+    Masks are paired with abnormal files by name (``case1.png`` or ``case1_mask.png`` for
+    ``case1.dcm``). Slices of an abnormal volume take their label from their label-volume slice:
+    a slice without a marked voxel is normal.
+
+    Raises:
+        ValueError: If a folder is missing, holds no readable file, or (with ``mask_dir``) an
+            abnormal file has no mask; the message names them.
+    """
+    root_path = Path(root) if root is not None else None
+    groups = [
+        (_folders(root_path, normal_dir), LabelName.NORMAL, "train"),
+        (_folders(root_path, abnormal_dir), LabelName.ABNORMAL, "test"),
+        (_folders(root_path, normal_test_dir), LabelName.NORMAL, "test"),
+    ]
+    if not groups[0][0]:
+        msg = "normal_dir must name at least one folder of normal images."
+        raise ValueError(msg)
+    masks = _mask_index(_folders(root_path, mask_dir))
+    rows: list[dict[str, Any]] = []
+    for folders, label, split in groups:
+        for folder in folders:
+            files = list_scan_files(folder, tuple(extensions) if extensions else None)
+            if not files:
+                msg = f"Folder '{folder}' holds no readable file (images, DICOM or NIfTI)."
+                raise ValueError(msg)
+            for path in files:
+                mask = masks.get(file_key(path)) if label == LabelName.ABNORMAL else None
+                if label == LabelName.ABNORMAL and masks and mask is None:
+                    msg = f"Abnormal file '{path}' has no mask in {mask_dir}: expected '{file_key(path)}.<suffix>'."
+                    raise ValueError(msg)
+                rows.extend(_sample_rows(reader, path, label, split, mask, root_path or folder))
+    samples = pd.DataFrame(rows)
+    samples.attrs["task"] = "segmentation" if (samples.mask_path != "").any() else "classification"
+    return samples
+
+
+class MedicalFolderDataset(ScanDataset):
+    """One split (``"train"`` or ``"test"``) of :func:`make_folder_samples`.
+
+    Example:
+        >>> MedicalFolderDataset("train", normal_dir="scans/normal")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        split: str,
+        normal_dir: str | Path | Sequence[str | Path],
+        root: str | Path | None = None,
+        abnormal_dir: str | Path | Sequence[str | Path] | None = None,
+        normal_test_dir: str | Path | Sequence[str | Path] | None = None,
+        mask_dir: str | Path | Sequence[str | Path] | None = None,
+        extensions: Sequence[str] | None = None,
+        reader: ScanReader | None = None,
+        augmentations: Transform | None = None,
+    ) -> None:
+        super().__init__(reader=reader, augmentations=augmentations)
+        self.samples = split_of(
+            make_folder_samples(self.reader, normal_dir, root, abnormal_dir, normal_test_dir, mask_dir, extensions),
+            split,
+        )
+
+    @classmethod
+    def from_samples(cls, samples: pd.DataFrame, reader: ScanReader) -> MedicalFolderDataset:
+        """A dataset of an existing samples table (one split of :func:`make_folder_samples`)."""
+        dataset = cls.__new__(cls)
+        ScanDataset.__init__(dataset, reader=reader)
+        dataset.samples = samples
+        return dataset
+
+
+def split_of(samples: pd.DataFrame, split: str) -> pd.DataFrame:
+    """The rows of one split, keeping the table's task."""
+    part = samples[samples.split == split].reset_index(drop=True)
+    part.attrs["task"] = samples.attrs["task"]
+    return part
+
+
+def split_by_source_file(datamodule: Any, split_step: Callable[[], None]) -> None:
+    """Run one of anomalib's split steps on whole files, then give each split its files' samples.
+
+    anomalib splits samples at random; with several samples per file (slices of a volume,
+    frames of a DICOM) that would put neighbouring slices of one scan into training and test.
+    Here every dataset of ``datamodule`` is reduced to one row per source file (labelled
+    abnormal when any of its samples is), ``split_step`` runs, and the rows come back.
+    """
+    names = ("train_data", "val_data", "test_data")
+    datasets = [getattr(datamodule, name, None) for name in names]
+    tables = [dataset.samples for dataset in datasets if isinstance(dataset, ScanDataset)]
+    if not tables or all(table.source_file.is_unique for table in tables):
+        split_step()
+        return
+    every_sample = pd.concat(tables, ignore_index=True)
+    task = tables[0].attrs.get("task", "classification")
+    for dataset in datasets:
+        if isinstance(dataset, ScanDataset):
+            by_file = dataset.samples.groupby("source_file", as_index=False).agg(
+                {"path": "first", "split": "first", "label": "first", "label_index": "max", "mask_path": "first"}
+            )
+            by_file["image_path"] = by_file["source_file"]
+            by_file.attrs["task"] = task
+            dataset._samples = by_file
+    split_step()
+    for name in names:
+        dataset = getattr(datamodule, name, None)
+        if not isinstance(dataset, ScanDataset):
+            continue
+        files = set(dataset.samples.source_file)
+        expanded = every_sample[every_sample.source_file.isin(files)].reset_index(drop=True)
+        expanded.attrs["task"] = task
+        dataset.samples = expanded
+
+
+class ScanPredictDataset(PredictDataset):
+    """Every sample (image, DICOM frame, NIfTI slice) of a folder or file, unlabelled, for prediction.
+
+    Args:
+        path: A folder (read recursively) or one file.
+        reader: The reader; the default :class:`ScanReader` when ``None``.
+        transform: Transform applied to each image.
+
+    Example:
+        >>> from anomalib.engine import Engine
+        >>> Engine().predict(model, dataset=ScanPredictDataset("scans/"), ckpt_path="mvfa.ckpt")  # doctest: +SKIP
+    """
+
+    def __init__(self, path: str | Path, reader: ScanReader | None = None, transform: Transform | None = None) -> None:
+        path = Path(path)
+        files = list_scan_files(path) if path.is_dir() else [path] if path.is_file() else []
+        if not files:
+            msg = f"'{path}' holds no readable file (images, DICOM or NIfTI)."
+            raise ValueError(msg)
+        self.transform = transform
+        self.reader = reader or DEFAULT_READER
+        self.image_filenames = [name for file in files for name in self.reader.samples(file)]
+
+    def __getitem__(self, index: int) -> ImageItem:
+        """The sample's image, read with the reader."""
+        name = self.image_filenames[index]
+        image = self.reader.read_image(name)
+        if self.transform:
+            image = self.transform(image)
+        return ImageItem(image=image, image_path=str(name))
+
+
+def adopt_prediction_datasets(dataloaders: Any) -> int:
+    """Read anomalib's own prediction datasets (``--data <folder>``) with this package's reader.
+
+    anomalib's ``PredictDataset`` reads with anomalib's reader, which saturates 16-bit images.
+    Each one among ``dataloaders`` becomes a :class:`ScanPredictDataset` of the same files (the
+    frames of multi-page files added). Returns how many were adopted.
+    """
+    if dataloaders is None:
+        return 0
+    if isinstance(dataloaders, dict):
+        dataloaders = list(dataloaders.values())
+    elif not isinstance(dataloaders, list | tuple):  # Lightning gives one loader as itself: never iterate it
+        dataloaders = [dataloaders]
+    adopted = 0
+    for loader in dataloaders:
+        dataset = getattr(loader, "dataset", None)
+        if type(dataset) is PredictDataset:
+            dataset.__class__ = ScanPredictDataset
+            dataset.reader = DEFAULT_READER
+            adopted += 1
+    if adopted:
+        logger.info("Prediction images are read with anomalib_mvfa's reader (16-bit aware, every image mode).")
+    return adopted

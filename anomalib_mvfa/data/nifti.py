@@ -1,0 +1,262 @@
+"""NIfTI volumes read with nibabel (the ``[medical]`` extra): 2D slices in, volumes of maps out.
+
+A volume is turned to nibabel's closest canonical orientation (RAS+) and cut along one axis
+(``"axial"``, ``"coronal"`` or ``"sagittal"``); a 4D volume gives the slices of one time point.
+Each slice is shown with the superior (axial: anterior) side up, as
+``canonical[..., index].T[::-1]`` for the axial axis. Values are nibabel's scaled data
+(``get_fdata``); under ``intensity="auto"`` the header's ``cal_min``/``cal_max`` display range is
+the window where it is set, otherwise the 0.5th to 99.5th percentile of the whole volume, so that
+every slice of a volume is scaled alike.
+
+:func:`write_volume` puts per-slice maps back into a volume of the source's shape, orientation,
+affine and header, written atomically, to be opened over the scan in 3D Slicer or ITK-SNAP.
+
+Example:
+    >>> from anomalib_mvfa.data.nifti import read_nifti_slice
+    >>> image = read_nifti_slice("brain.nii.gz", "axial", 80)  # H x W x 3 in [0, 1]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .intensity import Intensity, dtype_range, percentile_range, scale_values
+
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
+INSTALL_HINT = "pip install 'anomalib-mvfa[medical]'"
+# How many decoded volumes each process (data-loading worker) keeps
+CACHED_VOLUMES = 2
+
+
+def _nibabel() -> Any:
+    try:
+        import nibabel  # noqa: PLC0415
+    except ImportError as error:
+        msg = f"Reading NIfTI files needs nibabel: {INSTALL_HINT}."
+        raise ImportError(msg) from error
+    return nibabel
+
+
+def is_nifti(path: str | Path) -> bool:
+    """Whether the file name ends in ``.nii`` or ``.nii.gz`` (any letter case)."""
+    return str(path).lower().endswith(NIFTI_SUFFIXES)
+
+
+def _load(path: str | Path) -> Any:
+    nibabel = _nibabel()
+    try:
+        return nibabel.load(path)
+    except Exception as error:
+        msg = f"NIfTI '{path}' cannot be read: {error}"
+        raise ValueError(msg) from error
+
+
+def _check_time_point(path: str | Path, shape: tuple[int, ...], time_point: int) -> None:
+    if len(shape) < 2 or len(shape) > 4 or (len(shape) == 4 and not 0 <= time_point < shape[3]):
+        if len(shape) == 4:
+            msg = f"NIfTI '{path}' has {shape[3]} time points; time_point={time_point} is not one of them."
+        else:
+            msg = f"NIfTI '{path}' has shape {shape}: expected a 2D, 3D or 4D volume."
+        raise ValueError(msg)
+
+
+def _orientation(image: Any) -> np.ndarray:
+    """Nibabel orientation of the array axes relative to RAS+."""
+    from nibabel.orientations import io_orientation  # noqa: PLC0415
+
+    return io_orientation(image.affine)
+
+
+def canonical_shape(path: str | Path, time_point: int = 0) -> tuple[int, int, int]:
+    """Shape of the volume (one time point) in canonical orientation, from the header."""
+    image = _load(path)
+    shape = tuple(int(size) for size in image.shape)
+    _check_time_point(path, shape, time_point)
+    spatial = (*shape[:3], 1, 1)[:3]
+    order = _orientation(image)[:, 0] if len(shape) >= 3 else np.array([0, 1, 2])
+    canonical = [0, 0, 0]
+    for axis, target in enumerate(order):
+        canonical[int(target)] = spatial[axis]
+    return canonical[0], canonical[1], canonical[2]
+
+
+def slice_count(path: str | Path, axis: str, time_point: int = 0) -> int:
+    """Number of slices along ``axis`` (``"axial"``, ``"coronal"``, ``"sagittal"``)."""
+    return canonical_shape(path, time_point)[SLICE_AXES[axis]]
+
+
+@lru_cache(maxsize=CACHED_VOLUMES)
+def _canonical_volume(path: str, time_point: int, modified: int) -> tuple[np.ndarray, Any]:
+    """The scaled float32 volume of one time point in canonical orientation, and its header."""
+    from nibabel.orientations import apply_orientation  # noqa: PLC0415
+
+    del modified  # part of the cache key only: a rewritten file is read again
+    image = _load(path)
+    _check_time_point(path, tuple(image.shape), time_point)
+    proxy = image.dataobj
+    data = np.asarray(proxy[..., time_point] if len(image.shape) == 4 else proxy[...], dtype=np.float32)
+    while data.ndim < 3:
+        data = data[..., None]
+    return np.ascontiguousarray(apply_orientation(data, _orientation(image))), image.header
+
+
+def canonical_volume(path: str | Path, time_point: int = 0) -> tuple[np.ndarray, Any]:
+    """Cached :func:`_canonical_volume` (the last :data:`CACHED_VOLUMES` volumes of this process)."""
+    return _canonical_volume(str(path), time_point, Path(path).stat().st_mtime_ns)
+
+
+@lru_cache(maxsize=CACHED_VOLUMES)
+def _volume_percentiles(
+    path: str, time_point: int, modified: int, percentiles: tuple[float, float]
+) -> tuple[float, float]:
+    volume, _ = _canonical_volume(path, time_point, modified)
+    return percentile_range(volume, percentiles)
+
+
+def to_display(plane: np.ndarray) -> np.ndarray:
+    """A canonical plane (first axis left to right) as an image with the upper side up."""
+    return plane.T[::-1]
+
+
+def from_display(image: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`to_display`."""
+    return image[::-1].T
+
+
+def canonical_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
+    """Slice ``index`` along ``axis`` of a canonical volume, as an image (:func:`to_display`)."""
+    return to_display(np.take(volume, index, axis=SLICE_AXES[axis]))
+
+
+def _file_window(header: Any) -> tuple[float, float] | None:
+    low, high = float(header.get("cal_min", 0) or 0), float(header.get("cal_max", 0) or 0)
+    return (low, high) if high > low else None
+
+
+def read_nifti_slice(
+    path: str | Path, axis: str, index: int, intensity: Intensity | None = None, time_point: int = 0
+) -> np.ndarray:
+    """One slice of a NIfTI volume as ``H x W x 3`` float32 in ``[0, 1]`` (see the module docstring).
+
+    Raises:
+        ValueError: If the file cannot be read, the time point or slice does not exist.
+    """
+    intensity = intensity or Intensity()
+    volume, header = canonical_volume(path, time_point)
+    count = volume.shape[SLICE_AXES[axis]]
+    if not 0 <= index < count:
+        msg = f"NIfTI '{path}' has {count} {axis} slices; slice {index} is not one of them."
+        raise ValueError(msg)
+    plane = canonical_slice(volume, axis, index)
+    stats = None
+    if intensity.mode in {"auto", "percentile"}:
+        stats = _volume_percentiles(str(path), time_point, Path(path).stat().st_mtime_ns, intensity.percentiles)
+    window = _file_window(header)
+    stored = header.get_data_dtype()
+    scaled = header.get_slope_inter()[0] not in (None, 1.0) or stored.kind == "f"
+    unit = scale_values(
+        plane,
+        intensity,
+        type_range=(0.0, 1.0) if scaled else dtype_range(stored),
+        file_window=(lambda values: (values - window[0]) / (window[1] - window[0])) if window else None,
+        stats_range=stats,
+        eight_bit=stored.itemsize == 1 and not scaled,
+    )
+    return np.repeat(unit[..., None], 3, axis=-1)
+
+
+def read_nifti_mask_slice(path: str | Path, axis: str, index: int, time_point: int = 0) -> np.ndarray:
+    """One slice of a label volume as ``H x W`` uint8: every non-zero label is 1."""
+    volume, _ = canonical_volume(path, time_point)
+    return (canonical_slice(volume, axis, index) != 0).astype(np.uint8)
+
+
+def empty_slices(path: str | Path, axis: str, time_point: int = 0) -> list[int]:
+    """Slices in which every voxel holds the volume's smallest value (no tissue, only background)."""
+    volume, _ = canonical_volume(path, time_point)
+    lowest = volume.min()
+    other_axes = tuple(dim for dim in range(3) if dim != SLICE_AXES[axis])
+    return np.flatnonzero((volume == lowest).all(axis=other_axes)).tolist()
+
+
+def check_label_volume(image_path: str | Path, mask_path: str | Path) -> None:
+    """A label volume must have the shape and affine of its image volume.
+
+    Raises:
+        ValueError: Naming both files and what differs.
+    """
+    image, mask = _load(image_path), _load(mask_path)
+    if tuple(image.shape[:3]) != tuple(mask.shape[:3]):
+        msg = (
+            f"Label volume '{mask_path}' has shape {tuple(mask.shape)} but its image volume '{image_path}' has "
+            f"{tuple(image.shape)}: a mask must have the image's grid."
+        )
+        raise ValueError(msg)
+    if not np.allclose(image.affine, mask.affine, atol=1e-3):
+        msg = (
+            f"Label volume '{mask_path}' has another affine than its image volume '{image_path}':\n"
+            f"{np.round(mask.affine, 4)}\nagainst\n{np.round(image.affine, 4)}"
+        )
+        raise ValueError(msg)
+
+
+def write_volume(
+    slices: dict[int, np.ndarray],
+    source: str | Path,
+    destination: str | Path,
+    axis: str,
+    time_point: int = 0,
+    dtype: np.dtype | type = np.float32,
+) -> Path:
+    """Write per-slice images (:func:`to_display` orientation) as a volume over ``source``.
+
+    Slices not given are 0. The volume has the source's 3D grid, voxel order, affine and header
+    (its data type set to ``dtype``, its scaling and display range reset). The file is written next
+    to ``destination`` under a temporary name and moved into place, so it is whole or absent.
+
+    Raises:
+        ValueError: If a slice has another size than the source's slices.
+    """
+    from nibabel.orientations import apply_orientation, ornt_transform  # noqa: PLC0415
+
+    nibabel = _nibabel()
+    image = _load(source)
+    shape = canonical_shape(source, time_point)
+    volume = np.zeros(shape, dtype=np.dtype(dtype))
+    dim = SLICE_AXES[axis]
+    for index, plane in slices.items():
+        canonical_plane = from_display(np.asarray(plane))
+        expected = tuple(size for number, size in enumerate(shape) if number != dim)
+        if canonical_plane.shape != expected:
+            msg = f"Slice {index} is {np.asarray(plane).shape[:2]} pixels; the {axis} slices of '{source}' are " + (
+                f"{to_display(np.zeros(expected)).shape}."
+            )
+            raise ValueError(msg)
+        index_tuple = [slice(None)] * 3
+        index_tuple[dim] = index
+        volume[tuple(index_tuple)] = canonical_plane
+    orientation = _orientation(image)
+    back = ornt_transform(np.array([[0, 1], [1, 1], [2, 1]]), orientation)
+    data = apply_orientation(volume, back)
+    data = data.reshape(tuple(int(size) for size in image.shape[:3]))
+    header = image.header.copy()
+    header.set_data_dtype(np.dtype(dtype))
+    header.set_slope_inter(None, None)
+    header["cal_min"], header["cal_max"] = 0, 0
+    result = type(image)(data, image.affine, header)
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    suffix = ".nii.gz" if destination.name.lower().endswith(".gz") else ".nii"
+    temporary = destination.with_name(f".{destination.name}.{os.getpid()}.partial{suffix}")
+    try:
+        nibabel.save(result, temporary)
+        os.replace(temporary, destination)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return destination

@@ -1,0 +1,135 @@
+"""Anomaly maps of NIfTI slices written back as volumes over their scans.
+
+:class:`VolumeMapWriter` is a Lightning callback: during ``test`` or ``predict`` it collects the
+anomaly map (and predicted mask) of every NIfTI slice, resized to the slice's own size, and at
+the end writes one volume per scan with the scan's grid, affine and header
+(:func:`~anomalib_mvfa.data.nifti.write_volume`): ``<scan>_anomaly_map.nii.gz`` (float32, the
+model's normalised scores) and ``<scan>_pred_mask.nii.gz`` (uint8). They open over the scan in
+3D Slicer or ITK-SNAP. Slices that were not scored (``skip_empty_slices``) are 0.
+
+Example:
+    >>> from anomalib.engine import Engine
+    >>> from anomalib_mvfa.data import ScanFolder, VolumeMapWriter
+    >>> engine = Engine(callbacks=[VolumeMapWriter("maps")])  # doctest: +SKIP
+    >>> engine.predict(model, datamodule=ScanFolder("scans"), ckpt_path="mvfa.ckpt")  # doctest: +SKIP
+
+    From the command line: ``--trainer.callbacks+=anomalib_mvfa.data.VolumeMapWriter
+    --trainer.callbacks.output_dir maps``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from lightning.pytorch import Callback
+
+from . import nifti
+from .datasets import file_key
+from .readers import SampleName, file_format
+
+logger = logging.getLogger(__name__)
+
+
+class VolumeMapWriter(Callback):
+    """Write the anomaly maps (and predicted masks) of NIfTI slices as volumes (module docstring).
+
+    Args:
+        output_dir: Folder of the volumes; ``<default_root_dir>/volumes`` when ``None``.
+        masks: Write the predicted masks too.
+    """
+
+    def __init__(self, output_dir: str | Path | None = None, masks: bool = True) -> None:
+        super().__init__()
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        self.masks = masks
+        self._maps: dict[tuple[str, str], dict[int, np.ndarray]] = defaultdict(dict)
+        self._pred_masks: dict[tuple[str, str], dict[int, np.ndarray]] = defaultdict(dict)
+        self.written: list[Path] = []
+        self._pending: list[Any] = []
+
+    def _collect(self, trainer: Any, outputs: Any) -> None:
+        names = getattr(outputs, "image_path", None) or []
+        maps = getattr(outputs, "anomaly_map", None)
+        pred_masks = getattr(outputs, "pred_mask", None)
+        if maps is None:
+            return
+        time_point = getattr(getattr(trainer, "datamodule", None), "scan_reader", None)
+        time_point = time_point.time_point if time_point is not None else 0
+        for position, name in enumerate(names):
+            sample = SampleName.parse(name)
+            if sample.part not in nifti.SLICE_AXES or file_format(sample.file) != "nifti":
+                continue
+            shape = nifti.canonical_shape(sample.file, time_point)
+            kept = [size for axis, size in enumerate(shape) if axis != nifti.SLICE_AXES[sample.part]]
+            size = (kept[1], kept[0])  # the slice as shown: rows, columns
+            key = (str(sample.file), sample.part)
+            score = maps[position].detach().float().reshape(1, 1, *maps[position].shape[-2:])
+            self._maps[key][sample.index] = F.interpolate(score, size=size, mode="bilinear")[0, 0].cpu().numpy()
+            if self.masks and pred_masks is not None:
+                marked = pred_masks[position].detach().float().reshape(1, 1, *pred_masks[position].shape[-2:])
+                resized = F.interpolate(marked, size=size, mode="nearest")[0, 0]
+                self._pred_masks[key][sample.index] = (resized > 0.5).to(torch.uint8).cpu().numpy()
+
+    def _hold(self, trainer: Any, outputs: Any) -> None:
+        """Keep the batch until anomalib's post-processor, a callback that may run after this one, is done with it.
+
+        The post-processor normalises the maps and thresholds them in place during the same
+        round of batch-end hooks; a held batch is collected when the next batch ends, or at the end.
+        """
+        for held in self._pending:
+            self._collect(trainer, held)
+        self._pending = [outputs] if outputs is not None else []
+
+    def on_test_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        """Hold the batch (:meth:`_hold`)."""
+        del pl_module, args, kwargs
+        self._hold(trainer, outputs)
+
+    def on_predict_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, *args: Any, **kwargs: Any) -> None:
+        """Hold the batch (:meth:`_hold`)."""
+        del pl_module, args, kwargs
+        self._hold(trainer, outputs)
+
+    def _write(self, trainer: Any) -> None:
+        self._hold(trainer, None)
+        output_dir = self.output_dir or Path(trainer.default_root_dir) / "volumes"
+        time_point = getattr(getattr(trainer, "datamodule", None), "scan_reader", None)
+        time_point = time_point.time_point if time_point is not None else 0
+        used: dict[str, str] = {}
+        for (source, axis), slices in self._maps.items():
+            stem = file_key(source)
+            if used.setdefault(stem, source) != source:  # same name in another folder
+                stem = f"{Path(source).parent.name}_{stem}"
+            if trainer.is_global_zero:
+                path = nifti.write_volume(slices, source, output_dir / f"{stem}_anomaly_map.nii.gz", axis, time_point)
+                self.written.append(path)
+                if self.masks and (source, axis) in self._pred_masks:
+                    path = nifti.write_volume(
+                        self._pred_masks[source, axis],
+                        source,
+                        output_dir / f"{stem}_pred_mask.nii.gz",
+                        axis,
+                        time_point,
+                        dtype=np.uint8,
+                    )
+                    self.written.append(path)
+        if self.written:
+            logger.info("Wrote %d volume(s) of anomaly maps to '%s'.", len(self.written), output_dir)
+        self._maps.clear()
+        self._pred_masks.clear()
+
+    def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Write the volumes."""
+        del pl_module
+        self._write(trainer)
+
+    def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
+        """Write the volumes."""
+        del pl_module
+        self._write(trainer)
