@@ -63,3 +63,17 @@ def test_speed_command_prints_its_figures(capsys) -> None:
         assert 0.0 <= float(recall) <= 100.0
         assert float(increase) >= -1e-6
     assert re.search(rf"coreset 0.1 \({int(tokens * 0.1)} tokens a layer", output)
+
+
+def test_loading_command_prints_its_figures(capsys) -> None:
+    argv = ["loading", "--backbone", "tiny-random", "--image-size", "64", "--files", "4", "--side", "64"]
+    assert main([*argv, "--volume-side", "16", "--batch-size", "2", "--workers", "0"]) == 0
+    output = capsys.readouterr().out
+    for pattern in (
+        r"DICOM: \d+\.\d ms per image",
+        r"16-bit PNG: \d+\.\d ms per image",
+        r"NIfTI: first slice \d+ ms .* then \d+\.\d+ ms a slice",
+        r"model alone \d+\.\d; DICOM loader alone \d+\.\d; together \d+\.\d",
+        r"loading is (not )?the bottleneck",
+    ):
+        assert re.search(pattern, output), (pattern, output)
