@@ -651,6 +651,33 @@ def test_nifti_skip_empty_slices(tmp_path: Path) -> None:
     assert len(ScanReader().samples(path)) == canonical.shape[2]
 
 
+def test_nifti_range_is_the_stored_type_through_the_scaling(tmp_path: Path) -> None:
+    """int16 stored with an intercept of -1024 (CT in NIfTI): "range" maps the scaled type range to [0, 1]."""
+    rng = np.random.default_rng(3)
+    stored = rng.integers(0, 3000, size=(8, 9, 3)).astype(np.int16)
+    image = nib.Nifti1Image(stored, np.eye(4))
+    image.header.set_slope_inter(1.0, -1024.0)
+    path = tmp_path / "ct.nii.gz"
+    nib.save(image, path)
+    hounsfield = canonical_data(nib.load(path))[:, :, 1].T[::-1]  # nibabel applies the intercept
+    info = np.iinfo(np.int16)
+    expected = (hounsfield - (info.min - 1024.0)) / (info.max - info.min)
+    np.testing.assert_allclose(
+        read_hwc(ScanReader(intensity="range"), f"{path}#axial=001"), grey3(expected), atol=TOLERANCE
+    )
+
+
+def test_an_8_bit_dicom_with_a_window_is_shown_through_it(tmp_path: Path) -> None:
+    """Under "auto" the file's window wins over the 8-bit rule (liver_1frame.dcm with a window added)."""
+    dataset = pydicom.dcmread(get_testdata_file("liver_1frame.dcm"))
+    dataset.WindowCenter, dataset.WindowWidth = 100, 80
+    path = tmp_path / "windowed.dcm"
+    dataset.save_as(path)
+    dataset = pydicom.dcmread(path)
+    expected = dicom_voi_expected(dataset, dataset.pixel_array)
+    np.testing.assert_allclose(read_hwc(ScanReader(), path), grey3(expected), atol=TOLERANCE)
+
+
 def test_nifti_check_label_volume(tmp_path: Path) -> None:
     """A label volume with another affine or shape: ValueError naming both files."""
     data = np.zeros((6, 7, 5), dtype=np.int16)

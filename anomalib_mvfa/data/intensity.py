@@ -12,10 +12,10 @@ Four ways, chosen with :class:`Intensity`:
   ``centre + width / 2`` to 1.
 - ``"percentile"``: per image (per volume for NIfTI), the ``percentiles`` of its values map to 0 and 1.
 
-``"auto"`` (the default) keeps 8-bit data as stored (the benchmark's PNGs) and shows data of more
-than 8 bits the way a viewer does: with the file's own window (DICOM window or VOI LUT, NIfTI
-``cal_min``/``cal_max``) or significant bits where it has them, otherwise the 0.5th to 99.5th
-percentile of the image (or volume).
+``"auto"`` (the default) shows an image the way a viewer does: through the file's own window where
+it has one (DICOM window or VOI LUT, NIfTI ``cal_min``/``cal_max``); otherwise 8-bit data as stored
+(the benchmark's PNGs), and data of more than 8 bits through its significant bits where the format
+states them, else the 0.5th to 99.5th percentile of the image (or volume).
 
 Example:
     >>> import numpy as np
@@ -128,12 +128,9 @@ def scale_values(
     values = np.nan_to_num(values.astype(np.float64, copy=False), nan=0.0, posinf=np.inf, neginf=-np.inf)
     mode = intensity.mode
     if mode == "auto":
-        if eight_bit:
-            mode = "range"
-        elif file_window is not None:
+        if file_window is not None:
             return np.clip(file_window(values), 0.0, 1.0).astype(np.float32)
-        else:
-            mode = "bits" if declared_range is not None else "percentile"
+        mode = "range" if eight_bit else "bits" if declared_range is not None else "percentile"
     if mode == "window":
         centre, width = intensity.window  # type: ignore[misc]
         return _stretch(values, centre - width / 2, centre + width / 2)

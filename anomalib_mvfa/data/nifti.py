@@ -79,7 +79,7 @@ def canonical_shape(path: str | Path, time_point: int = 0) -> tuple[int, int, in
     shape = tuple(int(size) for size in image.shape)
     _check_time_point(path, shape, time_point)
     spatial = (*shape[:3], 1, 1)[:3]
-    order = _orientation(image)[:, 0] if len(shape) >= 3 else np.array([0, 1, 2])
+    order = _orientation(image)[:, 0]
     canonical = [0, 0, 0]
     for axis, target in enumerate(order):
         canonical[int(target)] = spatial[axis]
@@ -103,7 +103,10 @@ def _canonical_volume(path: str, time_point: int, modified: int) -> tuple[np.nda
     data = np.asarray(proxy[..., time_point] if len(image.shape) == 4 else proxy[...], dtype=np.float32)
     while data.ndim < 3:
         data = data[..., None]
-    return np.ascontiguousarray(apply_orientation(data, _orientation(image))), image.header
+    header = image.header.copy()
+    # nibabel moves the scaling into the data proxy on load; keep it beside the header it came from
+    header.set_slope_inter(getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0))
+    return np.ascontiguousarray(apply_orientation(data, _orientation(image))), header
 
 
 def canonical_volume(path: str | Path, time_point: int = 0) -> tuple[np.ndarray, Any]:
@@ -159,11 +162,14 @@ def read_nifti_slice(
         stats = _volume_percentiles(str(path), time_point, Path(path).stat().st_mtime_ns, intensity.percentiles)
     window = _file_window(header)
     stored = header.get_data_dtype()
-    scaled = header.get_slope_inter()[0] not in (None, 1.0) or stored.kind == "f"
+    slope, intercept = header.get_slope_inter()
+    slope, intercept = (1.0 if slope is None else float(slope)), (0.0 if intercept is None else float(intercept))
+    scaled = slope != 1.0 or intercept != 0.0
+    low, high = (0.0, 1.0) if stored.kind == "f" else dtype_range(stored)
     unit = scale_values(
         plane,
         intensity,
-        type_range=(0.0, 1.0) if scaled else dtype_range(stored),
+        type_range=tuple(sorted((low * slope + intercept, high * slope + intercept))),  # the stored type, scaled
         file_window=(lambda values: (values - window[0]) / (window[1] - window[0])) if window else None,
         stats_range=stats,
         eight_bit=stored.itemsize == 1 and not scaled,
