@@ -22,7 +22,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from anomalib_mvfa import Mvfa
-from anomalib_mvfa.data import MedicalFolder, ScanFolder, ScanReader, VolumeMapWriter
+from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, ScanReader, VolumeMapWriter
 
 from .conftest import TINY_IMAGE_SIZE, cpu_engine, folder_datamodule, write_dataset
 from .test_lightning import TINY_CLI, run_anomalib
@@ -218,6 +218,8 @@ def test_a_nifti_folder_trains_and_its_predictions_are_volumes_over_the_scans(tm
             assert written.shape == source.shape
             assert np.allclose(written.affine, source.affine, atol=1e-6)
     assert not [path for path in maps.iterdir() if "partial" in path.name]
+    pictures = sorted(path.name for path in (tmp_path / "predict").rglob("*.png"))
+    assert pictures == sorted(f"{case}.nii.gz_axial{z:03d}.png" for case in ("case0", "case1") for z in range(6))
 
     # the maps sit where their slices are: compare with predictions made here, put back with nibabel
     model = Mvfa.load_from_checkpoint(checkpoint, weights_only=True)
@@ -288,3 +290,33 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path) -> None:
         MedicalFolder(root=volumes, normal_dir="normal", abnormal_dir="abnormal", mask_dir="masks").setup()
     with pytest.raises(ValueError, match=r"report\.dcm' holds no pixel data"):
         MedicalFolder(root=root, normal_dir="normal", non_image_files="error").setup()
+
+
+def test_the_benchmark_layout_takes_dicom_and_nifti(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    base = tmp_path / "MVFA" / "Scans_AD"
+    for split in ("valid", "test"):
+        for index in range(3):
+            write_dicom(base / split / "good" / "img" / f"n{index}.dcm", [_ct_slice(rng, False)[0]])
+        hu, mask = _ct_slice(rng, True)
+        write_dicom(base / split / "Ungood" / "img" / "lesion.dcm", [hu])
+        (base / split / "Ungood" / "anomaly_mask").mkdir(parents=True)
+        Image.fromarray(mask * 255).save(base / split / "Ungood" / "anomaly_mask" / "lesion.png")
+        write_volume_pair(
+            base / split / "Ungood" / "img", "volume", rng, True, base / split / "Ungood" / "anomaly_mask"
+        )
+    datamodule = MedicalAD(root=tmp_path / "MVFA", category="Scans", num_workers=0)
+    datamodule.setup()
+    samples = datamodule.test_data.samples
+    assert len(samples) == 3 + 1 + 6  # three DICOM files, one more, six slices
+    volume = samples[samples.source_file.str.endswith("volume.nii.gz")]
+    assert set(volume.mask_path.str.rsplit("#", n=1).str[0]) == {
+        str(base / "test" / "Ungood" / "anomaly_mask" / "volume_mask.nii.gz")
+    }
+    position = int(samples.index[samples.image_path.str.endswith("lesion.dcm")][0])
+    item = datamodule.test_data[position]
+    dataset = pydicom.dcmread(base / "test" / "Ungood" / "img" / "lesion.dcm")
+    hu = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset)
+    expected = np.clip((hu - (40 - 0.5)) / (400 - 1) + 0.5, 0, 1)  # the file's window
+    assert torch.allclose(item.image[0].double(), torch.from_numpy(expected), atol=1e-6)
+    assert int(item.gt_mask.sum()) == 144  # the 12 x 12 lesion

@@ -107,7 +107,7 @@ def _existing(samples: pd.DataFrame) -> set[str]:
     return {file for file in files if Path(file).exists()}
 
 
-def _mask_index(mask_folders: Sequence[Path]) -> dict[str, Path]:
+def mask_index(mask_folders: Sequence[Path]) -> dict[str, Path]:
     """Mask files by :func:`file_key`; each also under its key without a mask ending (``_mask``...)."""
     masks: dict[str, Path] = {}
     for folder in mask_folders:
@@ -120,7 +120,7 @@ def _mask_index(mask_folders: Sequence[Path]) -> dict[str, Path]:
     return masks
 
 
-def _sample_rows(
+def file_sample_rows(
     reader: ScanReader, path: Path, label: LabelName, split: str, mask: Path | None, root: Path
 ) -> list[dict[str, Any]]:
     """Rows of one file: one per sample, with the mask sample and the label each slice's mask gives."""
@@ -198,7 +198,7 @@ def make_folder_samples(
     if not groups[0][0]:
         msg = "normal_dir must name at least one folder of normal images."
         raise ValueError(msg)
-    masks = _mask_index(_folders(root_path, mask_dir))
+    masks = mask_index(_folders(root_path, mask_dir))
     rows: list[dict[str, Any]] = []
     for folders, label, split in groups:
         for folder in folders:
@@ -211,7 +211,7 @@ def make_folder_samples(
                 if label == LabelName.ABNORMAL and masks and mask is None:
                     msg = f"Abnormal file '{path}' has no mask in {mask_dir}: expected '{file_key(path)}.<suffix>'."
                     raise ValueError(msg)
-                rows.extend(_sample_rows(reader, path, label, split, mask, root_path or folder))
+                rows.extend(file_sample_rows(reader, path, label, split, mask, root_path or folder))
     samples = pd.DataFrame(rows)
     samples.attrs["task"] = "segmentation" if (samples.mask_path != "").any() else "classification"
     return samples

@@ -39,7 +39,7 @@ from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
 from ..prompting import prompt_class_name
-from .datasets import ScanDataset, _sample_rows, file_key
+from .datasets import ScanDataset, file_key, file_sample_rows, mask_index
 from .readers import DEFAULT_READER, ScanReader, file_format
 
 logger = logging.getLogger(__name__)
@@ -105,13 +105,14 @@ def make_medical_samples(
     rows = []
     for label, label_index in (("good", LabelName.NORMAL), ("Ungood", LabelName.ABNORMAL)):
         label_folder = layout_folder(base, label)
-        masks = {path.name: path for path in _image_files(layout_folder(label_folder, "anomaly_mask"))}
-        masks_by_key = {file_key(path): path for path in masks.values()}
+        mask_folder = layout_folder(label_folder, "anomaly_mask")
+        masks = mask_index([mask_folder]) if mask_folder.is_dir() else {}
         for path in _image_files(layout_folder(label_folder, "img")):
-            mask = masks.get(path.name) or masks_by_key.get(file_key(path))
-            mask = mask if label_index == LabelName.ABNORMAL else None
-            for row in _sample_rows(reader, path, label_index, split, mask, base):
-                rows.append({**row, "label": label, "category": category})
+            mask = masks.get(file_key(path)) if label_index == LabelName.ABNORMAL else None
+            for row in file_sample_rows(reader, path, label_index, split, mask, base):
+                # a slice of an abnormal volume whose label-volume slice is empty is a normal sample
+                row_label = "Ungood" if row["label_index"] == LabelName.ABNORMAL else "good"
+                rows.append({**row, "label": row_label, "category": category})
     if not rows:
         msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
         raise ValueError(msg)
