@@ -22,6 +22,7 @@ from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from anomalib_mvfa import Mvfa
+from anomalib_mvfa.commands.benchmark import build_model
 from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, ScanReader, VolumeMapWriter
 
 from .conftest import TINY_IMAGE_SIZE, cpu_engine, folder_datamodule, write_dataset
@@ -320,3 +321,17 @@ def test_the_benchmark_layout_takes_dicom_and_nifti(tmp_path) -> None:
     expected = np.clip((hu - (40 - 0.5)) / (400 - 1) + 0.5, 0, 1)  # the file's window
     assert torch.allclose(item.image[0].double(), torch.from_numpy(expected), atol=1e-6)
     assert int(item.gt_mask.sum()) == 144  # the 12 x 12 lesion
+
+
+def test_patchcore_runs_beside_mvfa_on_a_dicom_folder_in_the_benchmark(tmp_path) -> None:
+    root = write_dicom_folder(tmp_path / "scans")
+    entry = {"class_path": "anomalib.models.Patchcore", "init_args": {"backbone": "resnet18", "layers": ["layer2"]}}
+    model = build_model(entry, random_weights=True, seed=0)
+    datamodule = MedicalFolder(
+        root=root, normal_dir="normal", abnormal_dir="abnormal", mask_dir="masks", num_workers=0, seed=0,
+        train_batch_size=4, eval_batch_size=4,
+    )  # fmt: skip
+    results = cpu_engine(tmp_path / "run").train(model, datamodule=datamodule)
+    assert 0.0 <= results[0]["pixel_AUROC"] <= 1.0
+    pictures = {path.name for path in (tmp_path / "run").rglob("*.png")}
+    assert {"LES0000.dcm.png", "IM0000.dcm.png"} & pictures  # anomalib's visualizer cannot open DICOM

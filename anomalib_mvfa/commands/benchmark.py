@@ -149,9 +149,17 @@ def build_model(entry: dict[str, Any], random_weights: bool, seed: int, feature_
     """Instantiate a model entry; with ``random_weights`` switch off every pretrained download.
 
     ``feature_pipeline`` applies to models that take one (Mvfa) unless their ``init_args`` set it.
+    Every model that takes a ``visualizer`` gets :class:`~anomalib_mvfa.visualization.MvfaVisualizer`
+    unless its ``init_args`` set one: anomalib's own opens images with PIL, which cannot show 16-bit
+    images right nor open DICOM or NIfTI samples, so PatchCore or WinCLIP beside Mvfa on scans would
+    stop at their first visualisation.
     """
+    from ..visualization import MvfaVisualizer  # noqa: PLC0415
+
     model_class = load_class(entry["class_path"])
     init_args = dict(entry.get("init_args") or {})
+    if "visualizer" in _init_parameters(model_class):
+        init_args.setdefault("visualizer", MvfaVisualizer())
     if "seed" in _init_parameters(model_class):
         init_args.setdefault("seed", seed)
     if feature_pipeline is not None and "feature_pipeline" in _init_parameters(model_class):
