@@ -335,3 +335,18 @@ def test_patchcore_runs_beside_mvfa_on_a_dicom_folder_in_the_benchmark(tmp_path)
     assert 0.0 <= results[0]["pixel_AUROC"] <= 1.0
     pictures = {path.name for path in (tmp_path / "run").rglob("*.png")}
     assert {"LES0000.dcm.png", "IM0000.dcm.png"} & pictures  # anomalib's visualizer cannot open DICOM
+
+
+def test_masks_inside_the_abnormal_folder_are_not_read_as_images(tmp_path) -> None:
+    root = write_dicom_folder(tmp_path / "scans")
+    (root / "masks").rename(root / "abnormal" / "masks")
+    datamodule = MedicalFolder(root=root, normal_dir="normal", abnormal_dir="abnormal", mask_dir="abnormal/masks")
+    datamodule.setup()
+    every = [
+        name for split in ("train", "val", "test") for name in getattr(datamodule, f"{split}_data").samples.image_path
+    ]
+    assert not [name for name in every if Path(name).parent.name == "masks"]
+    abnormal = datamodule.test_data.samples
+    abnormal = abnormal[abnormal.label_index == 1]
+    assert len(abnormal) + len(datamodule.val_data.samples.query("label_index == 1")) == 4
+    assert all(Path(mask).parent.name == "masks" for mask in abnormal.mask_path)

@@ -65,7 +65,8 @@ class ScanDataset(AnomalibDataset):
 
     @samples.setter
     def samples(self, samples: pd.DataFrame) -> None:
-        missing = sorted({str(SampleName.parse(name).file) for name in samples["image_path"]} - _existing(samples))
+        files = {SampleName.parse(name).file for name in samples["image_path"]}
+        missing = sorted(str(file) for file in files if not file.exists())
         if missing:
             msg = f"{len(missing)} file(s) of the samples do not exist, for example '{missing[0]}'."
             raise FileNotFoundError(msg)
@@ -100,11 +101,6 @@ class ScanDataset(AnomalibDataset):
             image_path=sample.image_path,
             mask_path=mask_path,
         )
-
-
-def _existing(samples: pd.DataFrame) -> set[str]:
-    files = {str(SampleName.parse(name).file) for name in samples["image_path"]}
-    return {file for file in files if Path(file).exists()}
 
 
 def mask_index(mask_folders: Sequence[Path]) -> dict[str, Path]:
@@ -147,7 +143,7 @@ def file_sample_rows(
         {
             "path": str(root),
             "split": split,
-            "label": "abnormal" if label == LabelName.ABNORMAL else "normal",
+            "label": "abnormal" if sample_label == LabelName.ABNORMAL else "normal",
             "image_path": name,
             "mask_path": mask_name,
             "label_index": sample_label,
@@ -198,11 +194,14 @@ def make_folder_samples(
     if not groups[0][0]:
         msg = "normal_dir must name at least one folder of normal images."
         raise ValueError(msg)
-    masks = mask_index(_folders(root_path, mask_dir))
+    mask_folders = _folders(root_path, mask_dir)
+    masks = mask_index(mask_folders)
     rows: list[dict[str, Any]] = []
     for folders, label, split in groups:
         for folder in folders:
             files = list_scan_files(folder, tuple(extensions) if extensions else None)
+            # a mask folder inside an image folder (abnormal/masks) holds no images
+            files = [path for path in files if not any(path.is_relative_to(masked) for masked in mask_folders)]
             if not files:
                 msg = f"Folder '{folder}' holds no readable file (images, DICOM or NIfTI)."
                 raise ValueError(msg)
@@ -212,6 +211,9 @@ def make_folder_samples(
                     msg = f"Abnormal file '{path}' has no mask in {mask_dir}: expected '{file_key(path)}.<suffix>'."
                     raise ValueError(msg)
                 rows.extend(file_sample_rows(reader, path, label, split, mask, root_path or folder))
+    if not rows:
+        msg = f"No image in the folders {[str(folder) for folders, _, _ in groups for folder in folders]}."
+        raise ValueError(msg)
     samples = pd.DataFrame(rows)
     samples.attrs["task"] = "segmentation" if (samples.mask_path != "").any() else "classification"
     return samples
