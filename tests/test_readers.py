@@ -765,3 +765,15 @@ def test_write_volume_round_trip(dtype: type, suffix: str, tmp_path: Path) -> No
     assert result.get_data_dtype() == np.dtype(dtype)
     np.testing.assert_allclose(result.get_fdata(), source_image.get_fdata(), rtol=1e-6, atol=1e-4)
     assert sorted(path.name for path in folder.iterdir()) == sorted([source.name, destination.name])
+
+
+@pytest.mark.parametrize("suffix", [".pgm", ".ppm", ".gif", ".jp2"])
+def test_the_image_formats_anomalib_lists_are_read_as_pil_reads_them(suffix: str, tmp_path: Path) -> None:
+    """Files anomalib's own prediction dataset lists (PGM, PPM), and GIF and JPEG 2000, read through PIL."""
+    rng = np.random.default_rng(11)
+    data = (rng.random((9, 7, 3)) * 255).astype(np.uint8)
+    path = tmp_path / f"image{suffix}"
+    Image.fromarray(data[..., 0] if suffix == ".pgm" else data).save(path)
+    expected = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
+    assert file_format(path) == "image"
+    np.testing.assert_allclose(read_hwc(ScanReader(), path), expected, atol=TOLERANCE)

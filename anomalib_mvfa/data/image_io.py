@@ -27,7 +27,13 @@ from PIL import Image, ImageOps
 
 from .intensity import Intensity, dtype_range, scale_values
 
-PLAIN_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+# what anomalib and torchvision list as images, and a few more formats PIL reads
+PLAIN_SUFFIXES = (
+    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".tif", ".tiff", ".webp", ".gif",
+    ".pbm", ".pgm", ".ppm", ".pnm", ".jp2", ".j2k", ".tga",
+)  # fmt: skip
+# formats a visualisation can be written in under the sample's own name
+DISPLAY_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 # PIL modes converted to RGB by PIL (their channels are not red, green and blue)
 _TO_RGB = {"P": "RGB", "PA": "RGBA", "CMYK": "RGB", "YCbCr": "RGB", "LAB": "RGB", "HSV": "RGB", "1": "L"}
 # TIFF tags

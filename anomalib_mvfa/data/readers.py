@@ -67,7 +67,7 @@ class SampleName:
         name = self.file.name
         if self.part is not None:
             name = f"{name}_{self.part}{self.index:03d}"
-        return name if name.lower().endswith(image_io.PLAIN_SUFFIXES) else f"{name}.png"
+        return name if name.lower().endswith(image_io.DISPLAY_SUFFIXES) else f"{name}.png"
 
 
 def file_format(path: str | Path) -> str | None:
