@@ -62,6 +62,7 @@ from torchmetrics import MeanMetric
 
 from .backbone import weights_fingerprint
 from .data.datasets import adopt_prediction_datasets
+from .distributed import EvaluationSharding
 from .loss import DetectionLoss, MvfaLoss
 from .metrics import mvfa_evaluator
 from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
@@ -224,6 +225,7 @@ class Mvfa(AnomalibModule):
         # What the current fit trains on, as the few-shot callback said (train_on), and what is
         # computed from it once when training starts.
         self.training_set: TrainingSet | None = None
+        self._evaluation_sharding = EvaluationSharding()
         self._training_text_features: torch.Tensor | None = None  # n x C x 2, one per prompt class
         self._prefix_cache: torch.Tensor | None = None  # N x T x W, row i: support image i
         # epoch mean of the segmentation loss over the images with masks (weighted on the device)
@@ -335,6 +337,7 @@ class Mvfa(AnomalibModule):
         if self._trainer is None:
             self.prepare()
             return
+        self._evaluation_sharding.install(self._trainer, self)
         strategy = self._trainer.strategy
         io = strategy.checkpoint_io
         if type(io) in {TorchCheckpointIO, AnomalibCheckpointIO}:
@@ -455,6 +458,14 @@ class Mvfa(AnomalibModule):
             raise RuntimeError(msg)
         return self.training_set.loader()
 
+    def val_dataloader(self) -> Any:
+        """Under DDP, the datamodule's validation loaders with each image scored once (:mod:`.distributed`)."""
+        return self._evaluation_sharding.loaders("val_dataloader", self.trainer)
+
+    def test_dataloader(self) -> Any:
+        """Under DDP, the datamodule's test loaders with each image scored once (:mod:`.distributed`)."""
+        return self._evaluation_sharding.loaders("test_dataloader", self.trainer)
+
     def training_step(self, batch: SupportBatch, batch_idx: int) -> STEP_OUTPUT:
         """One MVFA step on a batch of augmented support images; no value is read back from the device."""
         del batch_idx
@@ -512,6 +523,8 @@ class Mvfa(AnomalibModule):
         """
         if self.training_set is None:
             self.train_dataloader()  # raises, naming the cause
+        # under DDP each process's loss is divided by the mean of the processes' totals (MvfaLoss)
+        self.loss.distributed = self.trainer.world_size > 1
         names = self.training_set.class_names
         self._training_text_features = torch.stack([self.model.encode_prompts(n) for n in names]) if names else None
         self._prefix_cache = None
@@ -522,6 +535,7 @@ class Mvfa(AnomalibModule):
 
     def on_train_end(self) -> None:
         """Free what the fit computed from its training set."""
+        self.loss.distributed = False
         self._prefix_cache = None
         self._training_text_features = None
         self.training_set = None

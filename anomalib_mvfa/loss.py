@@ -102,15 +102,34 @@ def dice_loss(
     return 1.0 - dice.mean() if reduction == "mean" else 1.0 - dice
 
 
-def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``sum(w * v) / sum(w)``, and 0 when all weights are 0 (no division by zero, no host synchronisation).
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor, total: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum(w * v) / total``, ``total`` being ``sum(w)`` by default; 0 when it is 0 (no host synchronisation).
 
     Example:
         >>> weighted_mean(torch.tensor([1.0, 3.0]), torch.tensor([1.0, 0.0])).item()
         1.0
     """
     weights = weights.to(values.dtype)
-    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+    total = weights.sum() if total is None else total.to(values.dtype)
+    return (values * weights).sum() / total.clamp_min(torch.finfo(values.dtype).tiny)
+
+
+def distributed_total(local: torch.Tensor) -> torch.Tensor:
+    """The denominator that makes DDP's averaged gradients those of one batch of every process's samples.
+
+    DDP averages gradients over the N processes; with each process dividing its sum by the mean over
+    processes of the local totals (``sum(all totals) / N``), the average is the gradient of
+    ``sum(all values) / sum(all totals)``, as one process loading the N batches would compute it. One
+    ``all_reduce`` of a scalar: no host synchronisation. Outside distributed training, ``local``.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return local
+    processes = torch.distributed.get_world_size()
+    if processes == 1:
+        return local
+    total = local.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / processes
 
 
 class MvfaLoss(nn.Module):
@@ -137,6 +156,11 @@ class MvfaLoss(nn.Module):
         super().__init__()
         self.detection_loss = DetectionLoss(detection_loss)
         self.mask_threshold = mask_threshold
+        # set by the Lightning module while it trains under DDP (see distributed_total)
+        self.distributed = False
+
+    def _total(self, local: torch.Tensor) -> torch.Tensor:
+        return distributed_total(local) if self.distributed else local
 
     def segmentation(
         self, logits: list[torch.Tensor], masks: torch.Tensor, weights: torch.Tensor | None = None
@@ -147,24 +171,27 @@ class MvfaLoss(nn.Module):
         """
         target = (masks.reshape(masks.shape[0], *logits[0].shape[2:]) > self.mask_threshold).float()
         weights = target.new_ones(target.shape[0]) if weights is None else weights.reshape(-1)
+        weight_total = self._total(weights.to(target.dtype).sum())
         total = logits[0].new_zeros(())
         for layer_logits in logits:
             probabilities = torch.softmax(layer_logits, dim=1)
             focal = focal_loss(probabilities, target, reduction="none")
             dice = dice_loss(probabilities[:, 1], target, reduction="none")
-            total = total + weighted_mean(focal, weights) + weighted_mean(dice, weights)
+            total = total + weighted_mean(focal, weights, weight_total) + weighted_mean(dice, weights, weight_total)
         return total
 
     def detection(self, logits: list[torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
         """Detection loss between image ``labels`` and the mean abnormal probability of the tokens."""
         labels = labels.reshape(-1).to(logits[0].dtype)
+        count = self._total(labels.new_full((), float(labels.numel())))  # a fill on the device, no copy
         total = logits[0].new_zeros(())
         for layer_logits in logits:
             probability = torch.softmax(layer_logits, dim=-1)[..., 1].mean(dim=-1)
             if self.detection_loss is DetectionLoss.AUTHORS:
-                total = total + F.binary_cross_entropy_with_logits(probability, labels)
+                summed = F.binary_cross_entropy_with_logits(probability, labels, reduction="sum")
             else:
-                total = total + F.binary_cross_entropy(probability, labels)
+                summed = F.binary_cross_entropy(probability, labels, reduction="sum")
+            total = total + summed / count
         return total
 
     def forward(

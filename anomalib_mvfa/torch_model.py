@@ -264,6 +264,10 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
 
         self.seg_adapters = nn.ModuleList(Adapter(self.width, self.embed_dim) for _ in self.feature_layers)
         self.det_adapters = nn.ModuleList(Adapter(self.width, self.embed_dim) for _ in self.feature_layers)
+        # The last adapters' residual update feeds no block (the encoder stops after them) and no loss:
+        # it never trains, and DDP refuses parameters that get no gradient.
+        for adapters in (self.seg_adapters, self.det_adapters):
+            adapters[-1].fc2.requires_grad_(False)
 
         self.class_name: str | None = None
         self.register_buffer("text_features", torch.empty(0))

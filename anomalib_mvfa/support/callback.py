@@ -157,6 +157,8 @@ class FewShotMemoryBankCallback(Callback):
             "feature_pipeline": settings.feature_pipeline,
             **self.selected_files,
         }
+        if not trainer.is_global_zero:  # every process drew the same files; one writes them
+            return
         path = Path(trainer.default_root_dir) / SUPPORT_RECORD
         write_atomically(path, lambda name: Path(name).write_text(json.dumps(record, indent=2)))
         logger.info("MVFA support selection written to %s", path)
@@ -228,6 +230,8 @@ class FewShotMemoryBankCallback(Callback):
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         """After the last epoch: memory bank from the final adapters; adapters saved alone."""
         self.refresh_memory_bank(trainer, pl_module)
+        if not trainer.is_global_zero:  # DDP keeps the adapters equal on every process; one writes them
+            return
         path = Path(trainer.default_root_dir) / ADAPTER_FILE
         self._supported(pl_module).save_adapters(path)
         logger.info("MVFA adapters (authors' layout) written to %s", path)

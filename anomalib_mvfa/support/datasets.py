@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from ..prompting import prompt_class_name
 from .augmentation import augment_support_set
@@ -116,38 +116,79 @@ class LabelledDataset(Dataset):
         return image, mask, label, torch.tensor(has_mask), self.class_index[index], torch.tensor(index)
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffled order per epoch that depends only on the seed and the epoch number.
+class EpochShuffleSampler(DistributedSampler):
+    """A shuffled order per epoch that depends only on the seed and the epoch number, split over processes.
 
     Lightning calls :meth:`set_epoch` before every epoch, so a run resumed from a checkpoint
     visits the support images in the same order as an uninterrupted run. Unlike the
     ``seed + epoch`` of torch's ``DistributedSampler``, runs with neighbouring seeds do not share
     their epochs' orders.
 
+    Under distributed training (``num_replicas`` N processes, each loading ``batch_size`` b images
+    a step), every process draws the same order, cut into steps of N x b images, and process r
+    takes the r-th b of each step: step k of the N processes together holds exactly the images of
+    step k of one process loading N x b, without a duplicate or a drop. The last, shorter step is
+    shared as evenly as it goes. It subclasses torch's ``DistributedSampler`` so that Lightning
+    keeps it rather than wrapping it in one of its own (which pads with repeated images).
+
     Example:
         >>> sampler = EpochShuffleSampler(5, seed=0)
         >>> sampler.set_epoch(3)
         >>> sorted(sampler) == [0, 1, 2, 3, 4]
         True
+        >>> halves = [list(EpochShuffleSampler(6, 0, num_replicas=2, rank=r, batch_size=2)) for r in (0, 1)]
+        >>> whole = list(EpochShuffleSampler(6, 0))
+        >>> halves[0][:2] + halves[1][:2] == whole[:4]
+        True
+
+    Raises:
+        ValueError: If a process would get no image in the last step (every process must take
+            the same number of steps); the message says which batch sizes work.
     """
 
-    def __init__(self, size: int, seed: int) -> None:
-        self.size = size
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, size: int, seed: int, num_replicas: int = 1, rank: int = 0, batch_size: int = 1) -> None:
+        # torch's attributes, set without its constructor (which would ask the process group)
+        self.dataset, self.num_replicas, self.rank, self.shuffle, self.drop_last = None, num_replicas, rank, True, False
+        self.size, self.seed, self.batch_size, self.epoch = size, seed, batch_size, 0
+        step = num_replicas * batch_size
+        last = size % step
+        if num_replicas > 1 and 0 < last < num_replicas:
+            msg = (
+                f"{size} training images cannot be shared by {num_replicas} processes with batch_size={batch_size}: "
+                f"the last step holds {last} image(s), fewer than the processes, and every process must take the "
+                "same number of steps. Choose a batch_size for which the training set size modulo "
+                f"(processes x batch_size) is 0 or at least {num_replicas}."
+            )
+            raise ValueError(msg)
+        self.num_samples = len(self._shares(list(range(size)))[rank])
+        self.total_size = size
 
     def set_epoch(self, epoch: int) -> None:
         """Select the order of ``epoch``."""
         self.epoch = epoch
 
+    def _shares(self, order: list[int]) -> list[list[int]]:
+        """Each process's indices of ``order``, step by step."""
+        shares: list[list[int]] = [[] for _ in range(self.num_replicas)]
+        step = self.num_replicas * self.batch_size
+        for start in range(0, len(order), step):
+            chunk = order[start : start + step]
+            bounds = [round(len(chunk) * r / self.num_replicas) for r in range(self.num_replicas + 1)]
+            if len(chunk) == step:
+                bounds = [r * self.batch_size for r in range(self.num_replicas + 1)]
+            for rank in range(self.num_replicas):
+                shares[rank].extend(chunk[bounds[rank] : bounds[rank + 1]])
+        return shares
+
     def __iter__(self) -> Iterator[int]:
-        """Indices in this epoch's order."""
+        """This process's indices in this epoch's order."""
         generator = torch.Generator().manual_seed(self.seed * EPOCH_STRIDE + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
+        order = torch.randperm(self.size, generator=generator).tolist()
+        return iter(self._shares(order)[self.rank])
 
     def __len__(self) -> int:
-        """Number of indices."""
-        return self.size
+        """Number of indices of this process."""
+        return self.num_samples
 
 
 @dataclass
@@ -172,11 +213,14 @@ class TrainingSet:
     class_names: list[str] | None = None
 
     def loader(self) -> DataLoader:
-        """Batches of :class:`SupportBatch` in a seeded order per epoch."""
+        """Batches of :class:`SupportBatch` in a seeded order per epoch; this process's share under DDP."""
+        replicas, rank = 1, 0
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            replicas, rank = torch.distributed.get_world_size(), torch.distributed.get_rank()
         return DataLoader(
             self.dataset,
             batch_size=self.batch_size,
-            sampler=EpochShuffleSampler(len(self.dataset), self.seed),
+            sampler=EpochShuffleSampler(len(self.dataset), self.seed, replicas, rank, self.batch_size),
             collate_fn=SupportDataset.collate,
         )
 

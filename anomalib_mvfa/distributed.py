@@ -1,0 +1,116 @@
+"""MVFA under Lightning's distributed strategies (DDP over several processes).
+
+- Training: every process draws the same support set; its per-epoch order is split over the
+  processes step by step (:class:`~anomalib_mvfa.support.datasets.EpochShuffleSampler`) and each
+  process divides its loss by the mean of the processes' totals (:func:`~anomalib_mvfa.loss.distributed_total`),
+  so N processes loading b images a step train the adapters as one process loading N x b.
+- Validation and test: Lightning shards evaluation with torch's ``DistributedSampler``, which
+  repeats images to even out the shards, and anomalib's metrics and thresholds would then count
+  those images twice. :class:`EvaluationSharding` serves the same loaders with Lightning's
+  ``UnrepeatedDistributedSampler`` instead: every image is scored once, by one process.
+  (Lightning's prediction loop already shards without repeats.)
+- Files are written by the process of rank 0.
+
+Example:
+    anomalib train --model anomalib_mvfa.Mvfa --trainer.strategy ddp --trainer.devices 2 --data ...
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from lightning_utilities.core.apply_func import apply_to_collection
+from torch.utils.data import DataLoader
+
+logger = logging.getLogger(__name__)
+
+# Lightning's evaluation loops and the hooks that feed them
+EVALUATION_HOOKS = ("val_dataloader", "test_dataloader")
+
+
+def unrepeated_loader(loader: DataLoader, replicas: int, rank: int) -> DataLoader:
+    """``loader`` with this process's share of its dataset, in order, no image repeated.
+
+    Example:
+        >>> loader = DataLoader(list(range(5)), batch_size=2)
+        >>> [batch.tolist() for batch in unrepeated_loader(loader, replicas=2, rank=1)]
+        [[1, 3]]
+    """
+    sampler = UnrepeatedDistributedSampler(loader.dataset, num_replicas=replicas, rank=rank, shuffle=False)
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+        pin_memory=loader.pin_memory,
+        drop_last=False,
+        timeout=loader.timeout,
+        worker_init_fn=loader.worker_init_fn,
+        persistent_workers=loader.persistent_workers if loader.num_workers > 0 else False,
+    )
+
+
+class EvaluationSharding:
+    """Where a distributed run's validation and test loaders come from, served without repeats.
+
+    :meth:`install` points Lightning's validation and test loops at the model (whose
+    ``val_dataloader``/``test_dataloader`` call :meth:`loaders`), remembering their sources.
+    """
+
+    def __init__(self) -> None:
+        self.sources: dict[str, Any] = {}
+
+    def install(self, trainer: Any, model: Any) -> None:
+        """Redirect the evaluation loops of ``trainer`` to ``model`` when it runs several processes.
+
+        Called at every stage's setup; a loop already pointing at ``model`` keeps the source
+        remembered when it was redirected.
+        """
+        if trainer.world_size == 1:
+            return
+        loops = {
+            "val_dataloader": [trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop],
+            "test_dataloader": [trainer.test_loop],
+        }
+        for hook, hook_loops in loops.items():
+            for loop in hook_loops:
+                source = getattr(loop, "_data_source", None)
+                if source is None or not hasattr(source, "instance"):
+                    msg = (
+                        "Mvfa cannot shard evaluation for this Lightning version (no _data_source on its loops); "
+                        "install a Lightning version that anomalib-mvfa supports (see its pyproject.toml)."
+                    )
+                    raise RuntimeError(msg)
+                if source.instance is model:
+                    continue
+                if source.instance is not None:
+                    self.sources[hook] = _Source(source.instance, source.name)
+                source.instance = model
+
+    def loaders(self, hook: str, trainer: Any) -> Any:
+        """The loaders of ``hook``'s source, each with this process's unrepeated share; ``[]`` without one."""
+        source = self.sources.get(hook)
+        if source is None:
+            return []
+        loaders = source.dataloaders(trainer)
+        return apply_to_collection(
+            loaders, DataLoader, unrepeated_loader, replicas=trainer.world_size, rank=trainer.global_rank
+        )
+
+
+class _Source:
+    """A datamodule (whose hook is called) or the loaders themselves."""
+
+    def __init__(self, instance: Any, name: str) -> None:
+        self.instance, self.name = instance, name
+
+    def dataloaders(self, trainer: Any) -> Any:
+        from lightning.pytorch import LightningDataModule  # noqa: PLC0415
+
+        del trainer
+        if isinstance(self.instance, LightningDataModule):
+            return getattr(self.instance, self.name)()
+        return self.instance

@@ -1,0 +1,145 @@
+"""MVFA under real DDP: two CPU processes (gloo, ``ddp_spawn``) against one process.
+
+Two processes loading b images a step must train the adapters of one process loading 2 x b,
+build the same memory banks, and score every test image exactly once to the same metrics.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from anomalib.engine import Engine
+from lightning.pytorch import Callback
+
+from anomalib_mvfa import Mvfa
+from anomalib_mvfa.data import MedicalAD
+from anomalib_mvfa.support import callback as support_callback
+
+from .conftest import TINY_IMAGE_SIZE, folder_datamodule, write_dataset
+
+TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
+# float32 sums in another order (two halves all-reduced against one batch), through Adam's normalisation
+ADAPTER_TOLERANCE = 1e-6
+
+
+def engine(root: Path, processes: int, callbacks: list[Callback] | None = None) -> Engine:
+    return Engine(
+        default_root_dir=root,
+        accelerator="cpu",
+        devices=processes,
+        strategy="ddp_spawn" if processes > 1 else "auto",
+        logger=False,
+        enable_progress_bar=False,
+        callbacks=callbacks or [],
+    )
+
+
+def adapters(model: Mvfa) -> torch.Tensor:
+    parameters = [*model.model.seg_adapters.parameters(), *model.model.det_adapters.parameters()]
+    return torch.cat([parameter.detach().flatten() for parameter in parameters])
+
+
+class RecordTestImages(Callback):
+    """Each process appends the test images it scored to ``<folder>/rank<r>.txt``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        with open(self.folder / f"rank{trainer.global_rank}.txt", "a") as file:
+            file.writelines(f"{path}\n" for path in batch.image_path)
+
+
+class RecordRunFiles(Callback):
+    """In each process, records which process writes ``support_set.json`` and the adapter file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def setup(self, trainer, pl_module, stage) -> None:
+        rank, folder = trainer.global_rank, self.folder
+        write, save = support_callback.write_atomically, type(pl_module).save_adapters
+
+        def record(kind: str) -> None:
+            with open(folder / f"{kind}.txt", "a") as file:
+                file.write(f"{rank}\n")
+
+        def recorded_write(path, writer):
+            record("support_set")
+            return write(path, writer)
+
+        def recorded_save(model, path):
+            record("adapters")
+            return save(model, path)
+
+        support_callback.write_atomically = recorded_write  # this process's module only (spawned processes)
+        type(pl_module).save_adapters = recorded_save
+
+
+def scored_images(folder: Path) -> list[str]:
+    return [line for path in sorted(folder.glob("rank*.txt")) for line in path.read_text().split()]
+
+
+@pytest.fixture(scope="module")
+def odd_folder(tmp_path_factory) -> Path:
+    """The folder dataset with an odd number of test images (the shards cannot be even)."""
+    root = write_dataset(tmp_path_factory.mktemp("odd"), "folder")
+    for name in ("004.png", "005.png"):
+        os.remove(root / "test" / "good" / name)
+    os.remove(root / "test" / "broken" / "005.png")
+    os.remove(root / "ground_truth" / "broken" / "005.png")
+    return root
+
+
+def test_two_processes_train_and_test_as_one_with_twice_the_batch(odd_folder, tmp_path) -> None:
+    one = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=4)
+    engine(tmp_path / "one", 1).fit(one, datamodule=folder_datamodule(odd_folder))
+    two = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=2)
+    (tmp_path / "writes").mkdir()
+    engine(tmp_path / "two", 2, [RecordRunFiles(tmp_path / "writes")]).fit(
+        two, datamodule=folder_datamodule(odd_folder)
+    )
+
+    start = adapters(Mvfa(**TINY))
+    assert (adapters(one) - start).abs().max() > 100 * ADAPTER_TOLERANCE  # the adapters trained
+    assert torch.allclose(adapters(two), adapters(one), atol=ADAPTER_TOLERANCE, rtol=0)
+    for name in ("seg_memory_bank", "det_memory_bank", "calibration"):
+        expected = getattr(one.model, name)
+        assert expected.numel() > 0
+        assert torch.allclose(getattr(two.model, name), expected, atol=1e-5, rtol=0), name
+    # the first process wrote the run's files, once each
+    for kind in ("support_set", "adapters"):
+        assert (tmp_path / "writes" / f"{kind}.txt").read_text().split() == ["0"], kind
+    assert len(list((tmp_path / "two").rglob("support_set.json"))) == 1
+
+    results, seen = {}, {}
+    for processes in (1, 2):
+        folder = tmp_path / f"test{processes}"
+        folder.mkdir()
+        tested = engine(folder, processes, [RecordTestImages(folder)])
+        results[processes] = tested.test(one, datamodule=folder_datamodule(odd_folder))[0]
+        seen[processes] = scored_images(folder)
+    split = folder_datamodule(odd_folder)
+    split.setup()
+    expected = sorted(split.test_data.samples.image_path)
+    assert len(expected) % 2 == 1  # two shards cannot be even
+    assert sorted(seen[1]) == expected
+    assert sorted(seen[2]) == expected  # every test image once, none repeated to even the shards
+    assert len(list((tmp_path / "test2").glob("rank*.txt"))) == 2  # both processes scored
+    assert results[2] == pytest.approx(results[1], abs=1e-6)
+
+
+def test_zero_shot_training_across_datasets_is_shared_by_the_processes(medical_root, tmp_path) -> None:
+    trained = {}
+    for processes, batch_size in ((1, 4), (2, 2)):
+        model = Mvfa(**TINY, k_shot=0, epochs=2, batch_size=batch_size, seg_learning_rate=1e-3, det_learning_rate=1e-3)
+        datamodule = MedicalAD(
+            root=medical_root, category="Liver", train_categories=["Brain", "Chest"], num_workers=0, eval_batch_size=4
+        )
+        engine(tmp_path / str(processes), processes).fit(model, datamodule=datamodule)
+        trained[processes] = adapters(model)
+    assert (trained[1] - adapters(Mvfa(**TINY))).abs().max() > 100 * ADAPTER_TOLERANCE
+    assert torch.allclose(trained[2], trained[1], atol=ADAPTER_TOLERANCE, rtol=0)
