@@ -489,9 +489,11 @@ class Mvfa(AnomalibModule):
         seg_optimizer.step()
         det_optimizer.step()
         size = batch.image.shape[0]
-        # epoch means only: a per-step value in the progress bar would synchronise with the device every step
-        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size)
-        self.log("train_det_loss", det_loss, on_step=False, on_epoch=True, batch_size=size)
+        # epoch means only: a per-step value in the progress bar would synchronise with the device every step.
+        # Under DDP each process's loss is its share of the global one: the epoch means are averaged over the
+        # processes (once an epoch), so that every process sees the same value (and stops alike on a NaN).
+        self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
+        self.log("train_det_loss", det_loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         if seg_loss is not None:
             self.train_seg_loss.update(seg_loss.detach(), weight=batch.has_mask.sum())
             self.log("train_seg_loss", self.train_seg_loss, on_step=False, on_epoch=True)
@@ -558,6 +560,8 @@ class Mvfa(AnomalibModule):
                 "or adapter file is written; lower the learning rates or check the images."
             )
             raise FloatingPointError(msg)
+        if not self.trainer.is_global_zero:
+            return
         segmentation = f"{float(logged['train_seg_loss']):.4f}" if "train_seg_loss" in logged else "not trained"
         logger.info(
             "Mvfa epoch %d/%d: loss %.4f (segmentation %s, detection %.4f)",

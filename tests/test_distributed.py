@@ -9,16 +9,19 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 from anomalib.engine import Engine
 from lightning.pytorch import Callback
 
 from anomalib_mvfa import Mvfa
-from anomalib_mvfa.data import MedicalAD
+from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, VolumeMapWriter
 from anomalib_mvfa.support import callback as support_callback
 
 from .conftest import TINY_IMAGE_SIZE, folder_datamodule, write_dataset
+from .test_scan_folders import write_nifti_folder
 
 TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
 # float32 sums in another order (two halves all-reduced against one batch), through Adam's normalisation
@@ -96,12 +99,16 @@ def odd_folder(tmp_path_factory) -> Path:
 
 def test_two_processes_train_and_test_as_one_with_twice_the_batch(odd_folder, tmp_path) -> None:
     one = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=4)
-    engine(tmp_path / "one", 1).fit(one, datamodule=folder_datamodule(odd_folder))
+    single = engine(tmp_path / "one", 1)
+    single.fit(one, datamodule=folder_datamodule(odd_folder))
     two = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=2)
     (tmp_path / "writes").mkdir()
-    engine(tmp_path / "two", 2, [RecordRunFiles(tmp_path / "writes")]).fit(
-        two, datamodule=folder_datamodule(odd_folder)
-    )
+    double = engine(tmp_path / "two", 2, [RecordRunFiles(tmp_path / "writes")])
+    double.fit(two, datamodule=folder_datamodule(odd_folder))
+    # the logged epoch losses are those of the whole batch, not of one process's share
+    for name in ("train_loss", "train_det_loss", "train_seg_loss"):
+        expected = float(single.trainer.callback_metrics[name])
+        assert float(double.trainer.callback_metrics[name]) == pytest.approx(expected, abs=1e-5), name
 
     start = adapters(Mvfa(**TINY))
     assert (adapters(one) - start).abs().max() > 100 * ADAPTER_TOLERANCE  # the adapters trained
@@ -143,3 +150,26 @@ def test_zero_shot_training_across_datasets_is_shared_by_the_processes(medical_r
         trained[processes] = adapters(model)
     assert (trained[1] - adapters(Mvfa(**TINY))).abs().max() > 100 * ADAPTER_TOLERANCE
     assert torch.allclose(trained[2], trained[1], atol=ADAPTER_TOLERANCE, rtol=0)
+
+
+def test_volume_maps_of_two_processes_are_those_of_one(tmp_path) -> None:
+    root = write_nifti_folder(tmp_path / "volumes")
+    model = Mvfa(**TINY, k_shot=2, epochs=1)
+    datamodule = MedicalFolder(
+        root=root, normal_dir="normal", abnormal_dir="abnormal", mask_dir="masks", num_workers=0, seed=0,
+        train_batch_size=4, eval_batch_size=4,
+    )  # fmt: skip
+    engine(tmp_path / "fit", 1).fit(model, datamodule=datamodule)
+    for processes in (1, 2):
+        writer = VolumeMapWriter(tmp_path / f"maps{processes}")
+        engine(tmp_path / f"predict{processes}", processes, [writer]).predict(
+            model, datamodule=ScanFolder(root / "abnormal", num_workers=0, eval_batch_size=2), return_predictions=False
+        )
+    for case in ("case0", "case1"):
+        for kind in ("anomaly_map", "pred_mask"):
+            one = nib.load(tmp_path / "maps1" / f"{case}_{kind}.nii.gz").get_fdata()
+            two = nib.load(tmp_path / "maps2" / f"{case}_{kind}.nii.gz").get_fdata()
+            if kind == "anomaly_map":
+                assert (one != 0).sum() > 0.5 * one.size  # every slice was scored
+            # every slice (each scored by one of the two processes) is in the volume the first one wrote
+            np.testing.assert_allclose(two, one, atol=1e-6)

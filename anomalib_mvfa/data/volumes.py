@@ -5,7 +5,8 @@ anomaly map (and predicted mask) of every NIfTI slice, resized to the slice's ow
 the end writes one volume per scan with the scan's grid, affine and header
 (:func:`~anomalib_mvfa.data.nifti.write_volume`): ``<scan>_anomaly_map.nii.gz`` (float32, the
 model's normalised scores) and ``<scan>_pred_mask.nii.gz`` (uint8). They open over the scan in
-3D Slicer or ITK-SNAP. Slices that were not scored (``skip_empty_slices``) are 0.
+3D Slicer or ITK-SNAP. Slices that were not scored (``skip_empty_slices``) are 0. Under DDP
+the processes' slices are gathered and the first process writes the volumes.
 
 Example:
     >>> from anomalib.engine import Engine
@@ -96,8 +97,21 @@ class VolumeMapWriter(Callback):
         del pl_module, args, kwargs
         self._hold(trainer, outputs)
 
+    def _gather(self, trainer: Any) -> None:
+        """Under DDP, bring every process's slices to each process (each scored a share of them)."""
+        if getattr(trainer, "world_size", 1) == 1 or not torch.distributed.is_initialized():
+            return
+        gathered: list[Any] = [None] * trainer.world_size
+        torch.distributed.all_gather_object(gathered, (dict(self._maps), dict(self._pred_masks)))
+        for maps, pred_masks in gathered:
+            for key, slices in maps.items():
+                self._maps[key].update(slices)
+            for key, slices in pred_masks.items():
+                self._pred_masks[key].update(slices)
+
     def _write(self, trainer: Any) -> None:
         self._hold(trainer, None)
+        self._gather(trainer)
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "volumes"
         time_point = getattr(getattr(trainer, "datamodule", None), "scan_reader", None)
         time_point = time_point.time_point if time_point is not None else 0
