@@ -9,7 +9,9 @@
   those images twice. :class:`EvaluationSharding` serves the same loaders with Lightning's
   ``UnrepeatedDistributedSampler`` instead: every image is scored once, by one process.
   (Lightning's prediction loop already shards without repeats.)
-- Files are written by the process of rank 0.
+- Files are written by the process of rank 0, in one run folder: anomalib's Engine makes a new
+  versioned folder (``v0``, ``v1``, ...) in every process that Lightning's ``ddp`` launcher, torchrun
+  or SLURM starts, so :func:`share_run_folder` gives every process the first one's.
 
 Example:
     anomalib train --model anomalib_mvfa.Mvfa --trainer.strategy ddp --trainer.devices 2 --data ...
@@ -18,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -114,3 +118,28 @@ class _Source:
         if isinstance(self.instance, LightningDataModule):
             return getattr(self.instance, self.name)()
         return self.instance
+
+
+def share_run_folder(trainer: Any) -> None:
+    """Make every process of a distributed run write under the first process's run folder.
+
+    A process whose folder differs (anomalib's Engine made a version folder of its own) takes the
+    first process's, removes its own while it is still empty, and the first process points the
+    ``latest`` link back at its folder.
+    """
+    if trainer.world_size == 1 or not hasattr(trainer, "_default_root_dir"):
+        return
+    own = Path(trainer.default_root_dir)
+    shared = Path(trainer.strategy.broadcast(str(own), src=0))
+    if shared != own:
+        trainer._default_root_dir = str(shared)  # Lightning has no setter
+        if own.is_dir() and not any(path.is_file() for path in own.rglob("*")):
+            for folder in sorted((path for path in own.rglob("*") if path.is_dir()), reverse=True):
+                folder.rmdir()
+            own.rmdir()
+        logger.info("Process %d writes under the first process's run folder %s.", trainer.global_rank, shared)
+    trainer.strategy.barrier()
+    latest = shared.parent / "latest"
+    if trainer.is_global_zero and latest.is_symlink() and latest.resolve() != shared.resolve():
+        latest.unlink()
+        os.symlink(shared, latest, target_is_directory=True)

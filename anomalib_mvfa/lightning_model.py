@@ -62,7 +62,7 @@ from torchmetrics import MeanMetric
 
 from .backbone import weights_fingerprint
 from .data.datasets import adopt_prediction_datasets
-from .distributed import EvaluationSharding
+from .distributed import EvaluationSharding, share_run_folder
 from .loss import DetectionLoss, MvfaLoss
 from .metrics import mvfa_evaluator
 from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
@@ -338,6 +338,7 @@ class Mvfa(AnomalibModule):
             self.prepare()
             return
         self._evaluation_sharding.install(self._trainer, self)
+        share_run_folder(self._trainer)
         strategy = self._trainer.strategy
         io = strategy.checkpoint_io
         if type(io) in {TorchCheckpointIO, AnomalibCheckpointIO}:

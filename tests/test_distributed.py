@@ -21,6 +21,7 @@ from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, VolumeMapWr
 from anomalib_mvfa.support import callback as support_callback
 
 from .conftest import TINY_IMAGE_SIZE, folder_datamodule, write_dataset
+from .test_lightning import TINY_CLI, run_anomalib
 from .test_scan_folders import write_nifti_folder
 
 TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
@@ -173,3 +174,26 @@ def test_volume_maps_of_two_processes_are_those_of_one(tmp_path) -> None:
                 assert (one != 0).sum() > 0.5 * one.size  # every slice was scored
             # every slice (each scored by one of the two processes) is in the volume the first one wrote
             np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+def test_a_ddp_run_from_the_cli_writes_one_run_folder(odd_folder, tmp_path) -> None:
+    """Lightning's ``ddp`` launcher starts a second ``anomalib`` process, whose Engine makes a folder of its own."""
+    output = run_anomalib(
+        "train", "--model", "anomalib_mvfa.Mvfa", *TINY_CLI, "--model.epochs", "1", "--model.batch_size", "2",
+        "--data", "anomalib_mvfa.data.MedicalFolder", "--data.root", odd_folder, "--data.normal_dir", "train/good",
+        "--data.abnormal_dir", "test/broken", "--data.normal_test_dir", "test/good",
+        "--data.mask_dir", "ground_truth/broken", "--data.num_workers", "0", "--data.seed", "0",
+        "--trainer.accelerator", "cpu", "--trainer.strategy", "ddp", "--trainer.devices", "2",
+        "--default_root_dir", tmp_path,
+    )  # fmt: skip
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # two processes ran
+    assert output.count("lightning_model - INFO - Mvfa epoch 0/0: loss") == 1  # the whole batch's line, once
+    runs = tmp_path / "Mvfa" / "MedicalFolder"
+    assert sorted(path.name for path in runs.iterdir()) == ["latest", "v0"]
+    assert (runs / "latest").resolve() == (runs / "v0").resolve()
+    for name in ("support_set.json", "weights/mvfa_adapters.pth", "weights/lightning/model.ckpt"):
+        assert (runs / "v0" / name).is_file(), name
+    split = folder_datamodule(odd_folder)
+    split.setup()
+    pictures = sorted((runs / "v0" / "images").rglob("*.png"))
+    assert len(pictures) == len(split.test_data)  # both processes' test images, in the one folder

@@ -77,3 +77,15 @@ def test_loading_command_prints_its_figures(capsys) -> None:
         r"loading is (not )?the bottleneck",
     ):
         assert re.search(pattern, output), (pattern, output)
+
+
+def test_scaling_command_measures_one_process_against_two(capsys) -> None:
+    argv = ["scaling", "--backbone", "tiny-random", "--image-size", "64", "--k-shot", "2", "--epochs", "1"]
+    assert main([*argv, "--batch-size", "4", "--processes", "2"]) == 0
+    output = capsys.readouterr().out
+    for pattern in (
+        r"1 process\(es\) x \d+ threads: training \d+\.\d samples/s, test \d+\.\d images/s",
+        r"2 process\(es\) x \d+ threads: training \d+\.\d samples/s, test \d+\.\d images/s",
+        r"2 processes against 1: training \d+\.\d\dx, test \d+\.\d\dx",
+    ):
+        assert re.search(pattern, output), (pattern, output)

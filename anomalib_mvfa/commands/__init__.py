@@ -27,6 +27,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "AC/AS on the medical benchmark layout under both fusions, over K-shot seeds"),
     "speed": ("speed", "training and inference speed against the authors' way"),
     "benchmark": ("benchmark", "Mvfa beside any anomalib model, over data and seeds"),
+    "scaling": ("scaling", "training and test speed in one process against several (DDP)"),
     "loading": ("loading", "decoding speed of DICOM, NIfTI and 16-bit PNG, and whether loading keeps up"),
     "configs": ("configs", "list the shipped anomalib configs, or copy them into a folder"),
 }
