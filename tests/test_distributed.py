@@ -197,3 +197,32 @@ def test_a_ddp_run_from_the_cli_writes_one_run_folder(odd_folder, tmp_path) -> N
     split.setup()
     pictures = sorted((runs / "v0" / "images").rglob("*.png"))
     assert len(pictures) == len(split.test_data)  # both processes' test images, in the one folder
+
+
+class StopAtEpoch(Callback):
+    """Every process stops the fit when ``epoch`` (0-based) starts, as a lost node would."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == self.epoch:
+            msg = "stopped on purpose"
+            raise RuntimeError(msg)
+
+
+def test_a_resumed_ddp_fit_ends_with_the_adapters_of_an_uninterrupted_one(odd_folder, tmp_path) -> None:
+    uninterrupted = Mvfa(**TINY, k_shot=2, epochs=3, batch_size=2)
+    engine(tmp_path / "whole", 2).fit(uninterrupted, datamodule=folder_datamodule(odd_folder))
+
+    interrupted = Mvfa(**TINY, k_shot=2, epochs=3, batch_size=2)
+    with pytest.raises(Exception, match="stopped on purpose"):
+        engine(tmp_path / "cut", 2, [StopAtEpoch(2)]).fit(interrupted, datamodule=folder_datamodule(odd_folder))
+    (last,) = (tmp_path / "cut").rglob("last.ckpt")
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 1  # after two of three epochs
+
+    resumed = Mvfa(**TINY, k_shot=2, epochs=3, batch_size=2)
+    engine(tmp_path / "resumed", 2).fit(resumed, datamodule=folder_datamodule(odd_folder), ckpt_path=last)
+    assert torch.equal(adapters(resumed), adapters(uninterrupted))
+    halfway = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
+    assert not torch.equal(halfway["model.seg_adapters.0.fc1.0.weight"], resumed.model.seg_adapters[0].fc1[0].weight)
