@@ -496,7 +496,9 @@ class Mvfa(AnomalibModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True, batch_size=size, sync_dist=True)
         self.log("train_det_loss", det_loss, on_step=False, on_epoch=True, batch_size=size, sync_dist=True)
         if seg_loss is not None:
-            self.train_seg_loss.update(seg_loss.detach(), weight=batch.has_mask.sum())
+            # weighted by the batch's share of the images with masks (under DDP: of all processes' images),
+            # so that the synced epoch mean is that of one process loading every process's batch
+            self.train_seg_loss.update(seg_loss.detach(), weight=self.loss.last_weight_total)
             self.log("train_seg_loss", self.train_seg_loss, on_step=False, on_epoch=True)
         return {"loss": loss.detach()}
 

@@ -158,6 +158,7 @@ class MvfaLoss(nn.Module):
         self.mask_threshold = mask_threshold
         # set by the Lightning module while it trains under DDP (see distributed_total)
         self.distributed = False
+        self.last_weight_total: torch.Tensor | None = None
 
     def _total(self, local: torch.Tensor) -> torch.Tensor:
         return distributed_total(local) if self.distributed else local
@@ -172,6 +173,7 @@ class MvfaLoss(nn.Module):
         target = (masks.reshape(masks.shape[0], *logits[0].shape[2:]) > self.mask_threshold).float()
         weights = target.new_ones(target.shape[0]) if weights is None else weights.reshape(-1)
         weight_total = self._total(weights.to(target.dtype).sum())
+        self.last_weight_total = weight_total.detach()  # the weight of this batch's loss in an epoch mean
         total = logits[0].new_zeros(())
         for layer_logits in logits:
             probabilities = torch.softmax(layer_logits, dim=1)

@@ -141,16 +141,21 @@ def test_two_processes_train_and_test_as_one_with_twice_the_batch(odd_folder, tm
 
 
 def test_zero_shot_training_across_datasets_is_shared_by_the_processes(medical_root, tmp_path) -> None:
-    trained = {}
+    trained, logged = {}, {}
     for processes, batch_size in ((1, 4), (2, 2)):
         model = Mvfa(**TINY, k_shot=0, epochs=2, batch_size=batch_size, seg_learning_rate=1e-3, det_learning_rate=1e-3)
         datamodule = MedicalAD(
             root=medical_root, category="Liver", train_categories=["Brain", "Chest"], num_workers=0, eval_batch_size=4
         )
-        engine(tmp_path / str(processes), processes).fit(model, datamodule=datamodule)
+        fitted = engine(tmp_path / str(processes), processes)
+        fitted.fit(model, datamodule=datamodule)
         trained[processes] = adapters(model)
+        logged[processes] = {name: float(value) for name, value in fitted.trainer.callback_metrics.items()}
     assert (trained[1] - adapters(Mvfa(**TINY))).abs().max() > 100 * ADAPTER_TOLERANCE
     assert torch.allclose(trained[2], trained[1], atol=ADAPTER_TOLERANCE, rtol=0)
+    # the logged epoch losses are those of the whole batch (Brain has masks, Chest's abnormal images none)
+    for name in ("train_loss", "train_det_loss", "train_seg_loss"):
+        assert logged[2][name] == pytest.approx(logged[1][name], abs=1e-5), name
 
 
 def test_volume_maps_of_two_processes_are_those_of_one(tmp_path) -> None:
