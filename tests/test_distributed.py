@@ -15,10 +15,13 @@ import pytest
 import torch
 from anomalib.engine import Engine
 from lightning.pytorch import Callback
+from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mvfa import Mvfa
 from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, VolumeMapWriter
+from anomalib_mvfa.loss import MvfaLoss, dice_loss, focal_loss
 from anomalib_mvfa.support import callback as support_callback
+from anomalib_mvfa.torch_model import TrainingOutputs
 
 from .conftest import TINY_IMAGE_SIZE, folder_datamodule, write_dataset
 from .test_lightning import TINY_CLI, run_anomalib
@@ -29,7 +32,7 @@ TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_
 ADAPTER_TOLERANCE = 1e-6
 
 
-def engine(root: Path, processes: int, callbacks: list[Callback] | None = None) -> Engine:
+def engine(root: Path, processes: int, callbacks: list[Callback] | None = None, **trainer: object) -> Engine:
     return Engine(
         default_root_dir=root,
         accelerator="cpu",
@@ -38,6 +41,7 @@ def engine(root: Path, processes: int, callbacks: list[Callback] | None = None) 
         logger=False,
         enable_progress_bar=False,
         callbacks=callbacks or [],
+        **trainer,
     )
 
 
@@ -55,6 +59,18 @@ class RecordTestImages(Callback):
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         with open(self.folder / f"rank{trainer.global_rank}.txt", "a") as file:
             file.writelines(f"{path}\n" for path in batch.image_path)
+
+
+class RecordMemoryBanks(Callback):
+    """Each process saves the memory banks and calibration it built to ``<folder>/banks<r>.pt``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        names = ("seg_memory_bank", "det_memory_bank", "calibration")
+        banks = {name: getattr(pl_module.model, name).cpu() for name in names}
+        torch.save(banks, self.folder / f"banks{trainer.global_rank}.pt")
 
 
 class RecordRunFiles(Callback):
@@ -99,12 +115,14 @@ def odd_folder(tmp_path_factory) -> Path:
 
 
 def test_two_processes_train_and_test_as_one_with_twice_the_batch(odd_folder, tmp_path) -> None:
-    one = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=4)
-    single = engine(tmp_path / "one", 1)
+    # a coreset of the memory banks (seeded k-center-greedy), under --trainer.deterministic
+    one = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=4, memory_bank_ratio=0.5)
+    single = engine(tmp_path / "one", 1, deterministic=True)
     single.fit(one, datamodule=folder_datamodule(odd_folder))
-    two = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=2)
+    two = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=2, memory_bank_ratio=0.5)
     (tmp_path / "writes").mkdir()
-    double = engine(tmp_path / "two", 2, [RecordRunFiles(tmp_path / "writes")])
+    recorders = [RecordRunFiles(tmp_path / "writes"), RecordMemoryBanks(tmp_path / "writes")]
+    double = engine(tmp_path / "two", 2, recorders, deterministic=True)
     double.fit(two, datamodule=folder_datamodule(odd_folder))
     # the logged epoch losses are those of the whole batch, not of one process's share
     for name in ("train_loss", "train_det_loss", "train_seg_loss"):
@@ -118,6 +136,13 @@ def test_two_processes_train_and_test_as_one_with_twice_the_batch(odd_folder, tm
         expected = getattr(one.model, name)
         assert expected.numel() > 0
         assert torch.allclose(getattr(two.model, name), expected, atol=1e-5, rtol=0), name
+    # every process built the same banks (the checkpoint holds the first process's)
+    first, second = (torch.load(tmp_path / "writes" / f"banks{rank}.pt", weights_only=True) for rank in range(2))
+    for name, bank in first.items():
+        assert torch.equal(bank, second[name]), name
+    full_bank = Mvfa(**TINY, k_shot=2, epochs=0)
+    engine(tmp_path / "full", 1).fit(full_bank, datamodule=folder_datamodule(odd_folder))
+    assert one.model.seg_memory_bank.shape[1] < full_bank.model.seg_memory_bank.shape[1]  # a coreset was taken
     # the first process wrote the run's files, once each
     for kind in ("support_set", "adapters"):
         assert (tmp_path / "writes" / f"{kind}.txt").read_text().split() == ["0"], kind
@@ -218,16 +243,109 @@ class StopAtEpoch(Callback):
 
 def test_a_resumed_ddp_fit_ends_with_the_adapters_of_an_uninterrupted_one(odd_folder, tmp_path) -> None:
     uninterrupted = Mvfa(**TINY, k_shot=2, epochs=3, batch_size=2)
-    engine(tmp_path / "whole", 2).fit(uninterrupted, datamodule=folder_datamodule(odd_folder))
+    engine(tmp_path / "whole", 2, deterministic=True).fit(uninterrupted, datamodule=folder_datamodule(odd_folder))
 
     interrupted = Mvfa(**TINY, k_shot=2, epochs=3, batch_size=2)
     with pytest.raises(Exception, match="stopped on purpose"):
-        engine(tmp_path / "cut", 2, [StopAtEpoch(2)]).fit(interrupted, datamodule=folder_datamodule(odd_folder))
+        engine(tmp_path / "cut", 2, [StopAtEpoch(2)], deterministic=True).fit(
+            interrupted, datamodule=folder_datamodule(odd_folder)
+        )
     (last,) = (tmp_path / "cut").rglob("last.ckpt")
     assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 1  # after two of three epochs
 
     resumed = Mvfa(**TINY, k_shot=2, epochs=3, batch_size=2)
-    engine(tmp_path / "resumed", 2).fit(resumed, datamodule=folder_datamodule(odd_folder), ckpt_path=last)
+    engine(tmp_path / "resumed", 2, deterministic=True).fit(
+        resumed, datamodule=folder_datamodule(odd_folder), ckpt_path=last
+    )
     assert torch.equal(adapters(resumed), adapters(uninterrupted))
     halfway = torch.load(last, map_location="cpu", weights_only=True)["state_dict"]
     assert not torch.equal(halfway["model.seg_adapters.0.fc1.0.weight"], resumed.model.seg_adapters[0].fc1[0].weight)
+
+
+def test_bf16_under_two_processes_is_as_far_from_float32_as_bf16_in_one(odd_folder, tmp_path) -> None:
+    """bf16 rounds each process's half batch on its own, so DDP cannot equal one process bit for bit.
+
+    What must hold is that DDP adds nothing to bf16's own error: the two-process bf16 adapters are as
+    far from the float32 ones as one process's bf16 adapters (0.5 to 1.5 times), measured as the norm
+    of the difference over the norm of the float32 training's change.
+    """
+    trained = {}
+    for processes, batch_size, precision in ((1, 4, "32-true"), (1, 4, "bf16-mixed"), (2, 2, "bf16-mixed")):
+        model = Mvfa(**TINY, k_shot=2, epochs=2, batch_size=batch_size)
+        fitted = engine(tmp_path / f"{processes}{precision}", processes, precision=precision, deterministic=True)
+        fitted.fit(model, datamodule=folder_datamodule(odd_folder))
+        trained[processes, precision] = adapters(model)
+    reference = trained[1, "32-true"]
+    change = (reference - adapters(Mvfa(**TINY))).norm()
+    one = ((trained[1, "bf16-mixed"] - reference).norm() / change).item()
+    two = ((trained[2, "bf16-mixed"] - reference).norm() / change).item()
+    assert one > 100 * ADAPTER_TOLERANCE  # bf16 did round (float32 processes agree within 1e-6)
+    assert 0.5 * one <= two <= 1.5 * one, (one, two)
+
+
+def _uneven_loss_process(rank: int, init_file: str, results: str) -> None:
+    """One of two gloo processes: the loss of its half of the batch, and the gradient of its logits."""
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        logits, masks, has_mask, labels = _uneven_batch()
+        half = slice(2 * rank, 2 * rank + 2)
+        seg_logits = [layer[half].clone().requires_grad_(True) for layer in logits[0]]
+        det_logits = [layer[half].clone().requires_grad_(True) for layer in logits[1]]
+        criterion = MvfaLoss()
+        criterion.distributed = True
+        segmentation, detection = criterion(
+            TrainingOutputs(seg_logits, det_logits), labels[half], masks[half], has_mask[half]
+        )
+        (segmentation + detection).backward()
+        gradients = [layer.grad for layer in seg_logits + det_logits]
+        torch.save(
+            {"seg": segmentation.detach(), "det": detection.detach(), "grads": gradients,
+             "weight": criterion.last_weight_total},
+            f"{results}/rank{rank}.pt",
+        )  # fmt: skip
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def _uneven_batch() -> tuple[tuple[list[torch.Tensor], list[torch.Tensor]], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Four images: the first process's half has one known mask, the second's two."""
+    generator = torch.Generator().manual_seed(0)
+    seg = [torch.randn(4, 2, 6, 6, generator=generator) for _ in range(2)]
+    det = [torch.randn(4, 9, 2, generator=generator) for _ in range(2)]
+    masks = (torch.rand(4, 6, 6, generator=generator) > 0.6).float()
+    return (seg, det), masks, torch.tensor([True, False, True, True]), torch.tensor([1.0, 0.0, 1.0, 1.0])
+
+
+def test_the_loss_of_two_processes_with_uneven_masks_is_the_loss_of_their_whole_batch(tmp_path) -> None:
+    """DDP averages the processes' gradients: with the processes' mean total, that is one batch's gradient."""
+    torch.multiprocessing.spawn(
+        _uneven_loss_process, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True
+    )  # fmt: skip
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    (seg, det), masks, has_mask, labels = _uneven_batch()
+    seg = [layer.clone().requires_grad_(True) for layer in seg]
+    det = [layer.clone().requires_grad_(True) for layer in det]
+    # one process, the whole batch, written out here: per-image focal + Dice, mean over the known masks
+    target = (masks > 0.5).float()
+    per_image = 0
+    for layer in seg:
+        probability = torch.softmax(layer, dim=1)
+        focal = focal_loss(probability, target, reduction="none")
+        per_image = per_image + focal + dice_loss(probability[:, 1], target, reduction="none")
+    expected_seg = per_image[has_mask].mean()
+    expected_det = sum(
+        F.binary_cross_entropy_with_logits(torch.softmax(layer, dim=-1)[..., 1].mean(dim=-1), labels) for layer in det
+    )
+    (expected_seg + expected_det).backward()
+
+    for name, expected in (("seg", expected_seg), ("det", expected_det)):
+        averaged = (ranks[0][name] + ranks[1][name]) / 2  # what DDP's gradient average amounts to
+        assert averaged.item() == pytest.approx(expected.item(), abs=1e-6), name
+    # each process dividing by its own total would weigh its one masked image as much as the other's two
+    per_process = (per_image[:2][has_mask[:2]].mean() + per_image[2:][has_mask[2:]].mean()) / 2
+    assert abs(per_process.item() - expected_seg.item()) > 1e-3  # so the comparison above can fail
+    for rank in range(2):
+        half = slice(2 * rank, 2 * rank + 2)
+        for mine, whole in zip(ranks[rank]["grads"], [layer.grad for layer in seg + det], strict=True):
+            torch.testing.assert_close(mine / 2, whole[half], atol=1e-7, rtol=1e-5)
+        assert ranks[rank]["weight"].item() == pytest.approx(has_mask.sum().item() / 2)  # the epoch-mean weight
