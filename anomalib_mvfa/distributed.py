@@ -24,6 +24,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
@@ -32,6 +33,48 @@ logger = logging.getLogger(__name__)
 
 # Lightning's evaluation loops and the hooks that feed them
 EVALUATION_HOOKS = ("val_dataloader", "test_dataloader")
+
+
+def process_rank_and_count() -> tuple[int, int]:
+    """This process's rank and the number of processes of its group; ``(0, 1)`` outside one.
+
+    Example:
+        >>> process_rank_and_count()  # one process
+        (0, 1)
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def launched_processes() -> int:
+    """How many processes a launcher (torchrun, Lightning's ``ddp``, SLURM's ``srun``) started for this run."""
+    counts = [process_rank_and_count()[1]]
+    counts += [
+        int(os.environ[name]) for name in ("WORLD_SIZE", "SLURM_STEP_NUM_TASKS") if os.environ.get(name, "").isdigit()
+    ]
+    return max(counts)
+
+
+def gather_shards(columns: dict[str, torch.Tensor], indices: list[int]) -> dict[str, torch.Tensor]:
+    """Every process's rows, put back in dataset order: what one process scoring everything holds.
+
+    ``columns`` holds this process's rows (first dimension) of the dataset items ``indices``; a
+    process without rows passes ``{}``. Gathers with ``all_gather_object`` (CPU tensors), so every
+    process gets the whole table. Outside a process group, ``columns`` as they are.
+
+    Example:
+        >>> gather_shards({"score": torch.tensor([0.5, 0.1])}, [1, 0])["score"]  # one process
+        tensor([0.5000, 0.1000])
+    """
+    processes = process_rank_and_count()[1]
+    if processes == 1:
+        return columns
+    shards: list[Any] = [None] * processes
+    torch.distributed.all_gather_object(shards, ({key: value.cpu() for key, value in columns.items()}, list(indices)))
+    order = torch.tensor([index for _, shard_indices in shards for index in shard_indices]).argsort()
+    keys = next((list(shard) for shard, _ in shards if shard), [])
+    return {key: torch.cat([shard[key] for shard, _ in shards if shard])[order] for key in keys}
 
 
 def unrepeated_loader(loader: DataLoader, replicas: int, rank: int) -> DataLoader:

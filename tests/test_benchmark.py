@@ -155,3 +155,14 @@ def test_rows_are_labelled_from_the_weights_each_model_was_given(mvtec_root, tmp
         ("DiesOnConstruction", "random (accuracy not meaningful)"),  # a failed job: from its init_args
     ]
     assert "their accuracy columns mean nothing" in (tmp_path / "out" / "benchmark.md").read_text()
+
+
+def test_benchmark_started_by_a_multi_process_launcher_stops_before_any_job(tmp_path, capsys, monkeypatch) -> None:
+    """Under torchrun every process would run every job and write the tables: it must refuse, once."""
+    config = {"models": [{"class_path": "anomalib_mvfa.Mvfa", "init_args": MVFA_TINY}], "data": [mvtec_entry(tmp_path)]}
+    path = tmp_path / "bench.yaml"
+    path.write_text(yaml.safe_dump({**config, "random_weights": True, "output": str(tmp_path / "out")}))
+    monkeypatch.setenv("WORLD_SIZE", "2")  # what torchrun and Lightning's ddp launcher set
+    assert main(["benchmark", "--config", str(path)]) == 2
+    assert "started as 2 processes" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()  # no job ran, nothing written

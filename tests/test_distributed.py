@@ -6,6 +6,7 @@ build the same memory banks, and score every test image exactly once to the same
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
@@ -18,13 +19,15 @@ from lightning.pytorch import Callback
 from torch.nn import functional as F  # noqa: N812
 
 from anomalib_mvfa import Mvfa
+from anomalib_mvfa.commands import main
 from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, VolumeMapWriter
 from anomalib_mvfa.loss import MvfaLoss, dice_loss, focal_loss
 from anomalib_mvfa.support import callback as support_callback
 from anomalib_mvfa.torch_model import TrainingOutputs
 
 from .conftest import TINY_IMAGE_SIZE, folder_datamodule, write_dataset
-from .test_lightning import TINY_CLI, run_anomalib
+from .test_evaluation import TINY as EVALUATE_TINY
+from .test_lightning import ANOMALIB_MVFA, TINY_CLI, run_anomalib
 from .test_scan_folders import write_nifti_folder
 
 TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
@@ -349,3 +352,28 @@ def test_the_loss_of_two_processes_with_uneven_masks_is_the_loss_of_their_whole_
         for mine, whole in zip(ranks[rank]["grads"], [layer.grad for layer in seg + det], strict=True):
             torch.testing.assert_close(mine / 2, whole[half], atol=1e-7, rtol=1e-5)
         assert ranks[rank]["weight"].item() == pytest.approx(has_mask.sum().item() / 2)  # the epoch-mean weight
+
+
+def test_evaluate_under_ddp_gathers_the_test_scores_before_the_fusions(medical_root, tmp_path) -> None:
+    """Two processes of batch 1 against one of batch 2: the same tables, written once."""
+    common = [
+        "evaluate", "--root", medical_root, "--categories", "Brain", "--k-shot", "2", "--seeds", "0",
+        "--epochs", "2", *EVALUATE_TINY, "--feature-pipeline", "clip", "--accelerator", "cpu",
+    ]  # fmt: skip
+    assert main([*map(str, common), "--train-batch-size", "2", "--output", str(tmp_path / "one")]) == 0
+    output = run_anomalib(
+        *common, "--train-batch-size", "1", "--strategy", "ddp", "--devices", "2", "--output", tmp_path / "two",
+        program=ANOMALIB_MVFA,
+    )  # fmt: skip
+    assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # two processes ran
+    rows = {}
+    for name in ("one", "two"):
+        with (tmp_path / name / "few-shot_2shot_runs.csv").open() as file:
+            (rows[name],) = csv.DictReader(file)
+    for metric in ("ours_AC", "ours_AS", "authors_AC", "authors_AS"):  # percent
+        assert float(rows["two"][metric]) == pytest.approx(float(rows["one"][metric]), abs=1e-4), metric
+    table = (tmp_path / "two" / "few-shot_2shot.md").read_text()
+    assert output.count(table.splitlines()[0]) == 1  # printed by the first process only
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(
+        path.name for path in (tmp_path / "one").iterdir()
+    )

@@ -26,6 +26,7 @@ from .conftest import TINY_CONFIG, TINY_IMAGE_SIZE, folder_datamodule, write_dat
 
 CONFIGS = Path(__file__).parents[1] / "configs"
 ANOMALIB = str(Path(sys.executable).parent / "anomalib")
+ANOMALIB_MVFA = str(Path(sys.executable).parent / "anomalib-mvfa")
 TINY_MODEL = {
     "backbone": "tiny-random",
     "pretrained": None,
@@ -41,11 +42,11 @@ SMALL_DATA_CLI = ["--data.num_workers", "0", "--data.train_batch_size", "4", "--
 EXPORT_TOLERANCE = 1e-4
 
 
-def run_anomalib(*args: object) -> str:
-    """Run the anomalib CLI in a subprocess (offline) and return its output; fail with it on error."""
+def run_anomalib(*args: object, program: str = ANOMALIB) -> str:
+    """Run the anomalib CLI (or ``program``) in a subprocess, offline; its output; fail with it on error."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(
-        [ANOMALIB, *map(str, args)], capture_output=True, text=True, env=env, timeout=600, check=False
+        [program, *map(str, args)], capture_output=True, text=True, env=env, timeout=600, check=False
     )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-4000:]

@@ -59,6 +59,7 @@ import torch
 import yaml
 from anomalib.engine import Engine
 
+from ..distributed import launched_processes
 from ..metrics import undefined_auroc_reason
 from ..pipeline import add_feature_pipeline_argument
 from ..utils import write_atomically
@@ -433,7 +434,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run every job and write the tables; return an exit code."""
+    """Run every job and write the tables; return an exit code.
+
+    Several GPUs run several jobs at once (one device each), not one job under DDP: anomalib's
+    memory-bank models (PatchCore) do not run under DDP, and a job's figures are one device's.
+    Started by a multi-process launcher, every process would run every job, so it stops.
+    """
+    processes = launched_processes()
+    if processes > 1:
+        print(
+            f"error: anomalib-mvfa benchmark was started as {processes} processes (torchrun, srun or a DDP "
+            "launcher); start it once: it runs one job per GPU at a time itself (--workers)."
+        )
+        return 2
     config = BenchmarkConfig.from_file(args.config)
     config.random_weights = config.random_weights or args.random_weights
     config.output = args.output or config.output

@@ -14,6 +14,11 @@ under two fusions of the zero-shot and few-shot branches:
 Example:
     anomalib-mvfa evaluate --root datasets/MVFA --categories Brain Liver --k-shot 4 --seeds 0 1 2
     anomalib-mvfa evaluate --root datasets/MVFA --setting zero-shot --categories all
+    anomalib-mvfa evaluate --root datasets/MVFA --setting zero-shot --strategy ddp --devices 4
+
+Under DDP every process trains on its share of each step (``--train-batch-size`` images, so the
+global batch is N times that), scores its share of the test images, and the scores are gathered
+before either fusion normalises them; the first process writes the tables.
 """
 
 from __future__ import annotations
@@ -30,11 +35,13 @@ from pathlib import Path
 
 import torch
 from anomalib.engine import Engine
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.utilities import rank_zero_only
+from torch.utils.data import DataLoader, Dataset, Subset
 from torchmetrics.functional.classification import binary_auroc
 from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from ..data.medical import MEDICAL_CATEGORIES, MedicalAD
+from ..distributed import gather_shards, process_rank_and_count
 from ..lightning_model import Mvfa
 from ..metrics import undefined_auroc_reason
 from ..pipeline import add_feature_pipeline_argument
@@ -149,12 +156,19 @@ def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) ->
     """Score the datamodule's test split with the model's own scoring (:meth:`MvfaModel.score`).
 
     The datamodule and its test dataset are read, not changed (set up first if they are not yet).
+    In a process group (DDP), each process scores every N-th image and all of them are gathered,
+    in order, before anything is normalised: every process returns the whole split's scores.
     """
     if getattr(datamodule, "test_data", None) is None:
         datamodule.setup()
     test_data = datamodule.test_data
+    rank, processes = process_rank_and_count()
+    indices = list(range(rank, len(test_data), processes))
     loader = DataLoader(
-        ResizedItems(test_data, model.image_size), batch_size=batch_size, shuffle=False, collate_fn=test_data.collate_fn
+        Subset(ResizedItems(test_data, model.image_size), indices),
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=test_data.collate_fn,
     )
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {}
@@ -174,7 +188,7 @@ def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) ->
         for key, value in values.items():
             if value is not None:
                 columns.setdefault(key, []).append(value.cpu())
-    joined = {key: torch.cat(parts) for key, parts in columns.items()}
+    joined = gather_shards({key: torch.cat(parts) for key, parts in columns.items()}, indices)
     return SplitScores(**{field: joined.get(field) for field in SplitScores.__dataclass_fields__})
 
 
@@ -240,7 +254,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--image-size", type=int, default=240)
     parser.add_argument("--feature-layers", type=int, nargs="+", default=[6, 12, 18, 24])
     add_feature_pipeline_argument(parser, "authors; with --ckpt-path, the checkpoint's")
-    parser.add_argument("--batch-size", type=int, default=8, help="test images scored at once")
+    parser.add_argument("--batch-size", type=int, default=8, help="test images scored at once, per process")
+    parser.add_argument(
+        "--train-batch-size", type=int, default=1, help="training images a step, per process (the paper: 1)"
+    )
+    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
+    parser.add_argument("--devices", default="1", help="devices per node (a number, 'auto' or a list such as 0,1)")
+    parser.add_argument("--strategy", default="auto", help="Lightning strategy; ddp for several devices")
+    parser.add_argument("--num-nodes", type=int, default=1, help="nodes of a multi-node run")
     parser.add_argument("--output", default="results/evaluation", help="folder for the CSV and Markdown tables")
 
 
@@ -305,13 +326,36 @@ def _model(args: argparse.Namespace, category: str, seed: int) -> Mvfa:
         feature_pipeline=args.feature_pipeline,
         k_shot=0 if args.setting == "zero-shot" else args.k_shot,
         epochs=args.epochs,
+        batch_size=args.train_batch_size,
         seed=seed,
         adapter_checkpoint=adapters,
     )
 
 
+def _engine(args: argparse.Namespace, root: Path) -> Engine:
+    devices: int | str = int(args.devices) if str(args.devices).isdigit() else args.devices
+    return Engine(
+        default_root_dir=root,
+        accelerator=args.accelerator,
+        devices=devices,
+        strategy=args.strategy,
+        num_nodes=args.num_nodes,
+        logger=False,
+    )
+
+
+def _say(*lines: str) -> None:
+    """Print on the first process only (all of them run this command under DDP)."""
+    if rank_zero_only.rank == 0:
+        print(*lines)
+
+
 def run(args: argparse.Namespace) -> int:
-    """Evaluate every category and seed; print and save the tables; return an exit code."""
+    """Evaluate every category and seed; print and save the tables; return an exit code.
+
+    Under DDP (``--strategy ddp --devices N``, torchrun or SLURM) every process trains and scores
+    its share, the scores are gathered, and the first process prints and writes the tables.
+    """
     categories = _categories(args)
     if not categories:
         print(f"error: no category folder (<Name>_AD) found under {args.root}")
@@ -325,21 +369,21 @@ def run(args: argparse.Namespace) -> int:
     undefined: dict[tuple[str, str], list[str]] = {}  # (category, metric) -> reasons
     for category in categories:
         for seed in args.seeds:
-            print(f"== {category}, {args.setting}, seed {seed}")
+            _say(f"== {category}, {args.setting}, seed {seed}")
             datamodule = _datamodule(args, category, seed)
             model = _model(args, category, seed)
             pipelines.add(model.feature_pipeline.value)
             k_shots.add(model.k_shot)
             random_weights = random_weights or model.hparams.get("pretrained") is None
             run_root = output / "runs" / category / f"seed{seed}"
-            engine = Engine(default_root_dir=run_root, devices=1, logger=False)
+            engine = _engine(args, run_root)
             if not args.ckpt_path:
                 engine.fit(model, datamodule=datamodule)  # trains; with epochs=0 only builds memory banks
             scores = score_test_split(model, datamodule, args.batch_size)
             metrics = fusion_metrics(scores)
             reasons = undefined_reasons(scores)
             for reason in reasons:  # logged, and named under the table
-                logger.warning("%s, seed %d: %s.", category, seed, reason)
+                rank_zero_only(logger.warning)("%s, seed %d: %s.", category, seed, reason)
                 undefined.setdefault((category, reason.split()[0]), []).append(f"{category} seed {seed}: {reason}")
             row: dict[str, object] = {"category": category, "seed": seed}
             for fusion in FUSIONS:
@@ -347,7 +391,7 @@ def run(args: argparse.Namespace) -> int:
                     row[f"{fusion}_{metric}"] = metrics[fusion].get(metric)
             rows.append(row)
             values = ", ".join(f"{key} {value:.2f}" for key, value in row.items() if isinstance(value, float))
-            print("   " + values + "".join(f"; {reason}" for reason in reasons))
+            _say("   " + values + "".join(f"; {reason}" for reason in reasons))
 
     summary = summarise(rows)
     shots = ", ".join(f"{k}-shot" if k else "zero-shot" for k in sorted(k_shots))
@@ -363,13 +407,20 @@ def run(args: argparse.Namespace) -> int:
     if undefined:
         reasons = [reason for group in undefined.values() for reason in group]
         note += "Empty cells and means over fewer seeds: undefined metrics, left out. " + "; ".join(reasons) + ".\n"
-    print("\n" + table + "\n" + note)
+    _say("\n" + table + "\n" + note)
+    if rank_zero_only.rank != 0:
+        return 0  # the first process writes the tables
+    stem = "_".join(f"few-shot_{k}shot" if k else "zero-shot" for k in sorted(k_shots))
+    _write_tables(output, stem, rows, table + "\n" + note)
+    return 0
+
+
+def _write_tables(output: Path, stem: str, rows: list[dict[str, object]], markdown: str) -> None:
+    """Write ``<stem>_runs.csv`` (one row per run) and ``<stem>.md``, each whole or not at all."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
-    stem = "_".join(f"few-shot_{k}shot" if k else "zero-shot" for k in sorted(k_shots))
     write_atomically(output / f"{stem}_runs.csv", lambda name: Path(name).write_text(buffer.getvalue()))
-    write_atomically(output / f"{stem}.md", lambda name: Path(name).write_text(table + "\n" + note))
+    write_atomically(output / f"{stem}.md", lambda name: Path(name).write_text(markdown))
     print(f"tables written to {output / f'{stem}.md'} and {output / f'{stem}_runs.csv'}")
-    return 0
