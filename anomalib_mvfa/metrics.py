@@ -17,9 +17,26 @@ import logging
 
 import torch
 from anomalib.metrics import AUROC, Evaluator, F1Score
+from torchmetrics.functional.classification import binary_auroc
 from torchmetrics.utilities import dim_zero_cat
 
 logger = logging.getLogger(__name__)
+
+
+def exact_auroc(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """AUROC of scores of any range, ties counted as torchmetrics and scikit-learn count them.
+
+    torchmetrics passes scores outside [0, 1] through a sigmoid, which in float32 rounds every score
+    above about 17 to 1.0: distinct z-scores become ties and the AUROC changes. Dense ranks scaled
+    to [0, 1] (float64) keep the order and the ties.
+
+    Example:
+        >>> exact_auroc(torch.tensor([20.0, 30.0, 40.0, 50.0]), torch.tensor([0, 1, 0, 1]))
+        0.75
+    """
+    values, ranks = torch.unique(scores.detach().flatten(), sorted=True, return_inverse=True)
+    scaled = ranks.double() / max(values.numel() - 1, 1)
+    return binary_auroc(scaled, targets.detach().flatten().long(), validate_args=False).item()
 
 
 def undefined_auroc_reason(targets: torch.Tensor, name: str) -> str | None:

@@ -16,6 +16,8 @@ from PIL import Image
 
 from anomalib_mvfa import Mvfa, MvfaModel
 
+from .browser import chromium
+
 TINY_IMAGE_SIZE = 64
 TINY_CONFIG = {
     "embed_dim": 32,
@@ -182,3 +184,9 @@ def cpu_engine(root: Path, callbacks: list[Callback] | None = None) -> Engine:
         enable_progress_bar=False,
         callbacks=callbacks or [],
     )
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory):
+    """A headless Chromium (selenium) for a module's tests; they skip with the reason where none is installed."""
+    yield from chromium(tmp_path_factory.mktemp("chromium-profile"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 
 from anomalib_mvfa import Mvfa
 from anomalib_mvfa.commands import console, main
-from anomalib_mvfa.commands.evaluate import SplitScores, fusion_metrics
+from anomalib_mvfa.commands.evaluate import SplitScores, auroc_metrics, fusion_metrics
 
 from .conftest import save_checkpoint_file
 
@@ -161,3 +162,13 @@ def test_evaluate_title_comes_from_the_evaluated_checkpoint(medical_root, tmp_pa
     title = (tmp_path / "out" / "few-shot_2shot.md").read_text().splitlines()[0]
     assert "2-shot" in title  # the checkpoint's K, not the command's default of 4
     assert "RANDOM CLIP weights" in title  # the checkpoint's CLIP is random, although --pretrained says openai
+
+
+def test_aurocs_of_scores_above_the_sigmoid_range_are_exact() -> None:
+    """torchmetrics' sigmoid rounds float32 scores above ~17 to 1.0; the tables must not turn them into ties."""
+    generator = torch.Generator().manual_seed(0)
+    labels = (torch.rand(400, generator=generator) < 0.3).long()
+    scores = torch.randn(400, generator=generator) * 10 + 20 + 5 * labels  # z-scores, most above 17
+    outputs = replace(random_outputs(with_masks=False), labels=labels, score=scores)
+    expected = 100 * roc_auc_score(labels.numpy(), scores.numpy())
+    assert auroc_metrics(outputs.score, outputs.anomaly_map, outputs)["AC"] == pytest.approx(expected, abs=1e-4)

@@ -62,7 +62,11 @@ from anomalib.engine import Engine
 from ..distributed import launched_processes
 from ..metrics import undefined_auroc_reason
 from ..pipeline import add_feature_pipeline_argument
+from ..reports.recorder import TestRecorder
+from ..reports.results import write_rows
 from ..utils import write_atomically
+from .benchmark_report import IMAGES_FILE, PIXELS_FILE, job_root, write_benchmark_report
+from .progress import on_terminal, overall_bar, say
 
 logger = logging.getLogger(__name__)
 
@@ -243,11 +247,14 @@ def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int
         data_args["category"] = category
     data_args.setdefault("seed", seed)
     torch.manual_seed(seed)
-    root = Path(config.output) / "runs" / model_name / str(category) / f"seed{seed}"
+    root = job_root((model_entry, data_entry, category, seed), config)
+    recorder = TestRecorder(maps_dir=root / "maps", seed=seed)
     with PeakMemory() as memory:
         model = build_model(model_entry, config.random_weights, seed, config.feature_pipeline)
         datamodule = data_class(**data_args)
-        engine = Engine(default_root_dir=root, devices=1, logger=False)
+        engine = Engine(
+            default_root_dir=root, devices=1, logger=False, callbacks=[recorder], enable_progress_bar=on_terminal()
+        )
         started = time.perf_counter()
         engine.fit(model, datamodule=datamodule)
         fit_seconds = time.perf_counter() - started
@@ -256,6 +263,10 @@ def run_job(model_entry: dict, data_entry: dict, category: str | None, seed: int
         test_seconds = time.perf_counter() - started
     pipeline = getattr(model, "feature_pipeline", None)
     accuracy, undefined = _defined_aurocs(results, datamodule)
+    pixels = {"scores": recorder.pixel_scores, "targets": recorder.pixel_targets, "summary": recorder.pixel_summary()}
+    recorder.save_maps()
+    write_rows(root / IMAGES_FILE, recorder.rows)
+    write_atomically(root / PIXELS_FILE, lambda path: torch.save(pixels, path))
     return {
         "model": model_name if pipeline is None else f"{model_name} ({pipeline})",
         "data": data_class.__name__,
@@ -294,25 +305,33 @@ def _defined_aurocs(results: dict[str, Any], datamodule: Any) -> tuple[dict[str,
     return values, reasons
 
 
-def summary_table(rows: list[dict[str, Any]]) -> str:
-    """Markdown table: one line per model, data and category, mean ± std over seeds."""
+def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per model, data and category: the seeds that ran and each metric's mean ± std, as text."""
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["data"], row["category"], row["weights"]), []).append(row)
-    header = ["model", "data", "category", "seeds", *METRICS, "weights"]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    summary = []
     for (model, data, category, weights), group in groups.items():
-        cells = [model, data, str(category), str(sum(not row.get("error") for row in group))]
+        cells = {"model": model, "data": data, "category": str(category)}
+        cells["seeds"] = str(sum(not row.get("error") for row in group))
         for metric in METRICS:
             values = [float(row[metric]) for row in group if row[metric] not in (None, "")]
             if not values:
                 undefined = any(metric in str(row.get("undefined", "")) for row in group)
-                cells.append("" if undefined else "-")
+                cells[metric] = "" if undefined else "-"
                 continue
-            mean = statistics.fmean(values)
             spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
-            cells.append(f"{mean:.4g}{spread}")
-        lines.append("| " + " | ".join([*cells, weights]) + " |")
+            cells[metric] = f"{statistics.fmean(values):.4g}{spread}"
+        cells["weights"] = weights
+        summary.append(cells)
+    return summary
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: one line per model, data and category, mean ± std over seeds."""
+    header = ["model", "data", "category", "seeds", *METRICS, "weights"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(cells[key] for key in header) + " |" for cells in summary_rows(rows)]
     reasons = sorted({reason for row in rows for reason in str(row.get("undefined") or "").split("; ") if reason})
     if reasons:
         lines += ["", "Empty cells (and means over fewer seeds): undefined metrics, left out. " + "; ".join(reasons)]
@@ -345,9 +364,9 @@ def _bind_device(device: int | None) -> None:
 
 def _print_metrics(row: dict[str, Any]) -> None:
     if row.get("error"):
-        print(f"    FAILED: {row['error']}", flush=True)
+        say(f"    FAILED: {row['error']}")
         return
-    print("    " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row[m] is not None), flush=True)
+    say("    " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row[m] is not None))
 
 
 def failed_row(job: Job, config: BenchmarkConfig, error: BaseException) -> dict[str, Any]:
@@ -397,22 +416,24 @@ def run_jobs(
         device = slots.get()
         try:
             where = f" (GPU {device})" if device is not None else ""
-            print(f"[{number}/{len(jobs)}] {describe(job)}{where}", flush=True)
+            say(f"[{number}/{len(jobs)}] {describe(job)}{where}")
             try:
                 rows[number - 1] = _run_isolated(job, config, device) if isolate else run_job(*job, config)
             except Exception as error:  # reported in the job's row; the other jobs go on
                 logger.exception("Benchmark job %s failed", describe(job))
                 rows[number - 1] = failed_row(job, config, error)
             _print_metrics(rows[number - 1])
+            bar.update()
         finally:
             slots.put(device)
 
-    if not isolate or workers <= 1:
-        for number in range(1, len(jobs) + 1):
-            run_one(number)
-    else:
-        with ThreadPoolExecutor(workers) as threads:
-            list(threads.map(run_one, range(1, len(jobs) + 1)))
+    with overall_bar(len(jobs), "benchmark") as bar:
+        if not isolate or workers <= 1:
+            for number in range(1, len(jobs) + 1):
+                run_one(number)
+        else:
+            with ThreadPoolExecutor(workers) as threads:
+                list(threads.map(run_one, range(1, len(jobs) + 1)))
     return rows
 
 
@@ -479,4 +500,7 @@ def run(args: argparse.Namespace) -> int:
     write_atomically(output / "benchmark.md", lambda path: Path(path).write_text(table + note))
     print("\n" + table + note)
     print(f"tables written to {output / 'benchmark.md'} and {output / 'benchmark.csv'}")
+    page = write_benchmark_report(jobs, rows, config, summary_rows(rows), random_rows)
+    if page is not None:
+        print(f"per-image results in {output / 'benchmark_images.csv'}, curves in {output / 'curves'}, report {page}")
     return 0

@@ -30,22 +30,25 @@ import logging
 import pickle
 import statistics
 import zipfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from anomalib.engine import Engine
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, Subset
-from torchmetrics.functional.classification import binary_auroc
 from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from ..data.medical import MEDICAL_CATEGORIES, MedicalAD
 from ..distributed import gather_shards, process_rank_and_count
 from ..lightning_model import Mvfa
-from ..metrics import undefined_auroc_reason
+from ..metrics import exact_auroc, undefined_auroc_reason
 from ..pipeline import add_feature_pipeline_argument
+from ..reports.page import TileMap
+from ..reports.report import RunReport, make_tile
+from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps, write_rows
 from ..utils import write_atomically
+from .progress import job_bar, on_terminal, overall_bar, say
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +111,7 @@ def auroc_metrics(score: torch.Tensor, anomaly_map: torch.Tensor, outputs: Split
 def _auroc(values: torch.Tensor, targets: torch.Tensor) -> float | None:
     if undefined_auroc_reason(targets, "AUROC") is not None:
         return None
-    return 100 * binary_auroc(values.float(), targets.long()).item()
+    return 100 * exact_auroc(values.float(), targets)
 
 
 def undefined_reasons(outputs: SplitScores) -> list[str]:
@@ -172,7 +175,7 @@ def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) ->
     )
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {}
-    for batch in loader:
+    for batch in job_bar(loader, len(loader), "scoring the test split"):
         scores = model.model.score(model.preprocess(batch.image.to(model.device)))
         branches = scores.branches
         values = {
@@ -341,17 +344,130 @@ def _engine(args: argparse.Namespace, root: Path) -> Engine:
         strategy=args.strategy,
         num_nodes=args.num_nodes,
         logger=False,
+        enable_progress_bar=on_terminal(),  # no control characters in redirected output
     )
 
 
 def _say(*lines: str) -> None:
     """Print on the first process only (all of them run this command under DDP)."""
     if rank_zero_only.rank == 0:
-        print(*lines)
+        say(*lines)
+
+
+@dataclass
+class Totals:
+    """What the runs of one ``evaluate`` command add up to."""
+
+    rows: list[dict[str, object]] = field(default_factory=list)  # one per run: AC and AS of both fusions
+    images: list[dict[str, object]] = field(default_factory=list)  # one per test image of every run
+    pixels: list[dict[str, object]] = field(default_factory=list)  # one per run with masks
+    pipelines: set[str] = field(default_factory=set)
+    k_shots: set[int] = field(default_factory=set)
+    random_weights: bool = False
+    undefined: dict[tuple[str, str], list[str]] = field(default_factory=dict)  # (category, metric) -> reasons
+    report: RunReport = field(default_factory=RunReport)
+
+
+def _thresholds(model: Mvfa) -> tuple[float | None, float | None]:
+    """The image and pixel thresholds of the model's own scores, set on the validation split (not the test)."""
+    post_processor = getattr(model, "post_processor", None)
+    if post_processor is None or not hasattr(post_processor, "image_threshold"):
+        return None, None
+    return finite_or_none(post_processor.image_threshold), finite_or_none(post_processor.pixel_threshold)
+
+
+def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: Totals) -> None:
+    """Train (or load) and score one category and seed; add its rows, curves and gallery to ``totals``."""
+    output = Path(args.output)
+    datamodule = _datamodule(args, category, seed)
+    model = _model(args, category, seed)
+    totals.pipelines.add(model.feature_pipeline.value)
+    totals.k_shots.add(model.k_shot)
+    totals.random_weights = totals.random_weights or model.hparams.get("pretrained") is None
+    engine = _engine(args, output / "runs" / category / f"seed{seed}")
+    if not args.ckpt_path:
+        engine.fit(model, datamodule=datamodule)  # trains; with epochs=0 only builds memory banks
+    scores = score_test_split(model, datamodule, args.batch_size)
+    metrics = fusion_metrics(scores)
+    reasons = undefined_reasons(scores)
+    for reason in reasons:  # logged, and named under the table
+        rank_zero_only(logger.warning)("%s, seed %d: %s.", category, seed, reason)
+        totals.undefined.setdefault((category, reason.split()[0]), []).append(f"{category} seed {seed}: {reason}")
+    row: dict[str, object] = {"category": category, "seed": seed}
+    for fusion in FUSIONS:
+        for metric in ("AC", "AS"):
+            row[f"{fusion}_{metric}"] = metrics[fusion].get(metric)
+    totals.rows.append(row)
+    values = ", ".join(f"{key} {value:.2f}" for key, value in row.items() if isinstance(value, float))
+    _say("   " + values + "".join(f"; {reason}" for reason in reasons))
+    if rank_zero_only.rank == 0:
+        _record_run(datamodule, scores, _thresholds(model), category, seed, output, totals, first=seed == args.seeds[0])
+
+
+def _record_run(
+    datamodule: MedicalAD,
+    scores: SplitScores,
+    thresholds: tuple[float | None, float | None],
+    category: str,
+    seed: int,
+    output: Path,
+    totals: Totals,
+    first: bool,
+) -> None:
+    """Per-image rows, saved maps, pixel figures, curve data and (first seed) the gallery of one run."""
+    samples = datamodule.test_data.samples
+    files = [str(path) for path in samples.image_path]
+    masks_on_disk = [str(path) if isinstance(path, str) else "" for path in samples.get("mask_path", [""] * len(files))]
+    image_threshold, pixel_threshold = thresholds
+    authors_score, authors_map = authors_fusion(scores)
+    map_paths = save_maps(scores.anomaly_map, files, output / "maps" / category / f"seed{seed}")
+    for index, file in enumerate(files):
+        score = float(scores.score[index])
+        totals.images.append(
+            {
+                "file": file,
+                "category": category,
+                "seed": seed,
+                "label": int(scores.labels[index]),
+                "score_ours": score,
+                "score_authors": float(authors_score[index]),
+                "zero_shot_score": float(scores.zero_shot_score[index]),
+                "few_shot_score": None if scores.few_shot_score is None else float(scores.few_shot_score[index]),
+                "threshold_ours": image_threshold,
+                "decision_ours": None if image_threshold is None else int(score > image_threshold),
+                "map_ours": str(map_paths[index]),
+                "mask": masks_on_disk[index],
+            }
+        )
+    report = totals.report
+    report.add_images(category, seed, "ours", scores.score, scores.labels)
+    report.add_images(category, seed, "authors", authors_score, scores.labels)
+    if scores.masks is not None:
+        report.add_pixels(category, seed, {"ours": scores.anomaly_map, "authors": authors_map}, scores.masks)
+        totals.pixels.append(
+            {
+                "category": category,
+                "seed": seed,
+                **pixel_summary(scores.anomaly_map, scores.masks, pixel_threshold),
+                "pixel_threshold_ours": pixel_threshold,
+            }
+        )
+        report.add_summary(category, totals.pixels[-1])
+    if first:
+        test_data = ResizedItems(datamodule.test_data, scores.anomaly_map.shape[-1])
+        for kind, index in pick_gallery(scores.score, scores.labels, image_threshold):
+            item = test_data[index]
+            views = [
+                TileMap("ours", scores.anomaly_map[index].numpy(), float(scores.score[index]), image_threshold,
+                        None if image_threshold is None else int(scores.score[index] > image_threshold)),
+                TileMap("authors", authors_map[index].numpy(), float(authors_score[index]), None, None),
+            ]  # fmt: skip
+            mask = None if scores.masks is None else scores.masks[index]
+            report.add_tile(category, make_tile(kind, files[index], int(scores.labels[index]), item.image, mask, views))
 
 
 def run(args: argparse.Namespace) -> int:
-    """Evaluate every category and seed; print and save the tables; return an exit code.
+    """Evaluate every category and seed; print and save the tables and the report; return an exit code.
 
     Under DDP (``--strategy ddp --devices N``, torchrun or SLURM) every process trains and scores
     its share, the scores are gathered, and the first process prints and writes the tables.
@@ -362,57 +478,66 @@ def run(args: argparse.Namespace) -> int:
         return 2
     _check_templates(args)
     output = Path(args.output)
-    rows: list[dict[str, object]] = []
-    pipelines: set[str] = set()
-    k_shots: set[int] = set()
-    random_weights = False
-    undefined: dict[tuple[str, str], list[str]] = {}  # (category, metric) -> reasons
-    for category in categories:
-        for seed in args.seeds:
-            _say(f"== {category}, {args.setting}, seed {seed}")
-            datamodule = _datamodule(args, category, seed)
-            model = _model(args, category, seed)
-            pipelines.add(model.feature_pipeline.value)
-            k_shots.add(model.k_shot)
-            random_weights = random_weights or model.hparams.get("pretrained") is None
-            run_root = output / "runs" / category / f"seed{seed}"
-            engine = _engine(args, run_root)
-            if not args.ckpt_path:
-                engine.fit(model, datamodule=datamodule)  # trains; with epochs=0 only builds memory banks
-            scores = score_test_split(model, datamodule, args.batch_size)
-            metrics = fusion_metrics(scores)
-            reasons = undefined_reasons(scores)
-            for reason in reasons:  # logged, and named under the table
-                rank_zero_only(logger.warning)("%s, seed %d: %s.", category, seed, reason)
-                undefined.setdefault((category, reason.split()[0]), []).append(f"{category} seed {seed}: {reason}")
-            row: dict[str, object] = {"category": category, "seed": seed}
-            for fusion in FUSIONS:
-                for metric in ("AC", "AS"):
-                    row[f"{fusion}_{metric}"] = metrics[fusion].get(metric)
-            rows.append(row)
-            values = ", ".join(f"{key} {value:.2f}" for key, value in row.items() if isinstance(value, float))
-            _say("   " + values + "".join(f"; {reason}" for reason in reasons))
+    totals = Totals()
+    with overall_bar(len(categories) * len(args.seeds), "evaluate") as bar:
+        if rank_zero_only.rank != 0:
+            bar.disable = True
+        for category in categories:
+            for seed in args.seeds:
+                _say(f"== {category}, {args.setting}, seed {seed}")
+                _evaluate_run(args, category, seed, totals)
+                bar.update()
 
-    summary = summarise(rows)
-    shots = ", ".join(f"{k}-shot" if k else "zero-shot" for k in sorted(k_shots))
-    title = f"MVFA {shots}, {len(args.seeds)} seed(s), feature pipeline {' and '.join(sorted(pipelines))}, AUROC %"
-    if random_weights:
+    summary = summarise(totals.rows)
+    shots = ", ".join(f"{k}-shot" if k else "zero-shot" for k in sorted(totals.k_shots))
+    pipelines = " and ".join(sorted(totals.pipelines))
+    title = f"MVFA {shots}, {len(args.seeds)} seed(s), feature pipeline {pipelines}, AUROC %"
+    if totals.random_weights:
         title += " (RANDOM CLIP weights: the numbers mean nothing)"
-    table = markdown_table(summary, title, set(undefined))
+    table = markdown_table(summary, title, set(totals.undefined))
     note = (
         "ours: the model's online fusion (calibrated on the support images, no test statistics). "
         "authors: min-max of each branch over the test set, then 0.5/0.5 (max of the map for AC where masks "
         "exist); uses test-set statistics, for comparison with the paper only. '-': not applicable (no masks).\n"
     )
-    if undefined:
-        reasons = [reason for group in undefined.values() for reason in group]
+    if totals.undefined:
+        reasons = [reason for group in totals.undefined.values() for reason in group]
         note += "Empty cells and means over fewer seeds: undefined metrics, left out. " + "; ".join(reasons) + ".\n"
     _say("\n" + table + "\n" + note)
     if rank_zero_only.rank != 0:
         return 0  # the first process writes the tables
-    stem = "_".join(f"few-shot_{k}shot" if k else "zero-shot" for k in sorted(k_shots))
-    _write_tables(output, stem, rows, table + "\n" + note)
+    stem = "_".join(f"few-shot_{k}shot" if k else "zero-shot" for k in sorted(totals.k_shots))
+    _write_tables(output, stem, totals.rows, table + "\n" + note)
+    write_rows(output / f"{stem}_images.csv", totals.images)
+    if totals.pixels:
+        write_rows(output / f"{stem}_pixels.csv", totals.pixels)
+    tables = {"AUROC % (mean ± std over seeds)": _report_rows(summary)}
+    notes = [note, THRESHOLD_NOTE]
+    page = totals.report.write(output, f"{stem}_report.html", title, tables, notes)
+    print(f"per-image results in {output / f'{stem}_images.csv'}, curves in {output / 'curves'}, report {page}")
     return 0
+
+
+THRESHOLD_NOTE = (
+    "Decisions (threshold_ours, decision_ours, the gallery's false positives and negatives) use the model's "
+    "F1-adaptive thresholds set on the validation split (the support pool), never on the test labels. "
+    "The authors' fusion has no threshold: it is normalised with the test set's own minimum and maximum."
+)
+
+
+def _report_rows(summary: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The summary as the page's table: one row per category, ``mean ± std`` cells."""
+    rows = []
+    for entry in summary:
+        row: dict[str, object] = {"category": entry["category"], "seeds": entry["seeds"]}
+        for fusion in FUSIONS:
+            for metric in ("AC", "AS"):
+                mean, std = entry.get(f"{fusion}_{metric}_mean"), entry.get(f"{fusion}_{metric}_std")
+                row[f"{fusion} {metric}"] = (
+                    None if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
+                )
+        rows.append(row)
+    return rows
 
 
 def _write_tables(output: Path, stem: str, rows: list[dict[str, object]], markdown: str) -> None:
