@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import warnings
 
@@ -57,9 +58,19 @@ def main(argv: list[str] | None = None) -> int:
     command = next((argument for argument in argv if not argument.startswith("-")), None)
     # anomalib and timm warn of their own deprecations when imported: not this command's business
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(anomalib|timm)(\.|$)")
+    _quiet_progress_when_redirected()  # before the command's module imports tqdm
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.run(args)
+
+
+def _quiet_progress_when_redirected() -> None:
+    """Off a terminal, tqdm's bars stay off too (anomalib's coreset sampler draws one): no control characters in logs.
+
+    tqdm reads ``TQDM_DISABLE`` when it is imported, which the commands do later; job processes inherit it.
+    """
+    if not sys.stderr.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
 
 
 def _reported_errors() -> tuple[type[BaseException], ...]:
