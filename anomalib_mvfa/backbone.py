@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
@@ -33,12 +34,13 @@ import huggingface_hub
 import open_clip
 import torch
 from open_clip.model import resize_pos_embed, resize_text_pos_embed
-from open_clip.transformer import QuickGELU, VisionTransformer
+from open_clip.transformer import QuickGELU
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 
 from .pipeline import FeaturePipeline, resolve_feature_pipeline, uses_quick_gelu
 from .tensor_files import UnsafeTensorFileError, load_tensors_safely, read_torchscript_tensors
+from .towers import match_timm_grid, resize_timm_tower, vision_tower
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +54,24 @@ _WEIGHT_SUFFIXES = {".pt", ".pth", ".bin", ".safetensors", ".ckpt"}
 # Architectures shipped with the package: "tiny-random" is a 4-block CLIP for tests and
 # offline demos, meaningful with random weights only (no weights exist for it).
 SHIPPED_CONFIGS = {"tiny-random": Path(__file__).parent / "backbones" / "tiny-random.json"}
+# open_clip models on the Hugging Face Hub: "hf-hub:<organisation>/<repository>", its config and weights files
+HF_HUB_PREFIX = "hf-hub:"
+HF_HUB_CONFIG = "open_clip_config.json"
+HF_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
 class PretrainedWeightsError(RuntimeError):
     """Raised when the requested CLIP weights cannot be obtained or do not fit."""
 
 
-def resolve_model_config(backbone: str | Path) -> tuple[str, dict[str, Any]]:
+def resolve_model_config(backbone: str | Path, cache_dir: str | None = None) -> tuple[str, dict[str, Any]]:
     """Return the name and the open_clip model config of ``backbone``.
 
     Args:
         backbone: An open_clip model name, the path of an open_clip model-config JSON
-            file, or ``"tiny-random"`` (a tiny architecture shipped with the package).
+            file (or of a hub repository's ``open_clip_config.json``), an ``hf-hub:<org>/<repo>``
+            name, or ``"tiny-random"`` (a tiny architecture shipped with the package).
+        cache_dir: Download folder of ``hf-hub:`` files (Hugging Face's default otherwise).
 
     Returns:
         The model name (the file stem for a JSON file) and a copy of its config.
@@ -76,24 +84,16 @@ def resolve_model_config(backbone: str | Path) -> tuple[str, dict[str, Any]]:
         >>> name, config["vision_cfg"]["patch_size"]
         ('ViT-B-16', 16)
     """
+    if str(backbone).startswith(HF_HUB_PREFIX):
+        repository = str(backbone)[len(HF_HUB_PREFIX) :]
+        path = _hub_file(str(backbone), repository, HF_HUB_CONFIG, "the open_clip config", cache_dir)
+        return repository.rsplit("/", 1)[-1], _read_config_file(str(backbone), path)
     path = SHIPPED_CONFIGS.get(str(backbone), Path(backbone))
     if path.suffix.lower() == ".json" or path.is_file():
         if not path.is_file():
             msg = f"Backbone config file '{backbone}' does not exist."
             raise ValueError(msg)
-        try:
-            config = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            msg = f"Backbone config file '{backbone}' is not valid JSON: {error}"
-            raise ValueError(msg) from error
-        missing = [key for key in ("embed_dim", "vision_cfg", "text_cfg") if key not in config]
-        if not isinstance(config, dict) or missing:
-            msg = (
-                f"Backbone config file '{backbone}' is not an open_clip model config: "
-                f"expected the keys 'embed_dim', 'vision_cfg' and 'text_cfg', missing {missing}."
-            )
-            raise ValueError(msg)
-        return path.stem, config
+        return path.stem, _read_config_file(str(backbone), path)
 
     name = str(backbone).replace("/", "-")
     config = open_clip.get_model_config(name)
@@ -108,10 +108,105 @@ def resolve_model_config(backbone: str | Path) -> tuple[str, dict[str, Any]]:
     return name, config
 
 
+def _read_config_file(backbone: str, path: Path) -> dict[str, Any]:
+    """An open_clip model config from a JSON file: the config itself, or a hub file's ``model_cfg``."""
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        msg = f"Backbone config file '{backbone}' is not valid JSON: {error}"
+        raise ValueError(msg) from error
+    if isinstance(config, dict) and isinstance(config.get("model_cfg"), dict):
+        # open_clip_config.json of the Hugging Face Hub: the model, and the images' mean and std apart
+        preprocess = config.get("preprocess_cfg") or {}
+        config = config["model_cfg"]
+        for key in ("mean", "std"):
+            if key in preprocess and isinstance(config.get("vision_cfg"), dict):
+                config["vision_cfg"].setdefault(f"image_{key}", preprocess[key])
+    keys = ("embed_dim", "vision_cfg", "text_cfg")
+    missing = [key for key in keys if not isinstance(config, dict) or key not in config]
+    if missing:
+        msg = (
+            f"Backbone config file '{backbone}' is not an open_clip model config: "
+            f"expected the keys 'embed_dim', 'vision_cfg' and 'text_cfg', missing {missing}."
+        )
+        raise ValueError(msg)
+    return config
+
+
+def _hub_file(backbone: str, repository: str, filename: str, what: str, cache_dir: str | None = None) -> Path:
+    """A file of a Hugging Face Hub repository: from the cache, else downloaded; offline, a clear error at once."""
+    with contextlib.suppress(Exception):  # not cached: any error of the look-up means "download it"
+        return Path(huggingface_hub.hf_hub_download(repository, filename, cache_dir=cache_dir, local_files_only=True))
+    try:
+        _check_reachable(huggingface_hub.constants.ENDPOINT)  # the hub retries for half a minute otherwise
+        with _network_timeout(DOWNLOAD_TIMEOUT_S):
+            return Path(huggingface_hub.hf_hub_download(repository, filename, cache_dir=cache_dir))
+    except Exception as error:
+        msg = (
+            f"Could not obtain {what} ('{filename}') of backbone '{backbone}' from the Hugging Face Hub "
+            f"({type(error).__name__}: {error}). Without network access, download the repository "
+            f"https://huggingface.co/{repository} elsewhere ({HF_HUB_CONFIG} and the weights, "
+            f"{' or '.join(HF_HUB_WEIGHTS)}; for a Hugging Face text tower also the text model's folder, named in "
+            "text_cfg.hf_model_name), then pass the config file as the backbone and the weights file as "
+            "pretrained (--model.backbone /path/open_clip_config.json --model.pretrained "
+            "/path/open_clip_pytorch_model.bin), with hf_model_name and hf_tokenizer_name pointing at the local "
+            "text model folder."
+        )
+        raise PretrainedWeightsError(msg) from error
+
+
+def tower_depth(backbone: str | Path) -> int:
+    """Number of blocks of ``backbone``'s image tower (a timm tower is built on the meta device to count them).
+
+    Example:
+        >>> tower_depth("ViT-B-16")
+        12
+    """
+    vision_cfg = resolve_model_config(backbone)[1]["vision_cfg"]
+    if "timm_model_name" not in vision_cfg:
+        return int(vision_cfg["layers"])
+    import timm  # noqa: PLC0415 (only for timm towers)
+
+    with torch.device("meta"):
+        trunk = timm.create_model(vision_cfg["timm_model_name"], pretrained=False)
+    blocks = getattr(trunk, "blocks", None)
+    if blocks is None:
+        msg = f"Backbone '{backbone}' has a timm image tower without transformer blocks ({type(trunk).__name__})."
+        raise ValueError(msg)
+    return len(blocks)
+
+
+def image_statistics(backbone: str | Path) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel mean and std images were normalised with when ``backbone`` was trained.
+
+    The config's ``vision_cfg.image_mean``/``image_std`` (a hub config's ``preprocess_cfg``), else
+    OpenAI's. Used by the ``"clip"`` feature pipeline only (the authors' feeds [0, 1] images).
+
+    Example:
+        >>> image_statistics("ViT-B-16")[0]
+        (0.48145466, 0.4578275, 0.40821073)
+    """
+    vision_cfg = resolve_model_config(backbone)[1].get("vision_cfg", {})
+    mean = vision_cfg.get("image_mean") or open_clip.OPENAI_DATASET_MEAN
+    std = vision_cfg.get("image_std") or open_clip.OPENAI_DATASET_STD
+    return tuple(float(value) for value in mean), tuple(float(value) for value in std)
+
+
+def _check_hf_text_model(backbone: str, text_cfg: dict[str, Any], cache_dir: str | None = None) -> None:
+    """Fail fast, naming the files, when a Hugging Face text tower's folder is neither local nor obtainable."""
+    for key in ("hf_model_name", "hf_tokenizer_name"):
+        name = text_cfg.get(key)
+        if name and not Path(name).is_dir():
+            _hub_file(backbone, name, "config.json", f"the text tower's {key.removeprefix('hf_')}", cache_dir)
+
+
 def _check_vision_transformer(name: str, config: dict[str, Any], image_size: int) -> None:
     vision_cfg = config["vision_cfg"]
-    if "timm_model_name" in vision_cfg or isinstance(vision_cfg.get("layers"), list | tuple):
-        msg = f"Backbone '{name}' has no open_clip VisionTransformer image tower; MVFA needs a CLIP ViT."
+    if isinstance(vision_cfg.get("layers"), list | tuple):
+        msg = (
+            f"Backbone '{name}' cannot carry MVFA's adapters: its image tower is a ResNet (vision_cfg.layers is a "
+            "list). MVFA needs a ViT image tower (open_clip's own, or a timm VisionTransformer)."
+        )
         raise ValueError(msg)
     patch_size = vision_cfg.get("patch_size", 16)
     if image_size < patch_size:
@@ -121,7 +216,13 @@ def _check_vision_transformer(name: str, config: dict[str, Any], image_size: int
 
 def _build_model(name: str, config: dict[str, Any], image_size: int, quick_gelu: bool) -> torch.nn.Module:
     config = json.loads(json.dumps(config))  # deep copy, config may come from the caller
-    config["vision_cfg"]["image_size"] = image_size
+    for key in ("image_mean", "image_std"):  # pre-processing settings (image_statistics), not the network's
+        config["vision_cfg"].pop(key, None)
+    timm_tower = "timm_model_name" in config["vision_cfg"]
+    if timm_tower:
+        config["vision_cfg"]["timm_model_pretrained"] = False  # weights come from load_clip, never from timm
+    else:
+        config["vision_cfg"]["image_size"] = image_size  # timm towers are resized after their weights load
     config["quick_gelu"] = quick_gelu
     custom_text = config.pop("custom_text", False) or "hf_model_name" in config.get("text_cfg", {})
     if "hf_model_name" in config.get("text_cfg", {}):
@@ -132,9 +233,7 @@ def _build_model(name: str, config: dict[str, Any], image_size: int, quick_gelu:
     except TypeError as error:
         msg = f"Backbone config '{name}' does not describe an open_clip CLIP model: {error}"
         raise ValueError(msg) from error
-    if not isinstance(model.visual, VisionTransformer):
-        msg = f"Backbone '{name}' has no open_clip VisionTransformer image tower; MVFA needs a CLIP ViT."
-        raise ValueError(msg)
+    vision_tower(model.visual, name)  # refuses towers the adapters cannot sit on, naming what is missing
     return model
 
 
@@ -326,12 +425,18 @@ def load_clip(
         >>> clip.visual.grid_size  # doctest: +SKIP
         (17, 17)
     """
-    name, config = resolve_model_config(backbone)
+    name, config = resolve_model_config(backbone, cache_dir)
     _check_vision_transformer(name, config, image_size)
+    _check_hf_text_model(str(backbone), config.get("text_cfg", {}), cache_dir)
     weights_path = None
     if pretrained is not None:
         is_tag = not _looks_like_path(pretrained)
-        weights_path = fetch_pretrained(name, str(pretrained), cache_dir) if is_tag else Path(pretrained)
+        if is_tag and str(backbone).startswith(HF_HUB_PREFIX):  # the repository's own weights
+            weights_path = _hub_weights(str(backbone), cache_dir)
+        elif is_tag:
+            weights_path = fetch_pretrained(name, str(pretrained), cache_dir)
+        else:
+            weights_path = Path(pretrained)
     if quick_gelu is None:
         openai_weights = _are_openai_weights(pretrained, weights_path)
         quick_gelu = uses_quick_gelu(resolve_feature_pipeline(feature_pipeline), config, openai_weights, image_size)
@@ -345,16 +450,32 @@ def load_clip(
         )
     else:
         state_dict = read_weights_file(weights_path, max_bytes=weights_budget(model))
+        if hasattr(model.visual, "trunk"):  # a timm tower takes the file's grid, then the one asked for
+            match_timm_grid(model.visual, state_dict.get("visual.trunk.pos_embed"))
         resize_pos_embed(state_dict, model)
         resize_text_pos_embed(state_dict, model)
         _check_fit(state_dict, model, f"Weights '{pretrained}' do not fit backbone '{name}'")
         model.load_state_dict(state_dict, strict=True)
         logger.info("Loaded CLIP weights '%s' into backbone '%s'.", pretrained, name)
+    if hasattr(model.visual, "trunk"):
+        resize_timm_tower(model.visual, image_size)
 
     model.requires_grad_(False)
     model.eval()
     tokenizer = _make_tokenizer(config)
     return model, tokenizer
+
+
+def _hub_weights(backbone: str, cache_dir: str | None) -> Path:
+    """The weights file of an ``hf-hub:`` backbone's repository (safetensors first)."""
+    repository = backbone[len(HF_HUB_PREFIX) :]
+    errors = []
+    for filename in HF_HUB_WEIGHTS:
+        try:
+            return _hub_file(backbone, repository, filename, "the weights", cache_dir)
+        except PretrainedWeightsError as error:
+            errors.append(error)
+    raise errors[-1]
 
 
 def _make_tokenizer(config: dict[str, Any]) -> Any:

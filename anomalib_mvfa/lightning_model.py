@@ -56,11 +56,12 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.types import STEP_OUTPUT
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from torch import nn
 from torch.utils.data import DataLoader
 from torchmetrics import MeanMetric
 
-from .backbone import weights_fingerprint
+from .backbone import image_statistics, weights_fingerprint
 from .data.datasets import adopt_prediction_datasets
 from .distributed import EvaluationSharding, share_run_folder
 from .loss import DetectionLoss, MvfaLoss
@@ -184,8 +185,9 @@ class Mvfa(AnomalibModule):
     ) -> None:
         self._check_arguments(k_shot, epochs, batch_size, abnormal_source, class_name)
         pipeline = resolve_feature_pipeline(feature_pipeline)
+        self.image_statistics = image_statistics(backbone)  # the "clip" pipeline's mean and std
         if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size), pipeline)
+            pre_processor = self.configure_pre_processor((image_size, image_size), pipeline, *self.image_statistics)
         super().__init__(
             pre_processor=pre_processor,
             post_processor=post_processor,
@@ -278,8 +280,12 @@ class Mvfa(AnomalibModule):
         cls,
         image_size: tuple[int, int] | None = None,
         feature_pipeline: FeaturePipeline | str | None = None,
+        mean: Sequence[float] = OPENAI_DATASET_MEAN,
+        std: Sequence[float] = OPENAI_DATASET_STD,
     ) -> PreProcessor:
         """Antialiased bicubic resize to the input size; CLIP normalisation under ``"clip"`` only.
+
+        ``mean`` and ``std``: the backbone's (OpenAI's by default; :func:`~anomalib_mvfa.backbone.image_statistics`).
 
         Example:
             >>> Mvfa.configure_pre_processor((240, 240), "authors").transform  # doctest: +SKIP
@@ -287,7 +293,7 @@ class Mvfa(AnomalibModule):
                   Resize(size=[240, 240], interpolation=InterpolationMode.BICUBIC, antialias=True)
             )
         """
-        return mvfa_pre_processor(image_size or (240, 240), resolve_feature_pipeline(feature_pipeline))
+        return mvfa_pre_processor(image_size or (240, 240), resolve_feature_pipeline(feature_pipeline), mean, std)
 
     @staticmethod
     def configure_evaluator() -> Evaluator:
@@ -626,7 +632,7 @@ class Mvfa(AnomalibModule):
         self.model.set_feature_pipeline(stored)
         self.hparams["feature_pipeline"] = stored.value
         if isinstance(self.pre_processor, MvfaPreProcessor):
-            own = mvfa_pre_processor(self.image_size, stored)
+            own = mvfa_pre_processor(self.image_size, stored, *self.image_statistics)
             self.pre_processor.transform, self.pre_processor.export_transform = own.transform, own.export_transform
 
     # ----------------------------------------------------------------- export

@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import copy
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -123,8 +124,16 @@ class MvfaPreProcessor(PreProcessor):
         self.export_transform = _exportable(copy.deepcopy(self.transform))
 
 
-def mvfa_pre_processor(image_size: int | tuple[int, int], feature_pipeline: FeaturePipeline | str) -> MvfaPreProcessor:
+def mvfa_pre_processor(
+    image_size: int | tuple[int, int],
+    feature_pipeline: FeaturePipeline | str,
+    mean: Sequence[float] = OPENAI_DATASET_MEAN,
+    std: Sequence[float] = OPENAI_DATASET_STD,
+) -> MvfaPreProcessor:
     """The pre-processor of ``feature_pipeline``: bicubic resize, plus CLIP normalisation under ``"clip"``.
+
+    ``mean`` and ``std`` are the backbone's own (:func:`anomalib_mvfa.backbone.image_statistics`):
+    OpenAI's for OpenAI's CLIP, those of the model's config for others (BiomedCLIP's, for example).
 
     Example:
         >>> [type(step).__name__ for step in mvfa_pre_processor(240, "clip").transform.transforms]
@@ -133,5 +142,5 @@ def mvfa_pre_processor(image_size: int | tuple[int, int], feature_pipeline: Feat
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     steps: list[Transform] = [Resize(size, antialias=True, interpolation=InterpolationMode.BICUBIC)]
     if FeaturePipeline(feature_pipeline) == FeaturePipeline.CLIP:
-        steps.append(Normalize(mean=OPENAI_DATASET_MEAN, std=OPENAI_DATASET_STD))
+        steps.append(Normalize(mean=list(mean), std=list(std)))
     return MvfaPreProcessor(transform=Compose(steps))

@@ -39,6 +39,7 @@ from .backbone import load_clip, pipeline_quick_gelu, set_quick_gelu
 from .pipeline import DEFAULT_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
 from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
 from .tensor_files import load_tensors_safely
+from .towers import vision_tower
 from .utils import write_atomically
 
 __all__ = ["AdaptedTokens", "Adapter", "BranchOutputs", "MvfaModel", "Scores", "TrainingOutputs"]
@@ -255,12 +256,12 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         self.clip, self.tokenizer = load_clip(
             backbone, pretrained, self.image_size, cache_dir, quick_gelu, self.feature_pipeline
         )
-        visual = self.clip.visual
-        self.depth = len(visual.transformer.resblocks)
+        self.tower = vision_tower(self.clip.visual, self.backbone)
+        self.depth = self.tower.depth
         self.feature_layers = self._check_feature_layers(feature_layers, self.depth)
-        self.grid_size = tuple(visual.grid_size)
-        self.width = visual.conv1.out_channels
-        self.embed_dim = visual.output_dim
+        self.grid_size = self.tower.grid_size
+        self.width = self.tower.width
+        self.embed_dim = self.tower.embed_dim
 
         self.seg_adapters = nn.ModuleList(Adapter(self.width, self.embed_dim) for _ in self.feature_layers)
         self.det_adapters = nn.ModuleList(Adapter(self.width, self.embed_dim) for _ in self.feature_layers)
@@ -449,20 +450,11 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch-embed ``images`` into the token sequence (``B x (1 + L) x W``) entering block 1."""
-        visual = self.clip.visual
-        tokens = visual.conv1(images.to(visual.conv1.weight.dtype)).flatten(2).transpose(1, 2)
-        class_token = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
-        tokens = torch.cat([class_token, tokens], dim=1) + visual.positional_embedding.to(tokens.dtype)
-        return visual.ln_pre(tokens)
+        return self.tower.embed(images)
 
     def run_blocks(self, tokens: torch.Tensor, start: int, stop: int) -> torch.Tensor:
         """Run blocks ``start + 1`` to ``stop`` (1-based) without adapters on ``B x T x W`` tokens."""
-        transformer = self.clip.visual.transformer
-        batch_first = getattr(transformer, "batch_first", False)
-        tokens = tokens if batch_first else tokens.transpose(0, 1)
-        for block in transformer.resblocks[start:stop]:
-            tokens = block(tokens)
-        return tokens if batch_first else tokens.transpose(0, 1)
+        return self.tower.run_blocks(tokens, start, stop)
 
     def encode(self, images: torch.Tensor) -> AdaptedTokens:
         """Run the adapted image encoder and return the adapted patch tokens per feature layer.

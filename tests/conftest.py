@@ -55,6 +55,53 @@ def tiny_config(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+# words of the tiny text tower's vocabulary: the prompt ensemble's, then letters for anything else
+TINY_VOCABULARY = (
+    "a an of the photo image picture close up cropped bright dark black white jpeg good nice small large flawless "
+    "perfect unblemished without with flaw defect damage damaged abnormal normal broken object brain skin bottle "
+    "chest liver retina histopathology there is something"
+)
+
+
+def write_timm_backbone(folder: Path) -> Path:
+    """A tiny open_clip config with a timm ViT image tower and a Hugging Face BERT text tower, all local.
+
+    The image tower is timm's ``vit_tiny_patch16_224`` (12 blocks, width 192, random); the text tower
+    a 2-layer BERT of width 32 whose config and WordPiece vocabulary are written here: nothing is
+    downloaded. The layout is BiomedCLIP's (``timm_pool ""``, linear projection, MLP text projection).
+    """
+    text = folder / "tiny-bert"
+    text.mkdir(parents=True, exist_ok=True)
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", *sorted(set(TINY_VOCABULARY.split()))]
+    words = list(dict.fromkeys([*words, *letters, *(f"##{letter}" for letter in letters)]))  # one index each
+    (text / "vocab.txt").write_text("\n".join(words) + "\n")
+    bert = {
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": len(words), "hidden_size": 32,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64, "max_position_embeddings": 64,
+        "type_vocab_size": 2, "pad_token_id": 0,
+    }  # fmt: skip
+    (text / "config.json").write_text(json.dumps(bert))
+    tokenizer = {"tokenizer_class": "BertTokenizer", "do_lower_case": True, "model_max_length": 64}
+    (text / "tokenizer_config.json").write_text(json.dumps(tokenizer))
+    config = {
+        "embed_dim": 24,
+        "vision_cfg": {"timm_model_name": "vit_tiny_patch16_224", "timm_model_pretrained": False, "timm_pool": "",
+                       "timm_proj": "linear", "image_size": 224},
+        "text_cfg": {"hf_model_name": str(text), "hf_tokenizer_name": str(text), "hf_proj_type": "mlp",
+                     "hf_pooler_type": "cls_last_hidden_state_pooler", "context_length": 32},
+    }  # fmt: skip
+    path = folder / "tiny-timm-bert.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def timm_backbone(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Path of the tiny timm-tower, BERT-text-tower open_clip config (see :func:`write_timm_backbone`)."""
+    return write_timm_backbone(tmp_path_factory.mktemp("timm-backbone"))
+
+
 @pytest.fixture
 def tiny_model(tiny_config: Path) -> MvfaModel:
     """A tiny MvfaModel with seeded random CLIP and adapter weights and text features for 'bottle'."""

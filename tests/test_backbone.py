@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import time
+from pathlib import Path
 
 import open_clip
 import pytest
 import torch
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from safetensors.torch import save_file
 
-from anomalib_mvfa import MvfaModel, PretrainedWeightsError
+from anomalib_mvfa import Mvfa, MvfaModel, PretrainedWeightsError, backbone
 from anomalib_mvfa.backbone import load_clip
 
 from .conftest import TINY_CONFIG, TINY_IMAGE_SIZE
@@ -110,3 +112,22 @@ def test_paper_default_grid_for_vit_l_14_336_at_240() -> None:
     clip, _ = load_clip("ViT-L-14-336", pretrained=None, image_size=240)
     assert tuple(clip.visual.grid_size) == (17, 17)
     assert clip.visual.positional_embedding.shape == (1 + 17 * 17, 1024)
+
+
+def test_a_hub_config_file_gives_its_model_and_its_images_mean_and_std(tmp_path) -> None:
+    """open_clip_config.json of the Hugging Face Hub: ``model_cfg`` builds, ``preprocess_cfg`` normalises ("clip")."""
+    model_cfg = json.loads((Path(backbone.__file__).parent / "backbones" / "tiny-random.json").read_text())
+    mean, std = [0.1, 0.2, 0.3], [0.4, 0.5, 0.6]
+    path = tmp_path / "open_clip_config.json"
+    path.write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": {"mean": mean, "std": std}}))
+    _, config = backbone.resolve_model_config(path)
+    assert config["embed_dim"] == model_cfg["embed_dim"]
+    assert backbone.image_statistics(path) == (tuple(mean), tuple(std))
+    assert backbone.image_statistics("tiny-random") == (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD)
+    images = torch.rand(1, 3, 64, 64)
+    normalised = (images - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    for pipeline, expected in (("clip", normalised), ("authors", images)):
+        model = Mvfa(
+            backbone=str(path), pretrained=None, image_size=64, feature_layers=(1, 2, 4), feature_pipeline=pipeline
+        )
+        torch.testing.assert_close(model.pre_processor.transform(images), expected, atol=1e-6, rtol=0)

@@ -41,9 +41,22 @@ def reference_tokens(
     x = patches.reshape(batch, width, -1).permute(0, 2, 1)
     x = torch.cat([visual.class_embedding.reshape(1, 1, -1).repeat(batch, 1, 1), x], dim=1)
     x = visual.ln_pre(x + visual.positional_embedding)
+    blocks = [lambda tokens, block=block: block(tokens.permute(1, 0, 2)).permute(1, 0, 2)  # sequence-first
+              for block in visual.transformer.resblocks]  # fmt: skip
+    return adapted_through(model, x, blocks, with_class)
+
+
+def adapted_through(
+    model: MvfaModel, x: torch.Tensor, blocks: list, with_class: bool = False
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Run embedded tokens ``x`` through ``blocks`` (callables), with MVFA's adapters written out.
+
+    ``mid = LeakyReLU(x W1)`` is kept per feature layer; after each feature layer
+    ``x <- 0.8 x + 0.1 LeakyReLU(mid_seg W2_seg) + 0.1 LeakyReLU(mid_det W2_det)``; the loop stops at the last one.
+    """
     seg, det = [], []
-    for block_number, block in enumerate(visual.transformer.resblocks, start=1):
-        x = block(x.permute(1, 0, 2)).permute(1, 0, 2)  # open_clip blocks take sequence-first tokens
+    for block_number, block in enumerate(blocks, start=1):
+        x = block(x)
         if block_number in model.feature_layers:
             i = model.feature_layers.index(block_number)
             outs = []

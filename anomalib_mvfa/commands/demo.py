@@ -23,7 +23,7 @@ from anomalib.engine import Engine
 from PIL import Image
 from skimage import data as skimage_data
 
-from ..backbone import PretrainedWeightsError, resolve_model_config
+from ..backbone import PretrainedWeightsError, tower_depth
 from ..lightning_model import Mvfa
 from ..pipeline import add_feature_pipeline_argument
 
@@ -113,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
     pretrained = None if pretrained.lower() == "none" else pretrained
     image_size = args.image_size or (64 if tiny else 224)
     try:
-        depth = resolve_model_config(args.backbone)[1]["vision_cfg"]["layers"]
+        depth = tower_depth(args.backbone)
         feature_layers = args.feature_layers or [round(depth * (i + 1) / 4) for i in range(4)]
         model = Mvfa(
             backbone=args.backbone,

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Resize
 
-from ..backbone import resolve_model_config
+from ..backbone import tower_depth
 from ..torch_model import MvfaModel
 
 
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
             f"{1000 * first / len(slices) + rest:.2f} ms a slice over the volume"
         )
 
-        depth = resolve_model_config(args.backbone)[1]["vision_cfg"]["layers"]
+        depth = tower_depth(args.backbone)
         layers = [round(depth * (i + 1) / 4) for i in range(4)]  # four evenly spaced, as the paper's 6/12/18/24
         model = MvfaModel(args.backbone, None, args.image_size, layers).eval()
         model.setup("object")

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
-from ..backbone import resolve_model_config
+from ..backbone import tower_depth
 
 
 class LoopTimer(Callback):
@@ -96,7 +96,7 @@ def _run(args: argparse.Namespace, folder: Path, data: Path, processes: int) -> 
     from ..data import MedicalFolder  # noqa: PLC0415
     from ..lightning_model import Mvfa  # noqa: PLC0415
 
-    depth = resolve_model_config(args.backbone)[1]["vision_cfg"]["layers"]
+    depth = tower_depth(args.backbone)
     layers = [round(depth * (i + 1) / 4) for i in range(4)]
     total_threads = args.threads or torch.get_num_threads()
     threads = max(1, total_threads // processes) if args.accelerator == "cpu" else None

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..backbone import resolve_model_config
+from ..backbone import tower_depth
 from ..loss import MvfaLoss
 from ..pipeline import add_feature_pipeline_argument
 from ..support.augmentation import augment_support_set
@@ -43,7 +43,6 @@ BETAS = (0.5, 0.999)
 
 def reference_encode(model: MvfaModel, images: torch.Tensor) -> AdaptedTokens:
     """The full adapted encoder as the authors run it: every block, then the final norm and projection."""
-    visual = model.clip.visual
     tokens = model.embed(images)
     segmentation, detection = [], []
     for number in range(1, model.depth + 1):
@@ -55,9 +54,7 @@ def reference_encode(model: MvfaModel, images: torch.Tensor) -> AdaptedTokens:
             tokens = RESIDUAL_WEIGHT * tokens + ADAPTER_WEIGHT * seg_out + ADAPTER_WEIGHT * det_out
             segmentation.append(seg_mid[:, 1:])
             detection.append(det_mid[:, 1:])
-    pooled = visual.ln_post(tokens[:, 0])
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj  # computed (as in the authors' forward), not used by the losses
+    model.tower.pool(tokens)  # computed (as in the authors' forward), not used by the losses
     return AdaptedTokens(segmentation, detection)
 
 
@@ -252,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     """Measure and print the ratios; return an exit code."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    depth = resolve_model_config(args.backbone)[1]["vision_cfg"]["layers"]
+    depth = tower_depth(args.backbone)
     layers = args.feature_layers or [round(depth * (i + 1) / 4) for i in range(4)]
     pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
     model = MvfaModel(args.backbone, pretrained, args.image_size, layers, feature_pipeline=args.feature_pipeline)
