@@ -58,7 +58,6 @@ def main(argv: list[str] | None = None) -> int:
     command = next((argument for argument in argv if not argument.startswith("-")), None)
     # anomalib and timm warn of their own deprecations when imported: not this command's business
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(anomalib|timm)(\.|$)")
-    _quiet_progress_when_redirected()  # before the command's module imports tqdm
     args = build_parser(command).parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     return args.run(args)
@@ -88,6 +87,7 @@ def console(argv: list[str] | None = None) -> int:
         anomalib-mvfa: error: Benchmark config 'missing.yaml' does not exist.
         2
     """
+    _quiet_progress_when_redirected()  # before the command's module imports tqdm; the command line only
     try:
         return main(argv)
     except Exception as error:
