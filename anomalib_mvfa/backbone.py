@@ -38,6 +38,7 @@ from open_clip.transformer import QuickGELU
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file as load_safetensors
 
+from .errors import MvfaInputError
 from .pipeline import FeaturePipeline, resolve_feature_pipeline, uses_quick_gelu
 from .tensor_files import UnsafeTensorFileError, load_tensors_safely, read_torchscript_tensors
 from .towers import match_timm_grid, resize_timm_tower, vision_tower
@@ -60,7 +61,7 @@ HF_HUB_CONFIG = "open_clip_config.json"
 HF_HUB_WEIGHTS = ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(MvfaInputError, RuntimeError):
     """Raised when the requested CLIP weights cannot be obtained or do not fit."""
 
 
@@ -92,7 +93,7 @@ def resolve_model_config(backbone: str | Path, cache_dir: str | None = None) -> 
     if path.suffix.lower() == ".json" or path.is_file():
         if not path.is_file():
             msg = f"Backbone config file '{backbone}' does not exist."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         return path.stem, _read_config_file(str(backbone), path)
 
     name = str(backbone).replace("/", "-")
@@ -104,7 +105,7 @@ def resolve_model_config(backbone: str | Path, cache_dir: str | None = None) -> 
             f"Unknown backbone '{backbone}': expected an open_clip model name "
             f"(see open_clip.list_models()) or the path of an open_clip model-config JSON file.{hint}"
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return name, config
 
 
@@ -114,7 +115,7 @@ def _read_config_file(backbone: str, path: Path) -> dict[str, Any]:
         config = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as error:
         msg = f"Backbone config file '{backbone}' is not valid JSON: {error}"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
     if isinstance(config, dict) and isinstance(config.get("model_cfg"), dict):
         # open_clip_config.json of the Hugging Face Hub: the model, and the images' mean and std apart
         preprocess = config.get("preprocess_cfg") or {}
@@ -129,7 +130,7 @@ def _read_config_file(backbone: str, path: Path) -> dict[str, Any]:
             f"Backbone config file '{backbone}' is not an open_clip model config: "
             f"expected the keys 'embed_dim', 'vision_cfg' and 'text_cfg', missing {missing}."
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return config
 
 
@@ -172,7 +173,7 @@ def tower_depth(backbone: str | Path) -> int:
     blocks = getattr(trunk, "blocks", None)
     if blocks is None:
         msg = f"Backbone '{backbone}' has a timm image tower without transformer blocks ({type(trunk).__name__})."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return len(blocks)
 
 
@@ -207,11 +208,11 @@ def _check_vision_transformer(name: str, config: dict[str, Any], image_size: int
             f"Backbone '{name}' cannot carry MVFA's adapters: its image tower is a ResNet (vision_cfg.layers is a "
             "list). MVFA needs a ViT image tower (open_clip's own, or a timm VisionTransformer)."
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     patch_size = vision_cfg.get("patch_size", 16)
     if image_size < patch_size:
         msg = f"image_size={image_size} is smaller than one patch of backbone '{name}' ({patch_size} pixels)."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
 
 
 def _build_model(name: str, config: dict[str, Any], image_size: int, quick_gelu: bool) -> torch.nn.Module:
@@ -232,7 +233,7 @@ def _build_model(name: str, config: dict[str, Any], image_size: int, quick_gelu:
         model = model_class(**config)
     except TypeError as error:
         msg = f"Backbone config '{name}' does not describe an open_clip CLIP model: {error}"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
     vision_tower(model.visual, name)  # refuses towers the adapters cannot sit on, naming what is missing
     return model
 
@@ -299,7 +300,7 @@ def _read_safetensors(path: Path, max_bytes: int | None) -> dict[str, torch.Tens
         return load_safetensors(str(path))
     except (OSError, RuntimeError, SafetensorError) as error:
         msg = f"Weights file '{path}' is not a readable .safetensors file ({error})."
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def is_torchscript_archive(path: str | Path) -> bool:

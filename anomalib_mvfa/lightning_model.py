@@ -64,13 +64,14 @@ from torchmetrics import MeanMetric
 from .backbone import image_statistics, weights_fingerprint
 from .data.datasets import adopt_prediction_datasets
 from .distributed import EvaluationSharding, share_run_folder
+from .errors import MvfaInputError, MvfaTrainingDivergedError
 from .loss import DetectionLoss, MvfaLoss
 from .metrics import mvfa_evaluator
 from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
 from .pre_processing import MvfaPreProcessor, mvfa_pre_processor
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
 from .support import ABNORMAL_SOURCES, FewShotMemoryBankCallback, SupportBatch, TrainingSet
-from .torch_model import MvfaModel
+from .torch_model import MvfaModel, Scores
 from .utils import AtomicCheckpointIO, ResumeCheckpoint, export_atomically
 from .visualization import MvfaVisualizer
 
@@ -239,13 +240,13 @@ class Mvfa(AnomalibModule):
     ) -> None:
         if k_shot < 0 or epochs < 0 or batch_size < 1:
             msg = f"Expected k_shot >= 0, epochs >= 0 and batch_size >= 1, got {k_shot}, {epochs} and {batch_size}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if not isinstance(abnormal_source, str | Path) or not str(abnormal_source).strip():
             msg = f"abnormal_source must be one of {ABNORMAL_SOURCES} or a folder, got {abnormal_source!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if class_name is not None and not class_name.strip():
             msg = "class_name must not be empty: give a name or leave it unset to use the datamodule's category."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
 
     # ------------------------------------------------------------- settings
 
@@ -408,6 +409,20 @@ class Mvfa(AnomalibModule):
         transform = self.pre_processor.transform if self.pre_processor is not None else None
         return transform(images) if transform is not None else images
 
+    @torch.no_grad()
+    def score_images(self, images: torch.Tensor) -> Scores:
+        """Score ``[0, 1]`` images: the pre-processor's transform, then both branches and their fusion.
+
+        The public scoring path of the tools (``anomalib-mvfa evaluate``, reports): the same scores as
+        anomalib's test and predict, with each branch's raw outputs beside the fused ones.
+
+        Example:
+            >>> scores = model.eval().score_images(images)  # doctest: +SKIP
+            >>> scores.pred_score.shape, scores.branches.zero_shot_map.shape  # doctest: +SKIP
+            (torch.Size([2]), torch.Size([2, 240, 240]))
+        """
+        return self.model.score(self.preprocess(images.to(self.device)))
+
     @property
     def has_memory_bank(self) -> bool:
         """Whether memory banks exist (built, or restored from a checkpoint)."""
@@ -568,7 +583,7 @@ class Mvfa(AnomalibModule):
                 f"rates {self.seg_learning_rate:g} and {self.det_learning_rate:g}). The fit is stopped and no model "
                 "or adapter file is written; lower the learning rates or check the images."
             )
-            raise FloatingPointError(msg)
+            raise MvfaTrainingDivergedError(msg)
         if not self.trainer.is_global_zero:
             return
         segmentation = f"{float(logged['train_seg_loss']):.4f}" if "train_seg_loss" in logged else "not trained"
@@ -610,7 +625,7 @@ class Mvfa(AnomalibModule):
                 f"(fingerprint {current}): its adapters would score features they were not trained on. Pass the "
                 "weights it was trained with."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
 
     def adopt_feature_pipeline(self, stored: FeaturePipeline) -> None:
         """Run ``stored``, the feature pipeline of a checkpoint being loaded.
@@ -625,7 +640,7 @@ class Mvfa(AnomalibModule):
                 f"was given: its adapters, text features and memory banks belong to '{stored}'. Leave "
                 f"feature_pipeline unset (or set it to '{stored}') to use the checkpoint."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if stored == self.feature_pipeline:
             return
         logger.info("Mvfa runs the checkpoint's feature_pipeline='%s'.", stored)
@@ -684,7 +699,7 @@ class Mvfa(AnomalibModule):
         if mismatched:
             details = ", ".join(f"{key}: checkpoint {old}, model {new}" for key, (old, new) in mismatched.items())
             msg = f"This checkpoint was made for another Mvfa architecture ({details}); pass the same model arguments."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         self._check_clip_weights(checkpoint.get(CHECKPOINT_WEIGHTS_KEY))
         self.adopt_feature_pipeline(checkpoint_feature_pipeline(checkpoint))
         self.pending_adapter_checkpoint = None  # the checkpoint holds the adapters

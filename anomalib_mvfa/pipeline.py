@@ -25,6 +25,8 @@ import argparse
 from enum import Enum
 from typing import Any
 
+from .errors import MvfaInputError
+
 
 class FeaturePipeline(str, Enum):
     """How images become CLIP features: the authors' code (``"authors"``) or CLIP's documented use (``"clip"``)."""
@@ -59,7 +61,7 @@ def resolve_feature_pipeline(value: FeaturePipeline | str | None) -> FeaturePipe
     except ValueError:
         choices = ", ".join(repr(item.value) for item in FeaturePipeline)
         msg = f"feature_pipeline must be one of {choices}, got {value!r}."
-        raise ValueError(msg) from None
+        raise MvfaInputError(msg) from None
 
 
 def add_feature_pipeline_argument(parser: argparse.ArgumentParser, default_help: str = "authors") -> None:

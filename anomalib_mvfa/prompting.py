@@ -20,6 +20,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch.nn import functional as F  # noqa: N812
 
+from .errors import MvfaInputError
+
 NORMAL_STATES: tuple[str, ...] = (
     "{}",
     "flawless {}",
@@ -112,7 +114,7 @@ def create_prompt_ensemble(class_name: str) -> tuple[list[str], list[str]]:
     """
     if not class_name or not class_name.strip():
         msg = f"class_name must be a non-empty string, got {class_name!r}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
 
     def sentences(states: Sequence[str]) -> list[str]:
         return [template.format(state.format(class_name)) for state in states for template in TEMPLATES]

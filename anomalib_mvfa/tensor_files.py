@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from .errors import MvfaFileNotFoundError, MvfaInputError
+
 # Bytes per element of the storage classes a torch pickle names.
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -68,7 +70,7 @@ _PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class UnsafeTensorFileError(ValueError):
+class UnsafeTensorFileError(MvfaInputError):
     """Raised for a tensor file that is refused before it is loaded."""
 
 
@@ -165,13 +167,13 @@ class _Archive:
                 f"{what} '{path}' is not a file written by torch.save (not a zip archive; files saved by torch "
                 f"older than 1.6 are not read: load and save them again with a current torch)."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         archive = zipfile.ZipFile(path)
         entries = {info.filename: info for info in archive.infolist()}
         pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
         if len(pickles) != 1:
             msg = f"{what} '{path}' is not a file written by torch.save (no data.pkl in the archive)."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         prefix = pickles[0].removesuffix("data.pkl")
         read = [name for name in entries if name == pickles[0] or name.startswith(prefix + "data/")]
         compressed = [name for name in read if entries[name].compress_type != zipfile.ZIP_STORED]
@@ -185,7 +187,7 @@ class _Archive:
         byteorder = entries.get(pickles[0].replace("data.pkl", "byteorder"))
         if byteorder is not None and archive.read(byteorder).strip() not in {b"little", b""}:
             msg = f"{what} '{path}' stores big-endian tensors, which this reader does not convert."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         return cls(path, what, archive, prefix, entries)
 
     def unpickle(self, build: bool, script_objects: bool) -> tuple[Any, dict[str, _Storage]]:
@@ -203,7 +205,7 @@ class _Archive:
             raise UnsafeTensorFileError(msg) from error
         except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, TypeError, KeyError) as error:
             msg = f"{self.what} '{self.path}' is not a file written by torch.save ({type(error).__name__}: {error})."
-            raise ValueError(msg) from error
+            raise MvfaInputError(msg) from error
         return content, unpickler.storages
 
     def check_storages(self, storages: dict[str, _Storage], max_bytes: int | None) -> None:
@@ -242,7 +244,7 @@ def _inspect(path: str | Path, what: str, max_bytes: int | None, script_objects:
     path = Path(path)
     if not path.is_file():
         msg = f"{what} '{path}' does not exist."
-        raise FileNotFoundError(msg)
+        raise MvfaFileNotFoundError(msg)
     archive = _Archive.open(path, what)
     _, storages = archive.unpickle(build=False, script_objects=script_objects)
     archive.check_storages(storages, max_bytes)
@@ -274,7 +276,7 @@ def load_tensors_safely(path: str | Path, what: str, max_bytes: int | None = Non
         raise UnsafeTensorFileError(msg) from error
     except (RuntimeError, EOFError, IndexError, OSError) as error:
         msg = f"{what} '{archive.path}' is not a file written by torch.save ({type(error).__name__}: {error})."
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def read_torchscript_tensors(path: str | Path, what: str, max_bytes: int | None = None) -> dict[str, torch.Tensor]:

@@ -36,6 +36,7 @@ from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
 from .backbone import load_clip, pipeline_quick_gelu, set_quick_gelu
+from .errors import MvfaInputError
 from .pipeline import DEFAULT_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
 from .prompting import DEFAULT_CLASS_NAME, encode_prompt_ensemble
 from .tensor_files import load_tensors_safely
@@ -134,7 +135,7 @@ class AdaptedTokens:
         classes = self.segmentation_class if branch == "segmentation" else self.detection_class
         if len(classes) != len(patches):
             msg = "These adapted tokens were computed without their CLS tokens."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         return [torch.cat([cls[:, None], layer], dim=1) for cls, layer in zip(classes, patches, strict=True)]
 
     def _parts(self) -> tuple[list[torch.Tensor], ...]:
@@ -242,10 +243,10 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         self.feature_pipeline = resolve_feature_pipeline(feature_pipeline)
         if not 0.0 < memory_bank_ratio <= 1.0:
             msg = f"memory_bank_ratio must be in (0, 1], got {memory_bank_ratio}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if search_precision not in SEARCH_PRECISIONS:
             msg = f"search_precision must be one of {SEARCH_PRECISIONS}, got {search_precision!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         self.search_precision = search_precision
         self.memory_bank_ratio = memory_bank_ratio
         self.backbone = str(backbone)
@@ -288,7 +289,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
                 f"feature_layers={tuple(feature_layers)} is not valid for a backbone with {depth} blocks: "
                 f"expected strictly increasing 1-based block indices between 1 and {depth}."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         return layers
 
     def train(self, mode: bool = True) -> MvfaModel:
@@ -360,7 +361,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         """
         if class_name is not None and not class_name.strip():
             msg = f"class_name must be a non-empty name of the imaged object, got {class_name!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if class_name is not None or self.text_features.numel() == 0:
             self.set_text_features(class_name or self.class_name or DEFAULT_CLASS_NAME)
         if reference_images is None:
@@ -418,24 +419,24 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
                 f"{self.image_size} x {self.image_size} and stack them into one {shape_text} tensor "
                 "(anomalib's PreProcessor does this for the Lightning module)."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != expected:
             shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
             msg = f"{name} must be a tensor of shape {shape_text}, got {shape}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if images.shape[0] == 0:
             msg = f"{name} is an empty batch (shape {tuple(images.shape)}): give at least one image."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if images.is_meta:
             msg = f"{name} is on the 'meta' device, which holds no values: move it to the model's device first."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if not images.is_floating_point():
             msg = (
                 f"{name} has dtype {images.dtype}; the model takes preprocessed float images. For 8-bit images "
                 "divide by 255 (images.float() / 255) and apply the pre-processor (Mvfa.pre_processor, or "
                 "anomalib_mvfa.pre_processing.mvfa_pre_processor)."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if not finite or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
             return  # exported graphs take no data-dependent branch
         is_finite = torch.isfinite(images)
@@ -446,7 +447,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
                 f"{name} contain {int(bad.sum())} NaN or infinite value(s), the first in image {first} of the batch: "
                 "check the image files and the preprocessing."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """Patch-embed ``images`` into the token sequence (``B x (1 + L) x W``) entering block 1."""
@@ -576,7 +577,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             similarity = (flat * memory[nearest]).sum(dim=-1)
         else:
             msg = f"precision must be 'float32' or 'bfloat16', got {precision!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         return (1.0 - similarity).reshape(queries.shape[:2])
 
     def few_shot_branch(
@@ -648,7 +649,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             msg = (
                 f"groups must hold one id per normal image ({normal_images.shape[0]}), got shape {tuple(groups.shape)}."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if groups.unique().numel() < 2:
             logger.warning("All normal images share one group: few-shot calibration treats each image as a group.")
             groups = torch.arange(normal_images.shape[0])
@@ -767,11 +768,11 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         try:
             checkpoint = load_tensors_safely(path, "Adapter checkpoint")
         except FileNotFoundError as error:
-            raise ValueError(str(error)) from error
+            raise MvfaInputError(str(error)) from error
         if not isinstance(checkpoint, dict) or not {"seg_adapters", "det_adapters"} <= set(checkpoint):
             found = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
             msg = f"Adapter checkpoint '{path}' must hold 'seg_adapters' and 'det_adapters', found {found}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         for name in ("seg_adapters", "det_adapters"):
             self._check_adapter_state(path, name, checkpoint[name])
             for key, value in checkpoint[name].items():
@@ -781,7 +782,7 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
                         f"Adapter checkpoint '{path}' holds {bad} NaN or infinite value(s) in '{name}' "
                         f"'{key}': adapters from a diverged training cannot score."
                     )
-                    raise ValueError(msg)
+                    raise MvfaInputError(msg)
         self.seg_adapters.load_state_dict(checkpoint["seg_adapters"])
         self.det_adapters.load_state_dict(checkpoint["det_adapters"])
         self._warn_on_pipeline_mismatch(path, checkpoint.get(ADAPTER_PIPELINE_KEY))
@@ -824,4 +825,4 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
             f"expects {len(self.feature_layers)} layer(s) with fc1 weight shape "
             f"{(self.embed_dim, self.width)} (embed_dim x width)."
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)

@@ -26,6 +26,8 @@ import torch
 from open_clip.transformer import VisionTransformer
 from torch import nn
 
+from .errors import MvfaInputError
+
 
 class VisionTower:
     """What MVFA uses of an image tower (see the module docstring).
@@ -175,7 +177,7 @@ def vision_tower(visual: Any, backbone: str) -> VisionTower:
         f"Backbone '{backbone}' cannot carry MVFA's adapters: {reason}. MVFA needs a ViT image tower with "
         "one class token and an absolute position embedding (open_clip's own, or a timm VisionTransformer)."
     )
-    raise ValueError(msg)
+    raise MvfaInputError(msg)
 
 
 def resize_timm_tower(visual: nn.Module, image_size: int) -> None:

@@ -54,7 +54,7 @@ class MvfaVisualizer(ImageVisualizer):
         del pl_module, outputs, batch_idx, dataloader_idx
         if self.output_dir is None:
             self.output_dir = Path(trainer.default_root_dir) / "images"
-        reader = getattr(getattr(trainer, "datamodule", None), "scan_reader", None) or DEFAULT_READER
+        reader = getattr(getattr(trainer, "datamodule", None), "reader", None) or DEFAULT_READER
         dataset_name, category = _dataset_folder_names(trainer)
         for item in batch:
             name = str(item.image_path or "")

@@ -18,6 +18,7 @@ import importlib
 import logging
 import os
 import sys
+import traceback
 import warnings
 
 __all__ = ["COMMANDS", "build_parser", "console", "main"]
@@ -72,29 +73,33 @@ def _quiet_progress_when_redirected() -> None:
         os.environ.setdefault("TQDM_DISABLE", "1")
 
 
-def _reported_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input: reported in one line. Imported late: only a command raises them."""
-    from ..backbone import PretrainedWeightsError  # noqa: PLC0415
-
-    return ValueError, PretrainedWeightsError, FileNotFoundError, FloatingPointError
-
-
 def console(argv: list[str] | None = None) -> int:
     """The ``anomalib-mvfa`` command: :func:`main`, with bad input reported in one line instead of a traceback.
+
+    Bad input is an :class:`~anomalib_mvfa.errors.MvfaInputError` (exit code 2). Any other exception is a
+    bug: its traceback is printed with a request to report it (exit code 1).
 
     Example:
         >>> console(["benchmark", "--config", "missing.yaml"])  # doctest: +SKIP
         anomalib-mvfa: error: Benchmark config 'missing.yaml' does not exist.
         2
     """
+    from ..errors import MvfaInputError  # noqa: PLC0415  (light: no torch, no anomalib)
+
     _quiet_progress_when_redirected()  # before the command's module imports tqdm; the command line only
     try:
         return main(argv)
-    except Exception as error:
-        if not isinstance(error, _reported_errors()):
-            raise
+    except MvfaInputError as error:
         print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
         return 2
+    except Exception:
+        traceback.print_exc()
+        print(
+            "anomalib-mvfa: internal error: this is a bug in anomalib-mvfa, not a problem with your input. "
+            "Please report it with the traceback above and the command you ran.",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

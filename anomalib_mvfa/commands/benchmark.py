@@ -60,6 +60,7 @@ import yaml
 from anomalib.engine import Engine
 
 from ..distributed import launched_processes
+from ..errors import MvfaInputError
 from ..metrics import undefined_auroc_reason
 from ..pipeline import add_feature_pipeline_argument
 from ..reports.recorder import TestRecorder
@@ -98,12 +99,12 @@ class BenchmarkConfig:
         path = Path(path)
         if not path.is_file():
             msg = f"Benchmark config '{path}' does not exist."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         content = yaml.safe_load(path.read_text()) or {}
         missing = [key for key in ("models", "data") if not content.get(key)]
         if missing:
             msg = f"Benchmark config '{path}' needs the lists {missing} (entries with class_path and init_args)."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         return cls(**content)
 
 
@@ -134,7 +135,7 @@ def load_class(class_path: str) -> type:
         return getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
         msg = f"Cannot import '{class_path}': {error}"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 @contextmanager
@@ -483,7 +484,7 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else (gpus if gpus > 1 else 1)
     if workers < 1:
         msg = f"--workers must be at least 1, got {workers}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     where = f"{gpus} GPU(s)" if gpus else "CPU"
     how = "in this process" if args.in_process else f"{min(workers, len(jobs))} at a time, each in its own process"
     print(f"{len(jobs)} job(s) on {where}, {how}")

@@ -17,6 +17,8 @@ from importlib import resources
 from importlib.resources.abc import Traversable
 from pathlib import Path
 
+from ..errors import MvfaFileNotFoundError, MvfaInputError
+
 __all__ = ["add_arguments", "run", "shipped_configs"]
 
 CONFIG_PACKAGE = "anomalib_mvfa.configs"
@@ -62,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
     configs = shipped_configs()
     if not configs:
         msg = f"No config files were found in the installed package ({CONFIG_PACKAGE}); reinstall anomalib-mvfa."
-        raise FileNotFoundError(msg)
+        raise MvfaFileNotFoundError(msg)
     if args.dest is None:
         for name in configs:
             print(f"configs/{name}")
@@ -73,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     if existing and not args.force:
         names = ", ".join(existing)
         msg = f"{len(existing)} config(s) already exist in '{target}' ({names}); pass --force to overwrite them."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     for name, source in configs.items():
         path = target / name
         path.parent.mkdir(parents=True, exist_ok=True)

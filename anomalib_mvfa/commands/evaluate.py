@@ -41,6 +41,7 @@ from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from ..data.medical import MEDICAL_CATEGORIES, MedicalAD
 from ..distributed import gather_shards, process_rank_and_count
+from ..errors import MvfaInputError
 from ..lightning_model import Mvfa
 from ..metrics import exact_auroc, undefined_auroc_reason
 from ..pipeline import add_feature_pipeline_argument
@@ -176,7 +177,7 @@ def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) ->
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {}
     for batch in job_bar(loader, len(loader), "scoring the test split"):
-        scores = model.model.score(model.preprocess(batch.image.to(model.device)))
+        scores = model.score_images(batch.image)
         branches = scores.branches
         values = {
             "labels": batch.gt_label,
@@ -286,20 +287,20 @@ def _check_templates(args: argparse.Namespace) -> None:
                 f"{option} '{template}' is not a valid path template ({type(error).__name__}: {error}): "
                 "it may name the fields {category} and {k_shot} only."
             )
-            raise ValueError(msg) from error
+            raise MvfaInputError(msg) from error
 
 
 def _load_checkpoint(args: argparse.Namespace) -> Mvfa:
     path = Path(args.ckpt_path)
     if not path.is_file():
         msg = f"Checkpoint '{path}' does not exist."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     pipeline = {"feature_pipeline": args.feature_pipeline} if args.feature_pipeline else {}
     try:
         return Mvfa.load_from_checkpoint(path, map_location="cpu", weights_only=True, **pipeline)
     except (RuntimeError, EOFError, OSError, KeyError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
         msg = f"Checkpoint '{path}' cannot be read as an Mvfa checkpoint ({type(error).__name__}: {error})."
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def _datamodule(args: argparse.Namespace, category: str, seed: int) -> MedicalAD:

@@ -25,6 +25,7 @@ import torch
 from lightning.pytorch import Callback
 
 from ..backbone import tower_depth
+from ..errors import MvfaInputError
 
 
 class LoopTimer(Callback):
@@ -151,7 +152,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size % args.processes:
         msg = f"--batch-size {args.batch_size} must be a multiple of --processes {args.processes}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     total_threads = args.threads or torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="mvfa-scaling-") as name:
         folder = Path(name)

@@ -43,6 +43,7 @@ from torchmetrics.functional.classification import (
     binary_roc,
 )
 
+from ..errors import MvfaInputError
 from ..metrics import undefined_auroc_reason
 from ..utils import write_atomically
 
@@ -161,11 +162,11 @@ def curve_points(
     _check_kind(kind)
     if max_thresholds is not None and max_thresholds < 2:
         msg = f"max_thresholds must be at least 2 (or None for exact points), got {max_thresholds}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     ranked = _ranked(*_checked(scores, targets, "scores"))
     reason = undefined_auroc_reason(ranked.targets, f"the {TITLES[kind]} curve")
     if reason is not None:
-        raise ValueError(reason)
+        raise MvfaInputError(reason)
     return _points(ranked, kind, max_thresholds)
 
 
@@ -188,7 +189,7 @@ def area(x: Tensor | Sequence[float], y: Tensor | Sequence[float], kind: CurveKi
     y_values = torch.nan_to_num(torch.as_tensor(y, dtype=torch.float64).flatten(), nan=0.0)
     if x_values.numel() != y_values.numel():
         msg = f"x and y have different lengths: {x_values.numel()} and {y_values.numel()}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if x_values.numel() < 2:
         return 0.0
     # sort by x, ties by y: ascending for ROC (the curve's own order), descending for PR (highest precision first)
@@ -219,10 +220,10 @@ def seed_band(
     _check_kind(kind)
     if not points:
         msg = "seed_band needs the points of at least one seed"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if grid_size < 2:
         msg = f"grid_size must be at least 2, got {grid_size}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     grid = torch.linspace(0, 1, grid_size, dtype=torch.float64)
     interpolate = _roc_envelope_at if kind == "roc" else _interpolated_precision_at
     values = torch.stack([interpolate(*_as_float64(x, y), grid) for x, y in points])
@@ -307,7 +308,7 @@ def write_curves(plots: list[CurvePlot], folder: Path, max_thresholds: int | Non
         stem = f"{_safe_name(plot.category)}_{plot.level}"
         if stem in stems:
             msg = f"plots {_plot_name(stems[stem])} and {_plot_name(plot)} would both be written as {stem}_*.png"
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         stems[stem] = plot
     images: list[Path] = []
     frames: list[pd.DataFrame] = []
@@ -322,7 +323,7 @@ def write_curves(plots: list[CurvePlot], folder: Path, max_thresholds: int | Non
 def _check_kind(kind: str) -> None:
     if kind not in KINDS:
         msg = f"kind must be one of {KINDS}, got {kind!r}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
 
 
 def _checked(scores: Tensor, targets: Tensor, where: str) -> tuple[Tensor, Tensor]:
@@ -331,16 +332,16 @@ def _checked(scores: Tensor, targets: Tensor, where: str) -> tuple[Tensor, Tenso
     targets = torch.as_tensor(targets).detach().cpu().flatten()
     if scores.numel() != targets.numel():
         msg = f"{where}: {scores.numel()} scores but {targets.numel()} targets"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if not scores.is_floating_point():
         scores = scores.double()
     non_finite = int((~torch.isfinite(scores)).sum())
     if non_finite:
         msg = f"{where}: {non_finite} of {scores.numel()} scores are not finite (nan or inf)"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if targets.numel() and not bool(((targets == 0) | (targets == 1)).all()):
         msg = f"{where}: targets must be 0 (normal) or 1 (abnormal), got values {targets.unique().tolist()[:10]}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return scores, targets.long()
 
 
@@ -390,7 +391,7 @@ def _as_float64(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
     y = torch.nan_to_num(torch.as_tensor(y, dtype=torch.float64).flatten(), nan=0.0)
     if x.numel() != y.numel() or x.numel() == 0:
         msg = f"a seed's x and y must be non-empty and of one length, got {x.numel()} and {y.numel()}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return x, y
 
 
@@ -428,13 +429,13 @@ def _plot_curves_data(
         _check_kind(kind)
     if plot.level not in LEVELS:
         msg = f"plot {_plot_name(plot)}: level must be one of {LEVELS}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if not plot.series:
         msg = f"plot {_plot_name(plot)} has no series to draw"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if max_thresholds is not None and max_thresholds < 2:
         msg = f"max_thresholds must be at least 2 (or None for exact points), got {max_thresholds}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     data: dict[CurveKind, list[_SeriesCurves]] = {kind: [] for kind in kinds}
     for series in plot.series:
         where = f"series {series.name!r} of plot {_plot_name(plot)}"
@@ -443,10 +444,10 @@ def _plot_curves_data(
                 f"{where}: {len(series.seeds)} seeds, {len(series.scores)} score tensors and "
                 f"{len(series.targets)} target tensors (one of each per seed)"
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if not series.seeds:
             msg = f"{where} has no seeds"
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         curves = {kind: _SeriesCurves(series.name, kind, len(series.seeds)) for kind in kinds}
         for seed, scores, targets in zip(series.seeds, series.scores, series.targets, strict=True):
             checked = _checked(scores, targets, f"{where}, seed {seed}")

@@ -29,6 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from .. import __version__
+from ..errors import MvfaInputError
 
 # gallery groups, in the order the page shows them; other kinds follow in order of appearance
 KINDS = ("false positive", "false negative", "true positive")
@@ -221,7 +222,7 @@ def write_report(
                 _check_tile(tile)
             except ValueError as error:
                 msg = f"category {section.category!r}: {error}"
-                raise ValueError(msg) from error
+                raise MvfaInputError(msg) from error
 
     page = _page(title, tables, sections, notes or [])
     write_atomically(path, lambda temporary: Path(temporary).write_text(page, encoding="utf-8"))
@@ -232,11 +233,11 @@ def _check_curve(category: str, curve: Path) -> None:
     """Raise ValueError unless ``curve`` is an existing PNG file."""
     if not curve.is_file():
         msg = f"category {category!r}: curve file does not exist: {curve}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     with curve.open("rb") as file:
         if file.read(len(PNG_SIGNATURE)) != PNG_SIGNATURE:
             msg = f"category {category!r}: curve file is not a PNG image: {curve}"
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
 
 
 def _check_tile(tile: GalleryTile) -> None:
@@ -244,18 +245,18 @@ def _check_tile(tile: GalleryTile) -> None:
     image = np.asarray(tile.image)
     if image.ndim != 3 or image.shape[2] != 3:
         msg = f"gallery tile {tile.file!r}: image must be H x W x 3, got shape {image.shape}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     size = image.shape[:2]
     if tile.mask is not None and np.shape(tile.mask) != size:
         msg = f"gallery tile {tile.file!r}: mask shape {np.shape(tile.mask)} differs from the image's {size}"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     for tile_map in tile.maps:
         if np.shape(tile_map.anomaly_map) != size:
             msg = (
                 f"gallery tile {tile.file!r}: anomaly map {tile_map.name!r} has shape "
                 f"{np.shape(tile_map.anomaly_map)}, which differs from the image's {size}"
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
 
 
 def _display_image(image: np.ndarray) -> np.ndarray:

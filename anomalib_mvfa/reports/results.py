@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from anomalib.metrics import AUPRO
 
+from ..errors import MvfaInputError
 from ..metrics import exact_auroc, undefined_auroc_reason
 from ..utils import write_atomically
 
@@ -61,7 +62,7 @@ def save_maps(maps: torch.Tensor, samples: Sequence[str], folder: str | Path) ->
     """
     if maps.shape[0] != len(samples):
         msg = f"save_maps got {maps.shape[0]} maps for {len(samples)} samples; expected one map per sample."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     folder = Path(folder)
     names = [map_file_name(sample) for sample in samples]
     repeated = {name for name in names if names.count(name) > 1}
@@ -163,7 +164,7 @@ def write_rows(path: str | Path, rows: Sequence[dict[str, object]]) -> Path:
     """Write ``rows`` (dicts with the same keys) as a CSV file, whole or not at all."""
     if not rows:
         msg = f"No rows to write to '{path}'."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()

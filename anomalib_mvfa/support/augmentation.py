@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from kornia.geometry.transform import hflip, rotate, translate, vflip
 
+from ..errors import MvfaInputError
+
 ROTATION_ANGLES = (-math.pi / 8, -math.pi / 16, math.pi / 16, math.pi / 8)
 TRANSLATIONS = ((0.1, 0.1), (0.1, -0.1), (-0.1, 0.1), (-0.1, -0.1))
 VARIANTS_PER_IMAGE = 1 + len(ROTATION_ANGLES) + len(TRANSLATIONS) + 2
@@ -87,14 +89,14 @@ def augment_support_set(images: torch.Tensor, masks: torch.Tensor | None = None)
     """
     if images.ndim != 4:
         msg = f"images must be N x C x H x W, got shape {tuple(images.shape)}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     count, _, height, width = images.shape
     mask_batch = None
     if masks is not None:
         mask_batch = masks.reshape(count, 1, height, width) if masks.numel() == count * height * width else None
         if mask_batch is None:
             msg = f"masks must be N x H x W matching images {tuple(images.shape)}, got shape {tuple(masks.shape)}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         mask_batch = mask_batch.to(images.dtype)
 
     image_variants, mask_variants = [], []

@@ -36,6 +36,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from ..data.validation import check_split_files
+from ..errors import MvfaInputError
 from ..utils import write_atomically
 from .augmentation import augment_support_set
 from .datasets import TrainingSet, support_training_set, zero_shot_training_set
@@ -125,7 +126,7 @@ class FewShotMemoryBankCallback(Callback):
         datamodule = getattr(trainer, "datamodule", None)
         if datamodule is None:
             msg = "Mvfa trains through a datamodule: pass `datamodule=` to Engine.fit/Engine.train."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         settings = self.settings
         if settings.k_shot == 0:
             training_set = zero_shot_training_set(datamodule, settings.image_size, settings.batch_size, settings.seed)

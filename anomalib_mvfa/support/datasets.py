@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from ..errors import MvfaInputError
 from ..prompting import prompt_class_name
 from .augmentation import augment_support_set
 from .selection import SupportImages, resize_image, resize_mask
@@ -159,7 +160,7 @@ class EpochShuffleSampler(DistributedSampler):
                 "same number of steps. Choose a batch_size for which the training set size modulo "
                 f"(processes x batch_size) is 0 or at least {num_replicas}."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         self.num_samples = len(self._shares(list(range(size)))[rank])
         self.total_size = size
 

@@ -32,6 +32,7 @@ from torchvision.transforms.v2 import functional as TF  # noqa: N812
 
 from ..data.datasets import file_key
 from ..data.readers import DEFAULT_READER, SampleName, ScanReader, list_scan_files
+from ..errors import MvfaInputError
 
 logger = logging.getLogger(__name__)
 
@@ -174,11 +175,11 @@ def draw_from_dataset(
         missing = [file for file in files if Path(file).name not in by_name]
         if missing:
             msg = f"{name} has no {kind} image named {missing} (named by the seed file)."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         chosen = [by_name[Path(file).name] for file in files]
     elif len(candidates) < k:
         msg = f"{name} holds {len(candidates)} {kind} image(s); k_shot={k} needs at least {k}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     else:
         chosen = [candidates[i] for i in seeded_choice(len(candidates), k, seed)]
     positions = [samples.index.get_loc(index) for index in chosen]
@@ -198,7 +199,7 @@ def list_images(folder: str | Path, reader: ScanReader | None = None) -> list[st
     folder = Path(folder)
     if not folder.is_dir():
         msg = f"Support folder '{folder}' does not exist or is not a folder."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     reader = reader or DEFAULT_READER
     return [name for path in list_scan_files(folder, recursive=False) for name in reader.samples(path)]
 
@@ -223,7 +224,7 @@ def draw_from_folder(
     names = list_images(folder, reader)
     if len(names) < k:
         msg = f"Support folder '{folder}' holds {len(names)} image(s); k_shot={k} needs at least {k}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     chosen = [names[i] for i in seeded_choice(len(names), k, seed)]
     mask_folder = Path(folder) / MASK_FOLDER
     mask_files = (
@@ -242,7 +243,7 @@ def draw_from_folder(
             msg = (
                 f"Mask '{mask_name}' is {tuple(mask.shape)} pixels but its image '{name}' is {tuple(image.shape[-2:])}."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         masks.append(mask)
     return _support_from_items(images, masks, label, chosen, image_size)
 
@@ -293,7 +294,7 @@ def resolve_abnormal_source(settings: SupportSettings, datamodule: Any) -> str:
         return "synthetic"
     if source not in ABNORMAL_SOURCES and not Path(source).is_dir():
         msg = f"abnormal_source must be one of {ABNORMAL_SOURCES} or an existing folder, got '{source}'."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return source
 
 
@@ -321,7 +322,7 @@ def draw_normal(settings: SupportSettings, datamodule: Any) -> SupportImages:
             settings.k_shot,
             settings.seed,
             settings.image_size,
-            reader=getattr(datamodule, "scan_reader", None),
+            reader=getattr(datamodule, "reader", None),
         )
     elif datamodule is not None and getattr(datamodule, "train_data", None) is not None:
         normal = draw_from_dataset(
@@ -338,7 +339,7 @@ def draw_normal(settings: SupportSettings, datamodule: Any) -> SupportImages:
             "Mvfa needs normal support images: give the trainer a datamodule with a training split, "
             "or set few_shot_source to a folder of normal images."
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     logger.info("MVFA normal support images (seed %d): %s", settings.seed, normal.sources)
     return normal
 
@@ -357,19 +358,19 @@ def draw_abnormal(settings: SupportSettings, normal: SupportImages, datamodule: 
         dataset = getattr(datamodule, split, None)
         if dataset is None:
             msg = f"abnormal_source='{source}' needs a datamodule with a {split} split; none was found."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if shares_test_images(datamodule, dataset):
             msg = (
                 f"abnormal_source='{source}' would draw support images from the test split: the datamodule's "
                 f"{split} shares images with test_data (anomalib's val_split_mode 'same_as_test' does this). "
                 "Use a disjoint validation split, for example --data.val_split_mode from_test."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         name = "The validation split" if source == "validation" else "The training split"
         files = fixed_files(datamodule, settings, "abnormal")
         abnormal = draw_from_dataset(dataset, 1, settings.k_shot, settings.seed, settings.image_size, name, files)
     else:
-        reader = getattr(datamodule, "scan_reader", None)
+        reader = getattr(datamodule, "reader", None)
         abnormal = draw_from_folder(source, settings.k_shot, settings.seed, settings.image_size, 1, reader)
     logger.info("MVFA abnormal support images (%s): %s", source, abnormal.sources)
     return abnormal
