@@ -159,7 +159,7 @@ def test_a_dicom_folder_is_read_through_the_file_window(tmp_path) -> None:
     hu = pydicom.pixels.apply_modality_lut(dataset.pixel_array, dataset)
     # the file's window (centre 40, width 400), as PS3.3 C.11.2.1.2.1 states it
     expected = np.clip((hu - (40 - 0.5)) / (400 - 1) + 0.5, 0, 1)
-    image = datamodule.scan_reader.read_image(name)
+    image = datamodule.reader.read_image(name)
     assert torch.allclose(image[0].double(), torch.from_numpy(expected), atol=1e-6)
     # a user window in Hounsfield units instead
     brain = ScanReader(intensity="window", window=(40, 80)).read_image(name)
@@ -290,7 +290,7 @@ def test_bad_folders_are_refused_naming_the_file(tmp_path) -> None:
     with pytest.raises(ValueError, match=r"case0_mask\.nii\.gz' has another affine than its image volume '.*case0"):
         MedicalFolder(root=volumes, normal_dir="normal", abnormal_dir="abnormal", mask_dir="masks").setup()
     with pytest.raises(ValueError, match=r"report\.dcm' holds no pixel data"):
-        MedicalFolder(root=root, normal_dir="normal", non_image_files="error").setup()
+        MedicalFolder(root=root, normal_dir="normal", reader=ScanReader(non_image_files="error")).setup()
 
 
 def test_the_benchmark_layout_takes_dicom_and_nifti(tmp_path) -> None:

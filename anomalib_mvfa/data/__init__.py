@@ -1,6 +1,7 @@
 """Data: the package's reader of images, DICOM and NIfTI, and its datamodules.
 
-- :class:`ScanReader`, :func:`read_image`, :func:`read_mask`: the one reader every data path uses.
+- :class:`ScanReader`, :func:`read_image`, :func:`read_mask`: the one reader every data path uses; every
+  datamodule takes one as ``reader`` (:func:`reader_of` gives a datamodule's).
 - :class:`MedicalAD`: MVFA's medical benchmark layout.
 - :class:`MedicalFolder`: anomalib's ``Folder`` layout for any folder of scans.
 - :class:`ScanFolder`, :class:`ScanPredictDataset`: unlabelled scans for prediction.
@@ -22,7 +23,7 @@ from .medical import (
     MedicalADDataset,
     parse_seed_file,
 )
-from .readers import SCAN_SUFFIXES, SampleName, ScanReader, file_format, read_image, read_mask
+from .readers import SCAN_SUFFIXES, SampleName, ScanReader, file_format, read_image, read_mask, reader_of
 from .volumes import VolumeMapWriter
 
 __all__ = [
@@ -45,4 +46,5 @@ __all__ = [
     "parse_seed_file",
     "read_image",
     "read_mask",
+    "reader_of",
 ]

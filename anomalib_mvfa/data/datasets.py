@@ -28,6 +28,8 @@ from anomalib.data.utils import LabelName
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
 
+from .._compat import read_predict_dataset_as
+from ..errors import MvfaFileNotFoundError, MvfaInputError
 from . import nifti
 from .readers import DEFAULT_READER, SampleName, ScanReader, file_format, list_scan_files
 
@@ -57,11 +59,23 @@ class ScanDataset(AnomalibDataset):
     def __init__(self, reader: ScanReader | None = None, augmentations: Transform | None = None) -> None:
         super().__init__(augmentations=augmentations)
         self.reader = reader or DEFAULT_READER
+        self._sample_table: pd.DataFrame | None = None
 
     @property
     def samples(self) -> pd.DataFrame:
-        """The samples table."""
-        return super().samples
+        """The samples table, sorted by ``image_path``.
+
+        Kept here rather than in anomalib's own storage: anomalib's setter requires every
+        ``image_path`` to be a file, and a sample name may name a frame or slice of one
+        (``scan.dcm#frame=003``); this setter checks the files the names refer to instead.
+
+        Raises:
+            RuntimeError: If no table was set yet.
+        """
+        if self._sample_table is None:
+            msg = f"{type(self).__name__} has no samples table yet: assign one to `dataset.samples`."
+            raise RuntimeError(msg)
+        return self._sample_table
 
     @samples.setter
     def samples(self, samples: pd.DataFrame) -> None:
@@ -69,8 +83,8 @@ class ScanDataset(AnomalibDataset):
         missing = sorted(str(file) for file in files if not file.exists())
         if missing:
             msg = f"{len(missing)} file(s) of the samples do not exist, for example '{missing[0]}'."
-            raise FileNotFoundError(msg)
-        self._samples = samples.sort_values(by="image_path", ignore_index=True)
+            raise MvfaFileNotFoundError(msg)
+        self._sample_table = samples.sort_values(by="image_path", ignore_index=True)
 
     def __getitem__(self, index: int) -> ImageItem:
         """Image (``[0, 1]``, three channels), label and mask (where there is one)."""
@@ -85,7 +99,7 @@ class ScanDataset(AnomalibDataset):
                     f"Mask '{mask_path}' is {tuple(gt_mask.shape[-2:])} pixels but its image "
                     f"'{sample.image_path}' is {tuple(image.shape[-2:])}."
                 )
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
         elif self.task.value == "segmentation" and sample.label_index == LabelName.NORMAL:
             gt_mask = Mask(torch.zeros(image.shape[-2:], dtype=torch.uint8))
         if self.augmentations:
@@ -137,7 +151,7 @@ def file_sample_rows(
             mask_names = reader.samples(mask)
             if len(mask_names) != len(names):
                 msg = f"Mask '{mask}' holds {len(mask_names)} image(s) but its image '{path}' holds {len(names)}."
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
             masks = mask_names
     return [
         {
@@ -161,7 +175,7 @@ def _folders(root: Path | None, folders: str | Path | Sequence[str | Path] | Non
     for folder in resolved:
         if not folder.is_dir():
             msg = f"Folder '{folder}' does not exist."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
     return resolved
 
 
@@ -193,7 +207,7 @@ def make_folder_samples(
     ]
     if not groups[0][0]:
         msg = "normal_dir must name at least one folder of normal images."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     mask_folders = _folders(root_path, mask_dir)
     masks = mask_index(mask_folders)
     rows: list[dict[str, Any]] = []
@@ -204,16 +218,16 @@ def make_folder_samples(
             files = [path for path in files if not any(path.is_relative_to(masked) for masked in mask_folders)]
             if not files:
                 msg = f"Folder '{folder}' holds no readable file (images, DICOM or NIfTI)."
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
             for path in files:
                 mask = masks.get(file_key(path)) if label == LabelName.ABNORMAL else None
                 if label == LabelName.ABNORMAL and masks and mask is None:
                     msg = f"Abnormal file '{path}' has no mask in {mask_dir}: expected '{file_key(path)}.<suffix>'."
-                    raise ValueError(msg)
+                    raise MvfaInputError(msg)
                 rows.extend(file_sample_rows(reader, path, label, split, mask, root_path or folder))
     if not rows:
         msg = f"No image in the folders {[str(folder) for folders, _, _ in groups for folder in folders]}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     samples = pd.DataFrame(rows)
     samples.attrs["task"] = "segmentation" if (samples.mask_path != "").any() else "classification"
     return samples
@@ -283,7 +297,7 @@ def split_by_source_file(datamodule: Any, split_step: Callable[[], None]) -> Non
             )
             by_file["image_path"] = by_file["source_file"]
             by_file.attrs["task"] = task
-            dataset._samples = by_file
+            dataset.samples = by_file
     split_step()
     for name in names:
         dataset = getattr(datamodule, name, None)
@@ -313,10 +327,13 @@ class ScanPredictDataset(PredictDataset):
         files = list_scan_files(path) if path.is_dir() else [path] if path.is_file() else []
         if not files:
             msg = f"'{path}' holds no readable file (images, DICOM or NIfTI)."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         self.transform = transform
         self.reader = reader or DEFAULT_READER
         self.image_filenames = [name for file in files for name in self.reader.samples(file)]
+        if not self.image_filenames:
+            msg = f"'{path}' holds no image with the reader settings {self.reader}: every slice or frame was left out."
+            raise MvfaInputError(msg)
 
     def __getitem__(self, index: int) -> ImageItem:
         """The sample's image, read with the reader."""
@@ -331,8 +348,13 @@ def adopt_prediction_datasets(dataloaders: Any) -> int:
     """Read anomalib's own prediction datasets (``--data <folder>``) with this package's reader.
 
     anomalib's ``PredictDataset`` reads with anomalib's reader, which saturates 16-bit images.
-    Each one among ``dataloaders`` becomes a :class:`ScanPredictDataset` of the same files (the
-    frames of multi-page files added). Returns how many were adopted.
+    Each one among ``dataloaders`` reads its files as a :class:`ScanPredictDataset` with the default
+    :class:`ScanReader` (:func:`anomalib_mvfa._compat.read_predict_dataset_as` says why it is done in
+    place). Returns how many were adopted.
+
+    Example:
+        >>> adopt_prediction_datasets(None)
+        0
     """
     if dataloaders is None:
         return 0
@@ -344,7 +366,7 @@ def adopt_prediction_datasets(dataloaders: Any) -> int:
     for loader in dataloaders:
         dataset = getattr(loader, "dataset", None)
         if type(dataset) is PredictDataset:
-            dataset.__class__ = ScanPredictDataset
+            read_predict_dataset_as(dataset, ScanPredictDataset)
             dataset.reader = DEFAULT_READER
             adopted += 1
     if adopted:

@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MvfaInputError
 from .intensity import Intensity, dtype_range, scale_values
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -56,7 +57,7 @@ def _read(path: str | Path, *, pixels: bool) -> Any:
         return pydicom.dcmread(path, stop_before_pixels=not pixels)
     except Exception as error:
         msg = f"DICOM '{path}' cannot be read: {error}"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def dicom_frame_count(path: str | Path) -> int:
@@ -80,13 +81,13 @@ def _decode(dataset: Any, path: str | Path, frame: int) -> np.ndarray:
 
     if not any(keyword in dataset for keyword in PIXEL_KEYWORDS):
         msg = f"DICOM '{path}' holds no pixel data (SOP class {dataset.get('SOPClassUID', 'unknown')!s})."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     syntax = dataset.file_meta.get("TransferSyntaxUID")
     syntax_name = f"'{syntax.name}' ({syntax})" if syntax is not None else "not stated"
     frames = int(dataset.get("NumberOfFrames", 1) or 1)
     if not 0 <= frame < frames:
         msg = f"DICOM '{path}' has no frame {frame}: it has {frames}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     try:
         return pixel_array(dataset, index=frame if frames > 1 else None)
     except NotImplementedError as error:
@@ -94,7 +95,7 @@ def _decode(dataset: Any, path: str | Path, frame: int) -> np.ndarray:
             f"DICOM '{path}' uses transfer syntax {syntax_name}, for which no pixel data decoder exists "
             f"({error}). Convert it, for example to Explicit VR Little Endian."
         )
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
     except Exception as error:
         missing: list[str] = []
         if syntax is not None:
@@ -110,9 +111,9 @@ def _decode(dataset: Any, path: str | Path, frame: int) -> np.ndarray:
                 f"({first}).{needs} Install the decoders with {INSTALL_HINT}; 12-bit 'JPEG Extended' data also "
                 "needs pylibjpeg-libjpeg (GPL-3.0)."
             )
-            raise ValueError(msg) from error
+            raise MvfaInputError(msg) from error
         msg = f"DICOM '{path}' pixel data cannot be decoded ({pydicom.__name__} {pydicom.__version__}): {error}"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def read_dicom_stored(path: str | Path, frame: int = 0) -> np.ndarray:

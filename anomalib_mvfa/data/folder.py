@@ -6,16 +6,17 @@ DICOM (one sample per frame) and NIfTI (one sample per slice). anomalib's random
 on whole files, so the slices of one volume stay in one split.
 
 Example:
-    >>> from anomalib_mvfa.data import MedicalFolder
+    >>> from anomalib_mvfa.data import MedicalFolder, ScanReader
     >>> datamodule = MedicalFolder(
     ...     root="scans", normal_dir="normal", abnormal_dir="abnormal", mask_dir="masks",
-    ...     intensity="window", window=(40, 80),
+    ...     reader=ScanReader(intensity="window", window=(40, 80)),
     ... )  # doctest: +SKIP
 
     From the command line::
 
         anomalib train --model anomalib_mvfa.Mvfa --data anomalib_mvfa.data.MedicalFolder \\
-            --data.root scans --data.normal_dir normal --data.abnormal_dir abnormal --data.mask_dir masks
+            --data.root scans --data.normal_dir normal --data.abnormal_dir abnormal --data.mask_dir masks \\
+            --data.reader.intensity window --data.reader.window "[40, 80]"
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from anomalib.utils.attrs import get_nested_attr
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Transform
 
+from ..errors import MvfaInputError
 from .datasets import MedicalFolderDataset, ScanPredictDataset, make_folder_samples, split_by_source_file, split_of
-from .readers import ScanReader, file_format
+from .readers import ScanReader, file_format, resolve_reader
 
 
 class MedicalFolder(Folder):
@@ -45,13 +47,9 @@ class MedicalFolder(Folder):
         name: Name used in anomalib's result folders.
         normal_split_ratio: As in anomalib's ``Folder``.
         extensions: Only files ending in one of these (``[".dcm"]``); every readable file when ``None``.
-        intensity: ``"auto"``, ``"range"``, ``"bits"``, ``"window"`` or ``"percentile"``.
-        window: ``(centre, width)`` of ``intensity="window"`` (Hounsfield units for CT).
-        percentiles: ``(low, high)`` of ``"percentile"`` and ``"auto"``.
-        slice_axis: NIfTI slicing axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
-        time_point: Time point of 4D NIfTI volumes.
-        skip_empty_slices: Leave out NIfTI slices holding only the volume's background value.
-        non_image_files: DICOM files without pixel data: ``"skip"`` (named in a warning) or ``"error"``.
+        reader: How files become images (intensity, NIfTI slicing, DICOM files without pixels);
+            the default :class:`~anomalib_mvfa.data.readers.ScanReader` when ``None``. From the
+            command line: ``--data.reader.intensity window --data.reader.window "[40, 80]"``.
         train_batch_size: Training batch size.
         eval_batch_size: Validation and test batch size.
         num_workers: Data-loading workers.
@@ -73,13 +71,7 @@ class MedicalFolder(Folder):
         name: str = "MedicalFolder",
         normal_split_ratio: float = 0.2,
         extensions: Sequence[str] | None = None,
-        intensity: str = "auto",
-        window: tuple[float, float] | None = None,
-        percentiles: tuple[float, float] = (0.5, 99.5),
-        slice_axis: str = "axial",
-        time_point: int = 0,
-        skip_empty_slices: bool = False,
-        non_image_files: str = "skip",
+        reader: ScanReader | None = None,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 8,
@@ -109,19 +101,11 @@ class MedicalFolder(Folder):
             val_split_ratio=val_split_ratio,
             seed=seed,
         )
-        self.scan_reader = ScanReader(
-            intensity=intensity,
-            window=window,
-            percentiles=percentiles,
-            slice_axis=slice_axis,
-            time_point=time_point,
-            skip_empty_slices=skip_empty_slices,
-            non_image_files=non_image_files,
-        )
+        self.reader = resolve_reader(reader)
 
     def _setup(self, _stage: str | None = None) -> None:
         samples = make_folder_samples(
-            self.scan_reader,
+            self.reader,
             self.normal_dir,
             self.root,
             self.abnormal_dir,
@@ -129,8 +113,8 @@ class MedicalFolder(Folder):
             self.mask_dir,
             self.extensions,
         )
-        self.train_data = MedicalFolderDataset.from_samples(split_of(samples, "train"), self.scan_reader)
-        self.test_data = MedicalFolderDataset.from_samples(split_of(samples, "test"), self.scan_reader)
+        self.train_data = MedicalFolderDataset.from_samples(split_of(samples, "train"), self.reader)
+        self.test_data = MedicalFolderDataset.from_samples(split_of(samples, "test"), self.reader)
 
     def _refuse_synthetic_splits(self) -> None:
         """Refuse synthetic splits of scans: anomalib makes them with its own reader (plain one-image files only)."""
@@ -146,7 +130,7 @@ class MedicalFolder(Folder):
                 f"'{scans[0]}' (DICOM, NIfTI, frames). Use Mvfa's abnormal_source='synthetic' for synthetic support "
                 "images, and a split of real images for testing."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
 
     def _create_test_split(self) -> None:
         self._refuse_synthetic_splits()
@@ -163,13 +147,7 @@ class ScanFolder(AnomalibDataModule):
 
     Args:
         path: Folder (read recursively) or file.
-        intensity: As in :class:`MedicalFolder`; use the settings the model was trained with.
-        window: As in :class:`MedicalFolder`.
-        percentiles: As in :class:`MedicalFolder`.
-        slice_axis: As in :class:`MedicalFolder`.
-        time_point: As in :class:`MedicalFolder`.
-        skip_empty_slices: As in :class:`MedicalFolder`.
-        non_image_files: As in :class:`MedicalFolder`.
+        reader: As in :class:`MedicalFolder`; use the settings the model was trained with.
         eval_batch_size: Prediction batch size.
         num_workers: Data-loading workers.
 
@@ -183,13 +161,7 @@ class ScanFolder(AnomalibDataModule):
     def __init__(
         self,
         path: str | Path,
-        intensity: str = "auto",
-        window: tuple[float, float] | None = None,
-        percentiles: tuple[float, float] = (0.5, 99.5),
-        slice_axis: str = "axial",
-        time_point: int = 0,
-        skip_empty_slices: bool = False,
-        non_image_files: str = "skip",
+        reader: ScanReader | None = None,
         eval_batch_size: int = 32,
         num_workers: int = 8,
     ) -> None:
@@ -202,15 +174,7 @@ class ScanFolder(AnomalibDataModule):
         )
         self.path = Path(path)
         self.root = self.path if self.path.is_dir() else self.path.parent
-        self.scan_reader = ScanReader(
-            intensity=intensity,
-            window=window,
-            percentiles=percentiles,
-            slice_axis=slice_axis,
-            time_point=time_point,
-            skip_empty_slices=skip_empty_slices,
-            non_image_files=non_image_files,
-        )
+        self.reader = resolve_reader(reader)
 
     @property
     def name(self) -> str:
@@ -221,7 +185,7 @@ class ScanFolder(AnomalibDataModule):
         """List the samples (once)."""
         del stage
         if not hasattr(self, "predict_data"):
-            self.predict_data = ScanPredictDataset(self.path, reader=self.scan_reader)
+            self.predict_data = ScanPredictDataset(self.path, reader=self.reader)
 
     def _setup(self, _stage: str | None = None) -> None:
         self.setup()

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from ..errors import MvfaInputError
 from .intensity import Intensity, dtype_range, scale_values
 
 # what anomalib and torchvision list as images, and a few more formats PIL reads
@@ -45,7 +46,7 @@ def _open(path: str | Path) -> Image.Image:
         return Image.open(path)
     except Exception as error:
         msg = f"Image '{path}' cannot be decoded: {error}"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def page_count(path: str | Path) -> int:
@@ -118,10 +119,10 @@ def _decoded(path: str | Path, page: int) -> tuple[np.ndarray, np.dtype, tuple[f
             array = np.asarray(converted)
         except EOFError as error:
             msg = f"Image '{path}' has no page {page}: it has {page_count(path)}."
-            raise ValueError(msg) from error
+            raise MvfaInputError(msg) from error
         except Exception as error:
             msg = f"Image '{path}' cannot be decoded: {error}"
-            raise ValueError(msg) from error
+            raise MvfaInputError(msg) from error
         stored = np.dtype(np.uint8) if converted is not oriented else _stored_type(image, array)
         declared = _declared_range(path, image)
     return (array if array.ndim == 3 else array[..., None]), stored, declared

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import MvfaInputError
+
 INTENSITY_MODES = ("auto", "range", "bits", "window", "percentile")
 
 
@@ -57,21 +59,21 @@ class Intensity:
         """Validate the settings, naming the bad one."""
         if self.mode not in INTENSITY_MODES:
             msg = f"intensity must be one of {INTENSITY_MODES}, got {self.mode!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if self.window is not None:
             if len(self.window) != 2 or not float(self.window[1]) > 0:
                 msg = f"window must be (centre, width) with a positive width, got {self.window!r}."
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
             object.__setattr__(self, "window", (float(self.window[0]), float(self.window[1])))
             if self.mode == "auto":
                 object.__setattr__(self, "mode", "window")
         if self.mode == "window" and self.window is None:
             msg = "intensity='window' needs window=(centre, width), for example (40, 80) for a brain CT."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         low, high = (float(value) for value in self.percentiles)
         if not 0 <= low < high <= 100:
             msg = f"percentiles must be (low, high) with 0 <= low < high <= 100, got {self.percentiles!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         object.__setattr__(self, "percentiles", (low, high))
 
 

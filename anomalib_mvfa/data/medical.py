@@ -38,9 +38,10 @@ from anomalib.data import AnomalibDataModule
 from anomalib.data.utils import LabelName, TestSplitMode, ValSplitMode
 from torchvision.transforms.v2 import Transform
 
+from ..errors import MvfaInputError
 from ..prompting import prompt_class_name
 from .datasets import ScanDataset, file_key, file_sample_rows, mask_index
-from .readers import DEFAULT_READER, ScanReader, file_format
+from .readers import DEFAULT_READER, ScanReader, file_format, resolve_reader
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +72,7 @@ def layout_folder(parent: Path, name: str) -> Path:
     if len(matches) > 1:
         names = [match.name for match in matches]
         msg = f"'{parent}' holds {len(matches)} folders named '{name}' in different letter cases: {names}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return matches[0] if matches else parent / name
 
 
@@ -83,12 +84,12 @@ def category_folder(root: str | Path, category: str) -> Path:
     """
     if not Path(root).is_dir():
         msg = f"Dataset root '{root}' does not exist: expected the folder that holds the <Name>_AD category folders."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     folder = Path(root) / f"{category}_AD"
     if not folder.is_dir():
         found = sorted(p.name.removesuffix("_AD") for p in Path(root).glob("*_AD") if p.is_dir())
         msg = f"Category folder '{folder}' does not exist. Categories under '{root}': {found or 'none'}."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     return folder
 
 
@@ -115,7 +116,7 @@ def make_medical_samples(
                 rows.append({**row, "label": row_label, "category": category})
     if not rows:
         msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     _check_masks(rows, category, base, reader)
     normal = sum(row["label_index"] == LabelName.NORMAL for row in rows)
     with_masks = sum(bool(row["mask_path"]) for row in rows)
@@ -157,7 +158,7 @@ def _check_masks(rows: list[dict], category: str, base: Path, reader: ScanReader
             "no abnormal pixel was found in any channel (alpha included). Check that the masks mark the "
             "anomalies with non-zero values."
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if not missing or (category not in SEGMENTATION_CATEGORIES and len(missing) == len(abnormal)):
         return
     reason = "it is a segmentation category" if category in SEGMENTATION_CATEGORIES else "other images have masks"
@@ -166,7 +167,7 @@ def _check_masks(rows: list[dict], category: str, base: Path, reader: ScanReader
         f"{reason}: expected for example '{base}/Ungood/anomaly_mask/{missing[0]}' (missing: {missing[:5]}"
         f"{' ...' if len(missing) > 5 else ''})."
     )
-    raise ValueError(msg)
+    raise MvfaInputError(msg)
 
 
 class MedicalADDataset(ScanDataset):
@@ -191,7 +192,7 @@ class MedicalADDataset(ScanDataset):
         super().__init__(reader=reader, augmentations=augmentations)
         if split not in SPLITS:
             msg = f"split must be one of {SPLITS}, got '{split}'."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         self.root = Path(root)
         self.split = split
         self._category = categories[0] if len(categories) == 1 else "+".join(categories)
@@ -214,7 +215,7 @@ def parse_seed_file(path: str | Path) -> dict[int, dict[str, list[str]]]:
     path = Path(path)
     if not path.is_file():
         msg = f"Seed file '{path}' does not exist."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     draws: dict[int, dict[str, list[str]]] = {}
     for number, line in enumerate(path.read_text().splitlines(), start=1):
         if not line.strip():
@@ -222,7 +223,7 @@ def parse_seed_file(path: str | Path) -> dict[int, dict[str, list[str]]]:
         match = SEED_LINE.match(line)
         if match is None:
             msg = f"Seed file '{path}', line {number}: expected 'a-<i>: files...' or 'n-<i>: files...', got {line!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         kind, index, files = match.groups()
         group = draws.setdefault(int(index), {"abnormal": [], "normal": []})
         group["abnormal" if kind == "a" else "normal"] = files.replace(",", " ").split()
@@ -252,12 +253,8 @@ class MedicalAD(AnomalibDataModule):
         seed_file: Authors'-format seed file fixing the few-shot subsets; the model's seed
             selects the line (``a-<seed>``, ``n-<seed>``).
         class_names: Prompt class name per category, overriding the paper's names.
-        intensity: ``"auto"``, ``"range"``, ``"bits"``, ``"window"`` or ``"percentile"``
-            (:mod:`anomalib_mvfa.data.intensity`).
-        window: ``(centre, width)`` of ``intensity="window"`` (Hounsfield units for CT).
-        percentiles: ``(low, high)`` of ``"percentile"`` and ``"auto"``.
-        slice_axis: NIfTI slicing axis: ``"axial"``, ``"coronal"`` or ``"sagittal"``.
-        skip_empty_slices: Leave out NIfTI slices holding only the volume's background value.
+        reader: How files become images, as in :class:`~anomalib_mvfa.data.MedicalFolder`; the
+            default :class:`~anomalib_mvfa.data.readers.ScanReader` when ``None``.
         train_batch_size: Training batch size.
         eval_batch_size: Validation and test batch size.
         num_workers: Data-loading workers.
@@ -266,6 +263,8 @@ class MedicalAD(AnomalibDataModule):
 
     Example:
         >>> MedicalAD(root="datasets/MVFA", category="Liver", train_categories=["others"])  # doctest: +SKIP
+        >>> brain_window = ScanReader(intensity="window", window=(40, 80))
+        >>> MedicalAD(root="datasets/CT", category="Head", reader=brain_window)  # doctest: +SKIP
     """
 
     def __init__(
@@ -276,11 +275,7 @@ class MedicalAD(AnomalibDataModule):
         zero_shot_split: str = "test",
         seed_file: str | Path | None = None,
         class_names: dict[str, str] | None = None,
-        intensity: str = "auto",
-        window: tuple[float, float] | None = None,
-        percentiles: tuple[float, float] = (0.5, 99.5),
-        slice_axis: str = "axial",
-        skip_empty_slices: bool = False,
+        reader: ScanReader | None = None,
         train_batch_size: int = 32,
         eval_batch_size: int = 32,
         num_workers: int = 8,
@@ -298,23 +293,17 @@ class MedicalAD(AnomalibDataModule):
         )
         if zero_shot_split not in SPLITS:
             msg = f"zero_shot_split must be one of {SPLITS}, got '{zero_shot_split}'."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if class_names is not None and any(not str(name).strip() for name in class_names.values()):
             msg = f"class_names must map categories to non-empty names, got {class_names}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         self.root = Path(root)
         self.category = category
         self.train_categories = list(train_categories) if train_categories else None
         self.zero_shot_split = zero_shot_split
         self.seed_file = Path(seed_file) if seed_file else None
         self.class_names = dict(class_names or {})
-        self.scan_reader = ScanReader(
-            intensity=intensity,
-            window=window,
-            percentiles=percentiles,
-            slice_axis=slice_axis,
-            skip_empty_slices=skip_empty_slices,
-        )
+        self.reader = resolve_reader(reader)
 
     @property
     def name(self) -> str:
@@ -330,22 +319,20 @@ class MedicalAD(AnomalibDataModule):
             return [category for category in found if category != self.category]
         if self.category in self.train_categories:
             msg = f"train_categories {self.train_categories} contain the test category '{self.category}'."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         return self.train_categories
 
     def _setup(self, _stage: str | None = None) -> None:
         train_categories = self.resolved_train_categories()
         if train_categories is None:
-            self.train_data = MedicalADDataset(self.root, [self.category], "valid", reader=self.scan_reader)
+            self.train_data = MedicalADDataset(self.root, [self.category], "valid", reader=self.reader)
         else:
             if not train_categories:
                 msg = f"No category besides '{self.category}' under '{self.root}' to train zero-shot on."
-                raise ValueError(msg)
-            self.train_data = MedicalADDataset(
-                self.root, train_categories, self.zero_shot_split, reader=self.scan_reader
-            )
-        self.val_data = MedicalADDataset(self.root, [self.category], "valid", reader=self.scan_reader)
-        self.test_data = MedicalADDataset(self.root, [self.category], "test", reader=self.scan_reader)
+                raise MvfaInputError(msg)
+            self.train_data = MedicalADDataset(self.root, train_categories, self.zero_shot_split, reader=self.reader)
+        self.val_data = MedicalADDataset(self.root, [self.category], "valid", reader=self.reader)
+        self.test_data = MedicalADDataset(self.root, [self.category], "test", reader=self.reader)
 
     def prompt_name(self, category: str) -> str:
         """Class name in the prompts for ``category`` (``class_names`` first, then the paper's)."""
@@ -371,19 +358,19 @@ class MedicalAD(AnomalibDataModule):
         draws = parse_seed_file(self.seed_file)
         if seed not in draws:
             msg = f"Seed file '{self.seed_file}' has no lines 'a-{seed}'/'n-{seed}'; it has seeds {sorted(draws)}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         lines = _seed_line_numbers(self.seed_file)
         for kind in kinds:
             prefix = "n" if kind == "normal" else "a"
             number = lines.get((prefix, seed))
             if number is None:
                 msg = f"Seed file '{self.seed_file}' has no '{prefix}-{seed}' line for the {kind} support images."
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
             count = len(draws[seed][kind])
             if k_shot is not None and count < k_shot:
                 msg = (
                     f"Seed file '{self.seed_file}', line {number} ('{prefix}-{seed}') names {count} file(s); "
                     f"k_shot={k_shot} needs {k_shot}."
                 )
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
         return draws[seed]

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import MvfaInputError
 from .intensity import Intensity, dtype_range, percentile_range, scale_values
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -54,7 +55,7 @@ def _load(path: str | Path) -> Any:
         return nibabel.load(path)
     except Exception as error:
         msg = f"NIfTI '{path}' cannot be read: {error}"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def _check_time_point(path: str | Path, shape: tuple[int, ...], time_point: int) -> None:
@@ -63,7 +64,7 @@ def _check_time_point(path: str | Path, shape: tuple[int, ...], time_point: int)
             msg = f"NIfTI '{path}' has {shape[3]} time points; time_point={time_point} is not one of them."
         else:
             msg = f"NIfTI '{path}' has shape {shape}: expected a 2D, 3D or 4D volume."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
 
 
 def _orientation(image: Any) -> np.ndarray:
@@ -155,7 +156,7 @@ def read_nifti_slice(
     count = volume.shape[SLICE_AXES[axis]]
     if not 0 <= index < count:
         msg = f"NIfTI '{path}' has {count} {axis} slices; slice {index} is not one of them."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     plane = canonical_slice(volume, axis, index)
     stats = None
     if intensity.mode in {"auto", "percentile"}:
@@ -203,13 +204,13 @@ def check_label_volume(image_path: str | Path, mask_path: str | Path) -> None:
             f"Label volume '{mask_path}' has shape {tuple(mask.shape)} but its image volume '{image_path}' has "
             f"{tuple(image.shape)}: a mask must have the image's grid."
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if not np.allclose(image.affine, mask.affine, atol=1e-3):
         msg = (
             f"Label volume '{mask_path}' has another affine than its image volume '{image_path}':\n"
             f"{np.round(mask.affine, 4)}\nagainst\n{np.round(image.affine, 4)}"
         )
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
 
 
 def write_volume(
@@ -243,7 +244,7 @@ def write_volume(
             msg = f"Slice {index} is {np.asarray(plane).shape[:2]} pixels; the {axis} slices of '{source}' are " + (
                 f"{to_display(np.zeros(expected)).shape}."
             )
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         index_tuple = [slice(None)] * 3
         index_tuple[dim] = index
         volume[tuple(index_tuple)] = canonical_plane

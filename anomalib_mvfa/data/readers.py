@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import MvfaInputError
 from . import dicom, image_io, nifti
 from .intensity import Intensity
 
@@ -102,7 +103,11 @@ def list_scan_files(
 
 @dataclass(frozen=True)
 class ScanReader:
-    """Reads every format of the package the same way; its settings are those of the datamodules.
+    """Reads every format of the package the same way; the one reader setting of every datamodule.
+
+    ``MedicalFolder``, ``ScanFolder`` and ``MedicalAD`` take it as ``reader``; on anomalib's command
+    line its fields are nested options: ``--data.reader.intensity window --data.reader.window "[40, 80]"``,
+    or in a config file ``data: {init_args: {reader: {intensity: window, window: [40, 80]}}}``.
 
     Args:
         intensity: ``"auto"``, ``"range"``, ``"bits"``, ``"window"`` or ``"percentile"``
@@ -136,13 +141,13 @@ class ScanReader:
         object.__setattr__(self, "percentiles", intensity.percentiles)
         if self.slice_axis not in nifti.SLICE_AXES:
             msg = f"slice_axis must be one of {tuple(nifti.SLICE_AXES)}, got {self.slice_axis!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if self.non_image_files not in NON_IMAGE_CHOICES:
             msg = f"non_image_files must be one of {NON_IMAGE_CHOICES}, got {self.non_image_files!r}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         if self.time_point < 0:
             msg = f"time_point must be 0 or more, got {self.time_point}."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
 
     @property
     def intensity_setting(self) -> Intensity:
@@ -165,7 +170,7 @@ class ScanReader:
             return [str(SampleName(Path(path), self.slice_axis, i)) for i in range(count) if i not in empty]
         if kind is None:
             msg = f"'{path}' is not a file of a known format: expected {SCAN_SUFFIXES} or a DICOM file."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         count = self._frame_count(path, kind)
         if count == 1:
             return [str(path)]
@@ -182,7 +187,7 @@ class ScanReader:
         if count == 0:
             if self.non_image_files == "error":
                 msg = f"DICOM '{path}' holds no pixel data (a report or presentation state?): it has no image."
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
             logger.warning("DICOM '%s' holds no pixel data (a report or presentation state?): skipped.", path)
         return count
 
@@ -192,7 +197,7 @@ class ScanReader:
         if kind == "nifti":
             if sample.part in {None, "frame"}:
                 msg = f"'{name}' names a NIfTI volume: name one slice, for example '{sample.file}#axial=0'."
-                raise ValueError(msg)
+                raise MvfaInputError(msg)
             return nifti.read_nifti_slice(sample.file, sample.part, sample.index, self._intensity, self.time_point)
         if kind == "dicom":
             return dicom.read_dicom(sample.file, sample.index, self._intensity)
@@ -200,9 +205,9 @@ class ScanReader:
             return image_io.read_plain_image(sample.file, sample.index, self._intensity)
         if not sample.file.exists():
             msg = f"Image '{sample.file}' does not exist."
-            raise ValueError(msg)
+            raise MvfaInputError(msg)
         msg = f"'{sample.file}' is not a file of a known format: expected {SCAN_SUFFIXES} or a DICOM file."
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
 
     def read_image(self, name: str | Path) -> torch.Tensor:
         """One sample as a ``3 x H x W`` float tensor in ``[0, 1]``.
@@ -243,7 +248,7 @@ def _mask_fractions(name: str | Path, time_point: int) -> tuple[np.ndarray, floa
     if kind == "image" or (kind is None and sample.file.exists()):
         return image_io.mask_values(sample.file, sample.index)
     msg = f"Mask '{name}' cannot be read: expected an image, DICOM or NIfTI file."
-    raise ValueError(msg)
+    raise MvfaInputError(msg)
 
 
 def read_mask(name: str | Path, time_point: int = 0) -> torch.Tensor:
@@ -289,6 +294,37 @@ def read_mask(name: str | Path, time_point: int = 0) -> torch.Tensor:
 
 
 DEFAULT_READER = ScanReader()
+
+
+def resolve_reader(reader: ScanReader | None) -> ScanReader:
+    """``reader``, or the default :class:`ScanReader` when ``None``: what a datamodule's ``reader:`` becomes.
+
+    Raises:
+        MvfaInputError: If ``reader`` is something else (settings as a ``dict``: pass ``ScanReader(**settings)``).
+
+    Example:
+        >>> resolve_reader(None) == ScanReader()
+        True
+        >>> resolve_reader(ScanReader(slice_axis="coronal")).slice_axis
+        'coronal'
+    """
+    if reader is None:
+        return DEFAULT_READER
+    if not isinstance(reader, ScanReader):
+        msg = f"reader must be a ScanReader (or None for the default), got {type(reader).__name__}: {reader!r}."
+        raise MvfaInputError(msg)
+    return reader
+
+
+def reader_of(datamodule: object) -> ScanReader:
+    """The reader of a datamodule of this package, or the default :class:`ScanReader` for any other.
+
+    Example:
+        >>> reader_of(None) is DEFAULT_READER
+        True
+    """
+    reader = getattr(datamodule, "reader", None)
+    return reader if isinstance(reader, ScanReader) else DEFAULT_READER
 
 
 def read_image(name: str | Path, reader: ScanReader | None = None) -> torch.Tensor:

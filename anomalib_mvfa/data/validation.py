@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from ..errors import MvfaInputError
 from .readers import DEFAULT_READER, SampleName, ScanReader
 
 logger = logging.getLogger(__name__)
@@ -28,15 +29,15 @@ def _header_size(name: str, reader: ScanReader) -> tuple[int, int]:
     path = SampleName.parse(name).file
     if not path.is_file():
         msg = f"'{path}' does not exist"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     if path.stat().st_size == 0:
         msg = f"'{path}' is empty (0 bytes)"
-        raise ValueError(msg)
+        raise MvfaInputError(msg)
     try:
         return reader.image_size(name)
     except Exception as error:
         msg = f"'{name}' cannot be decoded ({error})"
-        raise ValueError(msg) from error
+        raise MvfaInputError(msg) from error
 
 
 def split_file_problems(name: str, dataset: Any) -> list[str]:
@@ -75,4 +76,4 @@ def check_split_files(splits: dict[str, Any]) -> None:
     more = len(problems) - MAX_LISTED_PROBLEMS
     listed = "; ".join(problems[:MAX_LISTED_PROBLEMS]) + (f"; and {more} more" if more > 0 else "")
     msg = f"{len(problems)} file problem(s) in the splits this run uses, found before it started: {listed}."
-    raise ValueError(msg)
+    raise MvfaInputError(msg)

@@ -32,7 +32,7 @@ from lightning.pytorch import Callback
 
 from . import nifti
 from .datasets import file_key
-from .readers import SampleName, file_format
+from .readers import SampleName, file_format, reader_of
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +60,7 @@ class VolumeMapWriter(Callback):
         pred_masks = getattr(outputs, "pred_mask", None)
         if maps is None:
             return
-        time_point = getattr(getattr(trainer, "datamodule", None), "scan_reader", None)
-        time_point = time_point.time_point if time_point is not None else 0
+        time_point = reader_of(getattr(trainer, "datamodule", None)).time_point
         for position, name in enumerate(names):
             sample = SampleName.parse(name)
             if sample.part not in nifti.SLICE_AXES or file_format(sample.file) != "nifti":
@@ -113,8 +112,7 @@ class VolumeMapWriter(Callback):
         self._hold(trainer, None)
         self._gather(trainer)
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "volumes"
-        time_point = getattr(getattr(trainer, "datamodule", None), "scan_reader", None)
-        time_point = time_point.time_point if time_point is not None else 0
+        time_point = reader_of(getattr(trainer, "datamodule", None)).time_point
         used: dict[str, str] = {}
         for (source, axis), slices in self._maps.items():
             stem = file_key(source)

@@ -1,0 +1,111 @@
+"""The only place where anomalib-mvfa touches another library's private attributes.
+
+Each touch below exists because the library offers no public way to do the same thing (its
+docstring says why). Each is guarded by :func:`require_internal`, which raises a clear error naming
+the library, the installed version and the range this package was tested with when the internal
+is gone, and by a test in ``tests/test_compat.py`` that fails when the internal disappears.
+
+Nothing outside this module reads or writes a private attribute of torch, Lightning, anomalib,
+torchmetrics or open_clip (``tests/test_layering.py`` checks it).
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+__all__ = ["TESTED_RANGES", "InternalMissingError", "require_internal"]
+
+# The versions each library was tested with (pyproject.toml states the same ranges).
+TESTED_RANGES = {
+    "anomalib": ">=2.7,<2.8",
+    "lightning": ">=2.6,<2.7",
+    "torchmetrics": ">=1.8.2,<2",
+}
+
+
+class InternalMissingError(RuntimeError):
+    """A private attribute this package relies on is missing from the installed library."""
+
+
+def installed_version(library: str) -> str:
+    """The installed version of ``library`` (its distribution name), or ``"not installed"``.
+
+    Example:
+        >>> installed_version("no-such-library-here")
+        'not installed'
+    """
+    try:
+        return version(library)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def require_internal(owner: Any, attribute: str, library: str, purpose: str) -> Any:
+    """``owner.attribute``, or an :class:`InternalMissingError` naming the library, its version and the tested range.
+
+    Args:
+        owner: The object expected to hold the private attribute.
+        attribute: The attribute's name.
+        library: Distribution name of the library that defines it (a key of :data:`TESTED_RANGES`).
+        purpose: What anomalib-mvfa needs it for, said in the error.
+
+    Example:
+        >>> class Loop:
+        ...     _data_source = "source"
+        >>> require_internal(Loop(), "_data_source", "lightning", "serving the support set")
+        'source'
+    """
+    if not hasattr(owner, attribute):
+        msg = (
+            f"anomalib-mvfa needs {type(owner).__name__}.{attribute} of {library} for {purpose}, and {library} "
+            f"{installed_version(library)} has none. anomalib-mvfa was tested with {library}"
+            f"{TESTED_RANGES.get(library, '')}: install a version in that range."
+        )
+        raise InternalMissingError(msg)
+    return getattr(owner, attribute)
+
+
+# ------------------------------------------------------------------------------------------------
+# Lightning (owned by lightning_model.py, distributed.py, run_files.py)
+# ------------------------------------------------------------------------------------------------
+
+
+# ------------------------------------------------------------------------------------------------
+# anomalib datasets (owned by data/)
+# ------------------------------------------------------------------------------------------------
+
+
+def read_predict_dataset_as(dataset: Any, subclass: type) -> None:
+    """Make an existing anomalib ``PredictDataset`` read its files through ``subclass.__getitem__``.
+
+    No public way exists: ``anomalib predict --data <folder>`` and ``Engine.predict(data_path=...)``
+    build the ``PredictDataset`` and its ``DataLoader`` inside ``Engine.predict``; the dataset reads
+    through anomalib's module-level ``read_image``, and ``__getitem__`` is looked up on the type, not
+    the instance; a ``DataLoader`` refuses a new ``dataset`` once built, and Lightning's list of
+    prediction loaders is read-only (replacing a loader means writing its loop's private
+    ``_combined_loader``). So the instance's class becomes ``subclass``, a subclass of its own class
+    that adds nothing to the instance but reads the same ``image_filenames`` and applies the same
+    ``transform``: the two attributes anomalib's ``PredictDataset.__init__`` sets, checked here.
+
+    Args:
+        dataset: An instance of anomalib's ``PredictDataset`` (exactly that class).
+        subclass: A subclass of ``type(dataset)`` whose ``__getitem__`` reads ``image_filenames``.
+
+    Example:
+        >>> from anomalib.data import PredictDataset
+        >>> from anomalib_mvfa.data import ScanPredictDataset
+        >>> read_predict_dataset_as(PredictDataset("images/"), ScanPredictDataset)  # doctest: +SKIP
+    """
+    if not issubclass(subclass, type(dataset)):
+        msg = f"{subclass.__name__} is not a subclass of {type(dataset).__name__}."
+        raise TypeError(msg)
+    purpose = f"reading anomalib's prediction images with {subclass.__name__}"
+    for attribute in ("image_filenames", "transform"):
+        require_internal(dataset, attribute, "anomalib", purpose)
+    dataset.__class__ = subclass
+
+
+# ------------------------------------------------------------------------------------------------
+# torchmetrics and anomalib models (owned by reports/ and commands/)
+# ------------------------------------------------------------------------------------------------
