@@ -1,0 +1,43 @@
+"""The private touches of other libraries that remain, each kept in ``anomalib_mvfa/_compat.py``.
+
+Each test fails when the installed library no longer has what the touch relies on, and says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from anomalib.data import PredictDataset
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from anomalib_mvfa import _compat
+from anomalib_mvfa.data import ScanPredictDataset, ScanReader
+from anomalib_mvfa.data.datasets import adopt_prediction_datasets
+
+
+def test_a_missing_internal_names_the_library_its_version_and_the_tested_range() -> None:
+    with pytest.raises(_compat.InternalMissingError) as raised:
+        _compat.require_internal(object(), "_data_source", "lightning", "serving the support set")
+    message = str(raised.value)
+    assert "object._data_source of lightning for serving the support set" in message
+    assert f"lightning {_compat.installed_version('lightning')} has none" in message
+    assert f"tested with lightning{_compat.TESTED_RANGES['lightning']}" in message
+
+
+def test_anomalib_prediction_datasets_read_16_bit_images_through_the_package_reader(tmp_path) -> None:
+    """``read_predict_dataset_as``: anomalib's PredictDataset still keeps ``image_filenames`` and ``transform``."""
+    values = np.linspace(1000, 60000, 32 * 32).reshape(32, 32).astype(np.uint16)
+    path = tmp_path / "scan.png"
+    Image.fromarray(values).save(path)
+    dataset = PredictDataset(tmp_path)
+    own = dataset[0].image  # anomalib's reader: saturated
+    assert adopt_prediction_datasets([DataLoader(dataset)]) == 1
+    assert type(dataset) is ScanPredictDataset
+    expected = ScanReader().read_image(path)
+    low, high = np.percentile(values, (0.5, 99.5))  # the default reader's "auto" stretch of 16-bit images
+    stretched = np.clip((values - low) / (high - low), 0, 1)
+    assert torch.allclose(expected[0].double(), torch.from_numpy(stretched), atol=1e-6)
+    assert torch.equal(dataset[0].image, expected)
+    assert not torch.equal(own, expected)
