@@ -200,7 +200,7 @@ def test_a_nifti_folder_trains_and_its_predictions_are_volumes_over_the_scans(tm
     root = write_nifti_folder(tmp_path / "volumes")
     output = run_anomalib(
         "train", "--model", "anomalib_mvfa.Mvfa", *TINY_CLI, "--model.epochs", "1", *folder_args(root),
-        "--data.skip_empty_slices", "true", "--default_root_dir", tmp_path / "run",
+        "--data.reader.skip_empty_slices", "true", "--default_root_dir", tmp_path / "run",
     )  # fmt: skip
     assert re.search(r"pixel_AUROC\s*│\s*\d\.\d+", output)
     (checkpoint,) = (tmp_path / "run").rglob("model.ckpt")
