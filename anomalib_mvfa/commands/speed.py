@@ -33,10 +33,12 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ..backbone import tower_depth
+from ..encoder import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, AdaptedTokens
 from ..loss import MvfaLoss
+from ..memory_bank import SEARCH_PRECISIONS
 from ..pipeline import add_feature_pipeline_argument
 from ..support.augmentation import augment_support_set
-from ..torch_model import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, SEARCH_PRECISIONS, AdaptedTokens, MvfaModel
+from ..torch_model import MvfaModel
 
 BETAS = (0.5, 0.999)
 
