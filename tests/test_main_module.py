@@ -1,11 +1,13 @@
-"""``python -m anomalib_mvfa`` runs the ``anomalib-mvfa`` command line."""
+"""``python -m anomalib_mvfa`` runs the ``anomalib-mvfa`` command line; what the command line leaves behind."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import warnings
 
-from anomalib_mvfa.commands import COMMANDS, console
+from anomalib_mvfa.commands import COMMANDS, console, main
 
 
 def _module(*arguments: str) -> subprocess.CompletedProcess:
@@ -31,3 +33,22 @@ def test_python_dash_m_runs_a_command_as_the_console_script_does(tmp_path, capsy
     assert result.returncode == 2
     assert result.stderr.startswith("anomalib-mvfa: error:")
     assert "Traceback" not in result.stderr
+
+
+def test_a_reader_that_went_away_is_no_internal_error() -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `anomalib-mvfa configs | head -0`: nobody reads the output
+    try:
+        command = [sys.executable, "-m", "anomalib_mvfa", "configs"]
+        result = subprocess.run(command, stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=120, check=False)
+    finally:
+        os.close(write_end)
+    assert result.returncode == 1
+    assert result.stderr == ""
+
+
+def test_a_command_leaves_the_callers_warning_filters_as_they_were(capsys) -> None:
+    before = list(warnings.filters)
+    assert main(["configs"]) == 0
+    assert warnings.filters == before
+    assert capsys.readouterr().out
