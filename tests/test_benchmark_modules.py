@@ -9,7 +9,9 @@ import textwrap
 from pathlib import Path
 
 import torch
+import yaml
 
+from anomalib_mvfa.commands import console
 from anomalib_mvfa.commands.benchmark import BenchmarkConfig, failed_row, grid, write_benchmark_report
 
 PACKAGE = Path(__file__).parents[1] / "anomalib_mvfa" / "commands" / "benchmark"
@@ -115,3 +117,22 @@ def test_the_report_reads_each_job_from_its_own_files(tmp_path) -> None:
     assert len(images) == 1 + 8
     assert [line.split(",")[3] for line in images[1:]] == ["0"] * 4 + ["1"] * 4  # each job's own seed
     assert [line.split(",")[-5] for line in images[1:]] == ["0.1", "0.9", "0.2", "0.8", "0.9", "0.1", "0.2", "0.8"]
+
+
+def test_a_config_that_names_no_job_is_refused_by_name(tmp_path, capsys) -> None:
+    path = tmp_path / "grid.yaml"
+    config = {"models": [{"class_path": "anomalib.models.Patchcore"}], "data": [{}], "seeds": []}
+    path.write_text(yaml.safe_dump(config))
+    assert console(["benchmark", "--config", str(path), "--output", str(tmp_path / "out")]) == 2
+    assert f"Benchmark config '{path}' names no job" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_wheel_lists_every_package_of_the_source_tree() -> None:
+    root = PACKAGE.parents[2]
+    text = (root / "pyproject.toml").read_text()
+    section = text[text.index("[tool.setuptools]") :]
+    listed = section[section.index("packages = [") :].split("\n]", 1)[0]
+    for init in sorted((root / "anomalib_mvfa").rglob("__init__.py")):
+        dotted = ".".join(init.parent.relative_to(root).parts)
+        assert f'"{dotted}"' in listed, f"{dotted} is missing from [tool.setuptools] packages"
