@@ -1,7 +1,12 @@
-"""``python -m anomalib_mvfa``: the same as the ``anomalib-mvfa`` command."""
+"""``python -m anomalib_mvfa``: the same as the ``anomalib-mvfa`` command.
+
+Example:
+    python -m anomalib_mvfa configs --dest .
+"""
 
 import sys
 
-from .cli import console
+from .commands import console
 
-sys.exit(console())
+if __name__ == "__main__":
+    sys.exit(console())

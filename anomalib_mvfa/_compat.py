@@ -11,6 +11,8 @@ torchmetrics or open_clip (``tests/test_layering.py`` checks it).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -109,3 +111,29 @@ def read_predict_dataset_as(dataset: Any, subclass: type) -> None:
 # ------------------------------------------------------------------------------------------------
 # torchmetrics and anomalib models (owned by reports/ and commands/)
 # ------------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def winclip_without_pretrained_weights() -> Iterator[None]:
+    """Within the block, anomalib's WinCLIP builds its CLIP model on random weights, with no download.
+
+    No public way exists: ``WinClipModel.__init__`` passes the module global ``PRETRAINED`` of
+    ``anomalib.models.image.winclip.torch_model`` (``"laion400m_e31"``) to
+    ``open_clip.create_model_and_transforms``, which downloads those weights; neither ``WinClip`` nor
+    ``WinClipModel`` takes a backbone or weights argument, and open_clip has no setting that skips
+    the weights of a named tag. ``anomalib-mvfa benchmark --random-weights`` (offline speed studies)
+    sets the global to ``None`` for the block and restores it after, also when the block raises.
+
+    Example:
+        >>> from anomalib.models import WinClip
+        >>> with winclip_without_pretrained_weights():  # doctest: +SKIP
+        ...     model = WinClip()
+    """
+    from anomalib.models.image.winclip import torch_model  # noqa: PLC0415  (only for WinCLIP)
+
+    saved = require_internal(torch_model, "PRETRAINED", "anomalib", "building WinCLIP on random weights offline")
+    torch_model.PRETRAINED = None
+    try:
+        yield
+    finally:
+        torch_model.PRETRAINED = saved

@@ -5,14 +5,18 @@ Each test fails when the installed library no longer has what the touch relies o
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 import torch
 from anomalib.data import PredictDataset
+from anomalib.models.image.winclip import torch_model as winclip_torch_model
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from anomalib_mvfa import _compat
+from anomalib_mvfa._compat import InternalMissingError, winclip_without_pretrained_weights
 from anomalib_mvfa.data import ScanPredictDataset, ScanReader
 from anomalib_mvfa.data.datasets import adopt_prediction_datasets
 
@@ -41,3 +45,42 @@ def test_anomalib_prediction_datasets_read_16_bit_images_through_the_package_rea
     assert torch.allclose(expected[0].double(), torch.from_numpy(stretched), atol=1e-6)
     assert torch.equal(dataset[0].image, expected)
     assert not torch.equal(own, expected)
+
+
+# ------------------------------------------------------------------------------------------------
+# torchmetrics and anomalib models
+# ------------------------------------------------------------------------------------------------
+
+
+class _WeightsAskedError(Exception):
+    """Stops WinCLIP's construction once open_clip was asked for weights."""
+
+
+def test_winclip_still_reads_its_weights_from_the_module_global() -> None:
+    assert hasattr(winclip_torch_model, "PRETRAINED")
+    assert "PRETRAINED" in inspect.getsource(winclip_torch_model.WinClipModel.__init__)
+
+
+def test_winclip_asks_open_clip_for_no_weights_within_the_block_only(monkeypatch) -> None:
+    asked = []
+
+    def create_model_and_transforms(name: str, pretrained: str | None = None, **kwargs: object) -> None:
+        asked.append(pretrained)
+        raise _WeightsAskedError
+
+    monkeypatch.setattr(winclip_torch_model.open_clip, "create_model_and_transforms", create_model_and_transforms)
+    original = winclip_torch_model.PRETRAINED
+    with pytest.raises(_WeightsAskedError), winclip_without_pretrained_weights():
+        winclip_torch_model.WinClipModel()
+    assert asked == [None]
+    assert original == winclip_torch_model.PRETRAINED  # restored, although the block raised
+    with pytest.raises(_WeightsAskedError):
+        winclip_torch_model.WinClipModel()
+    assert asked == [None, original]
+
+
+def test_winclip_without_its_global_names_anomalib_and_the_tested_range(monkeypatch) -> None:
+    monkeypatch.delattr(winclip_torch_model, "PRETRAINED")
+    expected = r"PRETRAINED of anomalib .*tested with anomalib>="
+    with pytest.raises(InternalMissingError, match=expected), winclip_without_pretrained_weights():
+        pass

@@ -54,14 +54,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; return its exit code (errors propagate, for use from Python)."""
+    """Run a command; return its exit code (errors propagate, for use from Python).
+
+    The caller's warning filters are the same afterwards.
+    """
     argv = sys.argv[1:] if argv is None else list(argv)
     command = next((argument for argument in argv if not argument.startswith("-")), None)
-    # anomalib and timm warn of their own deprecations when imported: not this command's business
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(anomalib|timm)(\.|$)")
-    args = build_parser(command).parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return args.run(args)
+    with warnings.catch_warnings():
+        # anomalib and timm warn of their own deprecations when imported: not this command's business
+        warnings.filterwarnings("ignore", category=FutureWarning, module=r"(anomalib|timm)(\.|$)")
+        args = build_parser(command).parse_args(argv)
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+        return args.run(args)
 
 
 def _quiet_progress_when_redirected() -> None:
@@ -76,7 +80,8 @@ def _quiet_progress_when_redirected() -> None:
 def console(argv: list[str] | None = None) -> int:
     """The ``anomalib-mvfa`` command: :func:`main`, with bad input reported in one line instead of a traceback.
 
-    Bad input is an :class:`~anomalib_mvfa.errors.MvfaInputError` (exit code 2). Any other exception is a
+    Bad input is an :class:`~anomalib_mvfa.errors.MvfaInputError` (exit code 2). A reader of the output
+    that went away (a closed pipe) ends the command quietly (exit code 1). Any other exception is a
     bug: its traceback is printed with a request to report it (exit code 1).
 
     Example:
@@ -92,6 +97,9 @@ def console(argv: list[str] | None = None) -> int:
     except MvfaInputError as error:
         print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader of the output went away (``anomalib-mvfa configs | head -1``)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error when Python exits
+        return 1
     except Exception:
         traceback.print_exc()
         print(

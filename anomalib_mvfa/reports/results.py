@@ -89,6 +89,17 @@ def dice(predicted: torch.Tensor, target: torch.Tensor) -> float | None:
     return (2 * (predicted & target).sum() / total).item()
 
 
+def this_process_only(tensor: torch.Tensor, group: object = None) -> list[torch.Tensor]:
+    """A torchmetrics ``dist_sync_fn`` that gathers nothing: a metric computed with it keeps this process's values.
+
+    Example:
+        >>> this_process_only(torch.ones(2))
+        [tensor([1., 1.])]
+    """
+    del group
+    return [tensor]
+
+
 def pixel_summary(anomaly_map: torch.Tensor, masks: torch.Tensor, threshold: float | None) -> dict[str, float | None]:
     """Pixel AUROC, AUPRO (to 30% FPR) and Dice at ``threshold`` of one split (``N x H x W`` each).
 
@@ -98,11 +109,9 @@ def pixel_summary(anomaly_map: torch.Tensor, masks: torch.Tensor, threshold: flo
     masks = masks.bool()
     if undefined_auroc_reason(masks.flatten(), "pixel AUROC") is not None:
         return {"pixel_AUROC": None, "AUPRO": None, "Dice": None}
-    aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3)
     # this process's values only (under DDP the first process alone computes the summaries): anomalib's
-    # AUPRO does not pass sync_on_compute on to torchmetrics, which reads its own copy of the setting
-    aupro.sync_on_compute = False
-    aupro._to_sync = False
+    # AUPRO takes no sync_on_compute, but its dist_sync_fn gathers, and this one gathers nothing
+    aupro = AUPRO(fields=["anomaly_map", "gt_mask"], fpr_limit=0.3, dist_sync_fn=this_process_only)
     aupro.update(SimpleNamespace(anomaly_map=anomaly_map.float(), gt_mask=masks.long()))
     return {
         "pixel_AUROC": exact_auroc(anomaly_map.float(), masks),

@@ -1,13 +1,13 @@
 """The report of ``anomalib-mvfa benchmark``: every model on the same plots and the same images.
 
-Each job leaves, in its run folder, one row per test image (``per_image.csv``), its anomaly maps
-and a pixel sample with its pixel AUROC, AUPRO and Dice (``pixels.pt``). This module joins them:
+Each job leaves, in its run folder (:class:`~.jobs.Job`), one row per test image, its anomaly maps
+and a pixel sample with its pixel AUROC, AUPRO and Dice. This module joins them:
 ``benchmark_images.csv`` (every job's rows), ``benchmark_pixels.csv`` (the pixel figures), ROC
 and precision-recall curves per category with one series per model (seeds as bands), and
 ``benchmark_report.html``, whose gallery shows the models side by side on the images they got wrong.
 
 Example:
-    >>> write_benchmark_report(jobs, rows, config, table_rows)  # doctest: +SKIP
+    >>> write_benchmark_report(jobs, rows, Path("results/benchmark"), table_rows)  # doctest: +SKIP
     PosixPath('results/benchmark/benchmark_report.html')
 """
 
@@ -15,31 +15,20 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from ..data.readers import DEFAULT_READER
-from ..reports.page import TileMap
-from ..reports.report import RunReport, make_tile
-from ..reports.results import finite_or_none, pick_gallery, write_rows
+from ...data.readers import DEFAULT_READER
+from ...reports.page import TileMap
+from ...reports.report import RunReport, make_tile
+from ...reports.results import finite_or_none, pick_gallery, write_rows
+from .jobs import Job
 
-if TYPE_CHECKING:
-    from .benchmark import BenchmarkConfig, Job
-
-# what each job leaves in its run folder for the report: one row per test image, and a pixel sample
-IMAGES_FILE = "per_image.csv"
-PIXELS_FILE = "pixels.pt"
-
-
-def job_root(job: Job, config: BenchmarkConfig) -> Path:
-    """The run folder of one job: ``<output>/runs/<model>/<category>/seed<seed>``."""
-    model, _, category, seed = job
-    return Path(config.output) / "runs" / model["class_path"].rsplit(".", 1)[1] / str(category) / f"seed{seed}"
-
+__all__ = ["GALLERY_SIZE", "write_benchmark_report"]
 
 # images of one category's gallery at most (the union of every model's picks)
 GALLERY_SIZE = 8
@@ -71,30 +60,30 @@ def _map(path: str, size: tuple[int, int]) -> np.ndarray:
 def write_benchmark_report(
     jobs: list[Job],
     rows: list[dict[str, Any]],
-    config: BenchmarkConfig,
+    output: Path,
     table_rows: list[dict[str, str]],
     random_weights: bool = False,
 ) -> Path | None:
     """Join the jobs' per-image files; write ``benchmark_images.csv``, the curves and the page.
 
-    Jobs that failed (or left no per-image file) are left out; ``None`` when none is left.
+    ``rows`` are the jobs' result rows, in the order of ``jobs``. Jobs that failed (or left no
+    per-image file) are left out; ``None`` when none is left.
     """
-    output = Path(config.output)
+    output = Path(output)
     several_data = len({row["data"] for row in rows}) > 1
     report = RunReport()
     images: list[dict[str, Any]] = []
     summaries: list[dict[str, Any]] = []  # pixel AUROC, AUPRO, Dice of each job with masks
     first_seed: dict[str, dict[str, pd.DataFrame]] = defaultdict(dict)  # category -> model -> rows
     for job, row in zip(jobs, rows, strict=True):
-        root = job_root(job, config)
-        if row.get("error") or not (root / IMAGES_FILE).is_file():
+        if row.get("error") or not job.images_file.is_file():
             continue
         category, model, seed = _category_label(row, several_data), str(row["model"]), int(row["seed"])
-        frame = pd.read_csv(root / IMAGES_FILE, keep_default_na=False)
+        frame = pd.read_csv(job.images_file, keep_default_na=False)
         scores = torch.tensor(frame["score"].to_numpy(dtype=np.float64))
         labels = torch.tensor(frame["label"].to_numpy(dtype=np.int64))
         report.add_images(category, seed, model, scores, labels)
-        pixels = torch.load(root / PIXELS_FILE, weights_only=True)
+        pixels = torch.load(job.pixels_file, weights_only=True)
         if pixels["targets"].numel():
             report.add_series(category, "pixel", seed, model, pixels["scores"], pixels["targets"])
         if pixels.get("summary"):

@@ -1,0 +1,282 @@
+"""Running benchmark jobs: each trains and tests one model through anomalib's Engine and returns its row.
+
+Every job runs in a new process of its own by default (spawned, bound to one GPU where there are
+several), so that no job changes what the next one measures and the peak-memory column is the job's
+own. A job that fails, its process killed for lack of memory included, gets a row that says so.
+
+Example:
+    >>> rows = run_jobs(grid(config), config, workers=1, gpus=0)  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import ctypes
+import inspect
+import logging
+import math
+import multiprocessing
+import os
+import queue
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
+
+import torch
+from anomalib.engine import Engine
+
+from ..._compat import winclip_without_pretrained_weights
+from ...metrics import undefined_auroc_reason
+from ...reports.recorder import TestRecorder
+from ...reports.results import write_rows
+from ...utils import write_atomically
+from ..progress import on_terminal, overall_bar, say
+from .config import METRICS, BenchmarkConfig, load_class, weights_label
+from .jobs import Job
+
+__all__ = ["PeakMemory", "build_model", "failed_row", "fix_mmap_threshold", "run_job", "run_jobs"]
+
+logger = logging.getLogger(__name__)
+
+# glibc's mallopt parameter for the mmap threshold, and its initial value (see fix_mmap_threshold).
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 * 1024
+
+
+def build_model(entry: dict[str, Any], random_weights: bool, seed: int, feature_pipeline: str | None = None) -> Any:
+    """Instantiate a model entry; with ``random_weights`` switch off every pretrained download.
+
+    ``feature_pipeline`` applies to models that take one (Mvfa) unless their ``init_args`` set it.
+    Every model that takes a ``visualizer`` gets :class:`~anomalib_mvfa.visualization.MvfaVisualizer`
+    unless its ``init_args`` set one: anomalib's own opens images with PIL, which cannot show 16-bit
+    images right nor open DICOM or NIfTI samples, so PatchCore or WinCLIP beside Mvfa on scans would
+    stop at their first visualisation.
+    """
+    from ...visualization import MvfaVisualizer  # noqa: PLC0415
+
+    model_class = load_class(entry["class_path"])
+    init_args = dict(entry.get("init_args") or {})
+    if "visualizer" in _init_parameters(model_class):
+        init_args.setdefault("visualizer", MvfaVisualizer())
+    if "seed" in _init_parameters(model_class):
+        init_args.setdefault("seed", seed)
+    if feature_pipeline is not None and "feature_pipeline" in _init_parameters(model_class):
+        init_args.setdefault("feature_pipeline", feature_pipeline)
+    if not random_weights:
+        return model_class(**init_args)
+    for name in ("pretrained", "pre_trained"):
+        if name in _init_parameters(model_class):
+            init_args[name] = None if name == "pretrained" else False
+    if model_class.__name__ == "WinClip":  # WinCLIP downloads fixed weights on construction
+        with winclip_without_pretrained_weights():
+            return model_class(**init_args)
+    return model_class(**init_args)
+
+
+def _init_parameters(cls: type) -> set[str]:
+    return set(inspect.signature(cls.__init__).parameters)
+
+
+class PeakMemory:
+    """Peak resident memory of this process (CPU) or peak allocated GPU memory during a block, in MB."""
+
+    def __init__(self, interval_s: float = 0.05) -> None:
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    @staticmethod
+    def _resident_mb() -> float:
+        with Path("/proc/self/statm").open() as file:
+            pages = int(file.read().split()[1])
+        return pages * 4096 / 2**20
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, self._resident_mb())
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> PeakMemory:
+        """Start sampling."""
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Stop sampling; on a GPU report the peak allocated GPU memory instead."""
+        self._stop.set()
+        self._thread.join()
+        if torch.cuda.is_available():
+            self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+
+
+def fix_mmap_threshold(size: int = MMAP_THRESHOLD_BYTES) -> bool:
+    """Keep glibc's allocator from raising its mmap threshold; return whether it could be set.
+
+    glibc serves a large block from the heap instead of mapping it once its threshold has risen,
+    and it raises the threshold (up to 32 MiB) whenever such a block is freed. anomalib's
+    k-center-greedy coreset (PatchCore, ``memory_bank_ratio`` of Mvfa) frees an N x k temporary
+    every step and keeps a small index tensor alive, which pins the freed holes: with fewer than
+    about 32 training images the heap then grows by megabytes a step until memory runs out,
+    depending on what ran in the process before. A fixed threshold (glibc's initial 128 KiB) maps
+    every such temporary and returns it on free.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):  # not glibc: nothing to fix
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, size))
+
+
+def run_job(job: Job, config: BenchmarkConfig) -> dict[str, Any]:
+    """Train and test ``job``'s model on its datamodule category with its seed; return its row.
+
+    The job's run folder receives anomalib's outputs, the anomaly maps, the per-image rows and the
+    pixel sample (see :class:`~.jobs.Job`).
+    """
+    fix_mmap_threshold()
+    data_class = load_class(job.data["class_path"])
+    data_args = dict(job.data.get("init_args") or {})
+    if job.category is not None:
+        data_args["category"] = job.category
+    data_args.setdefault("seed", job.seed)
+    torch.manual_seed(job.seed)
+    recorder = TestRecorder(maps_dir=job.maps_dir, seed=job.seed)
+    with PeakMemory() as memory:
+        model = build_model(job.model, config.random_weights, job.seed, config.feature_pipeline)
+        datamodule = data_class(**data_args)
+        engine = Engine(
+            default_root_dir=job.root, devices=1, logger=False, callbacks=[recorder], enable_progress_bar=on_terminal()
+        )
+        started = time.perf_counter()
+        engine.fit(model, datamodule=datamodule)
+        fit_seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        results = engine.test(model, datamodule=datamodule, verbose=False)[0]
+        test_seconds = time.perf_counter() - started
+    pipeline = getattr(model, "feature_pipeline", None)
+    accuracy, undefined = _defined_aurocs(results, datamodule)
+    pixels = {"scores": recorder.pixel_scores, "targets": recorder.pixel_targets, "summary": recorder.pixel_summary()}
+    recorder.save_maps()
+    write_rows(job.images_file, recorder.rows)
+    write_atomically(job.pixels_file, lambda path: torch.save(pixels, path))
+    return {
+        "model": job.model_name if pipeline is None else f"{job.model_name} ({pipeline})",
+        "data": data_class.__name__,
+        "category": job.category,
+        "seed": job.seed,
+        **accuracy,
+        "image_F1Score": results.get("image_F1Score"),
+        "fit_seconds": fit_seconds,
+        "images_per_second": len(datamodule.test_data) / test_seconds,
+        "peak_memory_mb": memory.peak_mb,
+        "weights": weights_label(getattr(model, "hparams", {}), config.random_weights),
+        "undefined": "; ".join(undefined),
+        "error": "",
+    }
+
+
+def _defined_aurocs(results: dict[str, Any], datamodule: Any) -> tuple[dict[str, float | None], list[str]]:
+    """Image and pixel AUROC of a test run, ``None`` where undefined, and the reasons.
+
+    Image AUROC is undefined when the test split holds one label only (anomalib's metric then
+    reports 0.0 for most models); either AUROC is undefined where the metric returned NaN (Mvfa's
+    metrics do so, with the reason in the log).
+    """
+    values: dict[str, float | None] = {key: results.get(key) for key in ("image_AUROC", "pixel_AUROC")}
+    reasons = []
+    samples = getattr(getattr(datamodule, "test_data", None), "samples", None)
+    labels = torch.tensor(samples.label_index.tolist()) if samples is not None and "label_index" in samples else None
+    reason = None if labels is None else undefined_auroc_reason(labels, "image_AUROC")
+    if reason is not None:
+        values["image_AUROC"] = None
+        reasons.append(reason)
+    for key, value in values.items():
+        if value is not None and math.isnan(float(value)):
+            values[key] = None
+            reasons.append(f"{key} is undefined: the metric returned NaN (one class only among its targets)")
+    return values, reasons
+
+
+def _bind_device(device: int | None) -> None:
+    """Job process initialiser: see only GPU ``device`` (``None``: no GPU binding)."""
+    if device is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = str(device)
+
+
+def _print_metrics(row: dict[str, Any]) -> None:
+    if row.get("error"):
+        say(f"    FAILED: {row['error']}")
+        return
+    say("    " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row[m] is not None))
+
+
+def failed_row(job: Job, config: BenchmarkConfig, error: BaseException) -> dict[str, Any]:
+    """The row of a job that failed: its names, no figures, and what went wrong."""
+    if isinstance(error, BrokenProcessPool):
+        reason = "its process died (killed by the system, for example for lack of memory)"
+    else:
+        reason = f"{type(error).__name__}: {error}"
+    return {
+        "model": job.model_name,
+        "data": job.data_name,
+        "category": job.category,
+        "seed": job.seed,
+        **dict.fromkeys(METRICS),
+        "weights": weights_label(job.model.get("init_args") or {}, config.random_weights),
+        "undefined": "",
+        "error": reason.splitlines()[0][:300],
+    }
+
+
+def _run_isolated(job: Job, config: BenchmarkConfig, device: int | None) -> dict[str, Any]:
+    """Run ``job`` in a new process of its own (spawned: CUDA cannot be shared with forked processes)."""
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context, initializer=_bind_device, initargs=(device,)) as pool:
+        return pool.submit(run_job, job, config).result()
+
+
+def run_jobs(
+    jobs: list[Job], config: BenchmarkConfig, workers: int, gpus: int, isolate: bool = True
+) -> list[dict[str, Any]]:
+    """Rows of all ``jobs`` in grid order, ``workers`` at a time.
+
+    With ``isolate`` (default) every job runs in a new process of its own, so that no job can
+    change what the next one measures (memory, global settings) and the peak-memory column is the
+    job's own; worker slot ``i`` binds its jobs to GPU ``i % gpus``. Without, jobs run one after
+    another in this process. A job that fails, its process killed included, gets a row that says
+    so, and the other jobs still run.
+    """
+    rows: list[dict[str, Any] | None] = [None] * len(jobs)
+    slots: queue.Queue[int | None] = queue.Queue()
+    for worker in range(max(workers, 1)):
+        slots.put(worker % gpus if gpus else None)
+
+    def run_one(number: int) -> None:
+        job = jobs[number - 1]
+        device = slots.get()
+        try:
+            where = f" (GPU {device})" if device is not None else ""
+            say(f"[{number}/{len(jobs)}] {job.describe()}{where}")
+            try:
+                rows[number - 1] = _run_isolated(job, config, device) if isolate else run_job(job, config)
+            except Exception as error:  # reported in the job's row; the other jobs go on
+                logger.exception("Benchmark job %s failed", job.describe())
+                rows[number - 1] = failed_row(job, config, error)
+            _print_metrics(rows[number - 1])
+            bar.update()
+        finally:
+            slots.put(device)
+
+    with overall_bar(len(jobs), "benchmark") as bar:
+        if not isolate or workers <= 1:
+            for number in range(1, len(jobs) + 1):
+                run_one(number)
+        else:
+            with ThreadPoolExecutor(workers) as threads:
+                list(threads.map(run_one, range(1, len(jobs) + 1)))
+    return rows

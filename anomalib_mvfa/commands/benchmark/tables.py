@@ -1,0 +1,71 @@
+"""The benchmark's tables: every job's row (``benchmark.csv``) and mean ± std over seeds (``benchmark.md``).
+
+Example:
+    >>> row = {"model": "Patchcore", "data": "MVTecAD", "category": "bottle", "seed": 0, "weights": "pretrained",
+    ...        **dict.fromkeys(METRICS, 1.0)}
+    >>> summary_rows([row])[0]["image_AUROC"]
+    '1'
+"""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from ...reports.results import write_rows
+from ...utils import write_atomically
+from .config import METRICS, RANDOM_WEIGHTS
+
+__all__ = ["describe_row", "summary_rows", "summary_table", "write_tables"]
+
+
+def describe_row(row: dict[str, Any]) -> str:
+    """``Mvfa on MVTecAD bottle seed 0`` for a result row."""
+    return f"{row['model']} on {row['data']} {row['category'] or ''} seed {row['seed']}"
+
+
+def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """One row per model, data and category: the seeds that ran and each metric's mean ± std, as text."""
+    groups: dict[tuple, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault((row["model"], row["data"], row["category"], row["weights"]), []).append(row)
+    summary = []
+    for (model, data, category, weights), group in groups.items():
+        cells = {"model": model, "data": data, "category": str(category)}
+        cells["seeds"] = str(sum(not row.get("error") for row in group))
+        for metric in METRICS:
+            values = [float(row[metric]) for row in group if row[metric] not in (None, "")]
+            if not values:
+                undefined = any(metric in str(row.get("undefined", "")) for row in group)
+                cells[metric] = "" if undefined else "-"
+                continue
+            spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
+            cells[metric] = f"{statistics.fmean(values):.4g}{spread}"
+        cells["weights"] = weights
+        summary.append(cells)
+    return summary
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table: one line per model, data and category, mean ± std over seeds."""
+    header = ["model", "data", "category", "seeds", *METRICS, "weights"]
+    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(cells[key] for key in header) + " |" for cells in summary_rows(rows)]
+    reasons = sorted({reason for row in rows for reason in str(row.get("undefined") or "").split("; ") if reason})
+    if reasons:
+        lines += ["", "Empty cells (and means over fewer seeds): undefined metrics, left out. " + "; ".join(reasons)]
+    failures = [f"{describe_row(row)}: {row['error']}" for row in rows if row.get("error")]
+    if failures:
+        lines += ["", "Failed jobs (left out of the means): " + "; ".join(failures)]
+    return "\n".join(lines) + "\n"
+
+
+def write_tables(rows: list[dict[str, Any]], output: Path) -> str:
+    """Write ``benchmark.csv`` and ``benchmark.md`` into ``output``; return the Markdown text."""
+    write_rows(output / "benchmark.csv", rows)
+    random_rows = any(row["weights"] == RANDOM_WEIGHTS for row in rows)
+    note = "\nRandom weights: speed figures only, their accuracy columns mean nothing.\n" if random_rows else ""
+    text = summary_table(rows) + note
+    write_atomically(output / "benchmark.md", lambda path: Path(path).write_text(text))
+    return text
