@@ -73,6 +73,60 @@ def require_internal(owner: Any, attribute: str, library: str, purpose: str) -> 
 # ------------------------------------------------------------------------------------------------
 
 
+def redirect_loop_data(loop: Any, model: Any) -> tuple[Any, str] | None:
+    """Make one of Lightning's loops ask ``model``'s dataloader hook for its data; the source it had before.
+
+    ``Mvfa`` serves its own training set (the augmented support set, not the datamodule's
+    training split) and, under DDP, evaluation loaders without repeated images, without
+    modifying the user's datamodule. No public way exists: ``Trainer.fit/validate/test(datamodule=...)``
+    make the datamodule the source of every loop, a ``LightningModule``'s ``train_dataloader``,
+    ``val_dataloader`` and ``test_dataloader`` hooks are called only when neither a datamodule nor
+    loaders were passed (both cannot be passed to ``fit``), anomalib's ``Engine`` always passes the
+    user's datamodule, and a loop's source is kept in its private ``_data_source`` (a
+    ``_DataLoaderSource`` with public ``instance`` and ``name``). Loaders are requested from the
+    source when the loop starts, after the model's ``setup`` hook, where this is called.
+
+    Args:
+        loop: ``trainer.fit_loop``, ``trainer.fit_loop.epoch_loop.val_loop``, ``trainer.validate_loop``
+            or ``trainer.test_loop``.
+        model: The LightningModule whose hook (the loop's hook name) serves the loaders from now on.
+
+    Returns:
+        ``(instance, hook name)`` of the loop's previous source (a datamodule, or loaders passed
+        directly), or ``None`` when it had none or was already ``model``.
+
+    Example:
+        >>> previous = redirect_loop_data(trainer.test_loop, model)  # doctest: +SKIP
+        >>> previous  # doctest: +SKIP
+        (<anomalib.data.MVTecAD object at ...>, 'test_dataloader')
+    """
+    purpose = "serving Mvfa's own dataloaders (support set, unrepeated DDP shards) to its loops"
+    source = require_internal(loop, "_data_source", "lightning", purpose)
+    previous = require_internal(source, "instance", "lightning", purpose)
+    name = require_internal(source, "name", "lightning", purpose)
+    if previous is model:
+        return None
+    source.instance = model
+    return None if previous is None else (previous, name)
+
+
+def set_default_root_dir(trainer: Any, folder: str) -> None:
+    """Make ``trainer.default_root_dir`` return ``folder``.
+
+    Under DDP, anomalib's ``Engine`` makes a new versioned run folder in every process that the
+    launcher starts; the processes must share the first one's, where anomalib's visualiser and
+    Mvfa write (every process writes the images it scored). No public way exists:
+    ``Trainer.default_root_dir`` is a property without a setter over the private
+    ``_default_root_dir`` (set once from the ``Trainer`` argument), and the trainer is built
+    inside anomalib's ``Engine`` before any process group exists.
+
+    Example:
+        >>> set_default_root_dir(trainer, "results/Mvfa/MVTecAD/bottle/v0")  # doctest: +SKIP
+    """
+    require_internal(trainer, "_default_root_dir", "lightning", "sharing one run folder between DDP processes")
+    trainer._default_root_dir = folder
+
+
 # ------------------------------------------------------------------------------------------------
 # anomalib datasets (owned by data/)
 # ------------------------------------------------------------------------------------------------

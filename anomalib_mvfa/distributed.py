@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,8 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning_utilities.core.apply_func import apply_to_collection
 from torch.utils.data import DataLoader
+
+from ._compat import redirect_loop_data, set_default_root_dir
 
 logger = logging.getLogger(__name__)
 
@@ -100,11 +103,29 @@ def unrepeated_loader(loader: DataLoader, replicas: int, rank: int) -> DataLoade
     )
 
 
+def process_share(loader: DataLoader) -> tuple[DataLoader, list[int]]:
+    """``loader`` with this process's unrepeated share of its dataset, and the dataset indices of that share.
+
+    The same shards as :class:`EvaluationSharding` gives Lightning's loops (every N-th item, none
+    repeated); :func:`gather_shards` puts the processes' rows back in dataset order. Outside a process
+    group, the whole dataset in order.
+
+    Example:
+        >>> shard, indices = process_share(DataLoader(list(range(5)), batch_size=2))  # one process
+        >>> indices
+        [0, 1, 2, 3, 4]
+    """
+    rank, processes = process_rank_and_count()
+    shard = unrepeated_loader(loader, replicas=processes, rank=rank)
+    return shard, list(shard.sampler)
+
+
 class EvaluationSharding:
     """Where a distributed run's validation and test loaders come from, served without repeats.
 
     :meth:`install` points Lightning's validation and test loops at the model (whose
-    ``val_dataloader``/``test_dataloader`` call :meth:`loaders`), remembering their sources.
+    ``val_dataloader``/``test_dataloader`` call :meth:`loaders`), remembering their sources
+    (:func:`~anomalib_mvfa._compat.redirect_loop_data`).
     """
 
     def __init__(self) -> None:
@@ -124,18 +145,9 @@ class EvaluationSharding:
         }
         for hook, hook_loops in loops.items():
             for loop in hook_loops:
-                source = getattr(loop, "_data_source", None)
-                if source is None or not hasattr(source, "instance"):
-                    msg = (
-                        "Mvfa cannot shard evaluation for this Lightning version (no _data_source on its loops); "
-                        "install a Lightning version that anomalib-mvfa supports (see its pyproject.toml)."
-                    )
-                    raise RuntimeError(msg)
-                if source.instance is model:
-                    continue
-                if source.instance is not None:
-                    self.sources[hook] = _Source(source.instance, source.name)
-                source.instance = model
+                previous = redirect_loop_data(loop, model)
+                if previous is not None:
+                    self.sources[hook] = _Source(*previous)
 
     def loaders(self, hook: str, trainer: Any) -> Any:
         """The loaders of ``hook``'s source, each with this process's unrepeated share; ``[]`` without one."""
@@ -146,6 +158,22 @@ class EvaluationSharding:
         return apply_to_collection(
             loaders, DataLoader, unrepeated_loader, replicas=trainer.world_size, rank=trainer.global_rank
         )
+
+
+def sharded_loaders_hook(hook: str) -> Callable[[Any], Any]:
+    """A ``val_dataloader`` or ``test_dataloader`` hook serving the model's ``evaluation_sharding`` loaders.
+
+    Example:
+        >>> class Model(LightningModule):
+        ...     val_dataloader = sharded_loaders_hook("val_dataloader")  # doctest: +SKIP
+    """
+
+    def loaders(model: Any) -> Any:
+        return model.evaluation_sharding.loaders(hook, model.trainer)
+
+    loaders.__name__ = loaders.__qualname__ = hook
+    loaders.__doc__ = f"Under DDP, the datamodule's ``{hook}`` loaders with every image scored once, by one process."
+    return loaders
 
 
 class _Source:
@@ -170,12 +198,12 @@ def share_run_folder(trainer: Any) -> None:
     first process's, removes its own while it is still empty, and the first process points the
     ``latest`` link back at its folder.
     """
-    if trainer.world_size == 1 or not hasattr(trainer, "_default_root_dir"):
+    if trainer.world_size == 1:
         return
     own = Path(trainer.default_root_dir)
     shared = Path(trainer.strategy.broadcast(str(own), src=0))
     if shared != own:
-        trainer._default_root_dir = str(shared)  # Lightning has no setter
+        set_default_root_dir(trainer, str(shared))
         if own.is_dir() and not any(path.is_file() for path in own.rglob("*")):
             for folder in sorted((path for path in own.rglob("*") if path.is_dir()), reverse=True):
                 folder.rmdir()

@@ -18,11 +18,10 @@ from anomalib.engine import Engine
 from lightning.pytorch import Callback
 from torch.nn import functional as F  # noqa: N812
 
-from anomalib_mvfa import Mvfa
+from anomalib_mvfa import Mvfa, run_files
 from anomalib_mvfa.commands import main
 from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, VolumeMapWriter
 from anomalib_mvfa.loss import MvfaLoss, dice_loss, focal_loss
-from anomalib_mvfa.support import callback as support_callback
 from anomalib_mvfa.torch_model import TrainingOutputs
 
 from .conftest import TINY_IMAGE_SIZE, folder_datamodule, write_dataset
@@ -88,7 +87,7 @@ class RecordRunFiles(Callback):
 
     def setup(self, trainer, pl_module, stage) -> None:
         rank, folder = trainer.global_rank, self.folder
-        write, save = support_callback.write_atomically, type(pl_module).save_adapters
+        write, save = run_files.write_atomically, type(pl_module).save_adapters
 
         def record(kind: str) -> None:
             with open(folder / f"{kind}.txt", "a") as file:
@@ -102,7 +101,7 @@ class RecordRunFiles(Callback):
             record("adapters")
             return save(model, path)
 
-        support_callback.write_atomically = recorded_write  # this process's module only (spawned processes)
+        run_files.write_atomically = recorded_write  # this process's module only (spawned processes)
         type(pl_module).save_adapters = recorded_save
 
 

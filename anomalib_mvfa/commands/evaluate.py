@@ -36,11 +36,11 @@ from pathlib import Path
 import torch
 from anomalib.engine import Engine
 from lightning.pytorch.utilities import rank_zero_only
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from ..data.medical import MEDICAL_CATEGORIES, MedicalAD
-from ..distributed import gather_shards, process_rank_and_count
+from ..distributed import gather_shards, process_share
 from ..errors import MvfaInputError
 from ..lightning_model import Mvfa
 from ..metrics import exact_auroc, undefined_auroc_reason
@@ -160,20 +160,17 @@ def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) ->
     """Score the datamodule's test split with the model's own scoring (:meth:`MvfaModel.score`).
 
     The datamodule and its test dataset are read, not changed (set up first if they are not yet).
-    In a process group (DDP), each process scores every N-th image and all of them are gathered,
-    in order, before anything is normalised: every process returns the whole split's scores.
+    In a process group (DDP), each process scores its unrepeated share of the images, as Lightning's
+    test loop of ``Mvfa`` does (:func:`~anomalib_mvfa.distributed.process_share`), and all of them are
+    gathered, in order, before anything is normalised: every process returns the whole split's scores.
     """
     if getattr(datamodule, "test_data", None) is None:
         datamodule.setup()
     test_data = datamodule.test_data
-    rank, processes = process_rank_and_count()
-    indices = list(range(rank, len(test_data), processes))
-    loader = DataLoader(
-        Subset(ResizedItems(test_data, model.image_size), indices),
-        batch_size=batch_size,
-        shuffle=False,
-        collate_fn=test_data.collate_fn,
+    whole = DataLoader(
+        ResizedItems(test_data, model.image_size), batch_size=batch_size, shuffle=False, collate_fn=test_data.collate_fn
     )
+    loader, indices = process_share(whole)
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {}
     for batch in job_bar(loader, len(loader), "scoring the test split"):

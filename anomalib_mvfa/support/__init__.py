@@ -3,8 +3,9 @@
 - :mod:`.selection`: settings, sources (training split, folders, synthetic, validation) and seeded draws;
 - :mod:`.augmentation`: MVFA's 11 variants of every support image;
 - :mod:`.datasets`: what the fit loop iterates over (:class:`TrainingSet`);
-- :mod:`.callback`: :class:`FewShotMemoryBankCallback`, which selects and serves the support set
-  and builds the memory banks.
+- :mod:`.service`: :class:`FewShotSupport`, the support set of one model: drawn, served and handed
+  over for the memory banks, from the model's own hooks (it never calls the model);
+- :mod:`.callback`: :class:`FewShotMemoryBankCallback`, which keeps the selected files in checkpoints.
 
 Example:
     >>> from anomalib_mvfa.support import SupportSettings, draw_normal
@@ -14,7 +15,7 @@ Example:
 """
 
 from .augmentation import SupportSet, augment_support_set
-from .callback import ADAPTER_FILE, SUPPORT_RECORD, FewShotMemoryBankCallback, SupportedModel
+from .callback import FewShotMemoryBankCallback
 from .datasets import (
     EpochShuffleSampler,
     LabelledDataset,
@@ -36,6 +37,7 @@ from .selection import (
     resize_mask,
     synthesize_abnormal,
 )
+from .service import ADAPTER_FILE, SUPPORT_RECORD, FewShotSupport
 
 __all__ = [
     "ABNORMAL_SOURCES",
@@ -43,13 +45,13 @@ __all__ = [
     "SUPPORT_RECORD",
     "EpochShuffleSampler",
     "FewShotMemoryBankCallback",
+    "FewShotSupport",
     "LabelledDataset",
     "SupportBatch",
     "SupportDataset",
     "SupportImages",
     "SupportSet",
     "SupportSettings",
-    "SupportedModel",
     "TrainingSet",
     "augment_support_set",
     "draw_abnormal",

@@ -1,7 +1,7 @@
 """What MVFA's fit loop iterates over: augmented support sets and labelled zero-shot images.
 
-:class:`TrainingSet` is what :class:`~anomalib_mvfa.support.FewShotMemoryBankCallback` hands the
-model (``Mvfa.train_on``): a dataset whose items are ``(image, mask, label, has_mask,
+:class:`TrainingSet` is what :meth:`~anomalib_mvfa.support.FewShotSupport.training_set` returns
+to the model at a fit's setup: a dataset whose items are ``(image, mask, label, has_mask,
 class_index, index)``, how to batch and shuffle it, and what the model may precompute from it.
 
 Example:

@@ -51,8 +51,6 @@ class SupportSettings:
         abnormal_source: ``"auto"``, ``"synthetic"``, ``"validation"``, ``"train"`` or a folder.
         few_shot_source: Folder of normal support images instead of the training split.
         batch_size: Support images per optimisation step.
-        train_adapters: Whether the fit trains adapters (``epochs > 0``).
-        feature_pipeline: Recorded in ``support_set.json`` beside the selected files.
 
     Example:
         >>> SupportSettings(k_shot=4, abnormal_source="synthetic").seed
@@ -65,8 +63,6 @@ class SupportSettings:
     abnormal_source: str = "auto"
     few_shot_source: str | None = None
     batch_size: int = 1
-    train_adapters: bool = True
-    feature_pipeline: str | None = None
 
 
 @dataclass
