@@ -153,11 +153,32 @@ def lightning_model_imports(
 
 
 def global_warning_filters(source: str) -> Iterator[str]:
-    """``warnings.filterwarnings``/``simplefilter`` outside ``with warnings.catch_warnings()``, without ``module=``."""
+    """``warnings.filterwarnings``/``simplefilter`` outside a ``warnings.catch_warnings()`` scope, without ``module=``.
+
+    A scope is a ``with warnings.catch_warnings():`` block, or a function that enters one by hand
+    (``scope = warnings.catch_warnings()`` then ``scope.__enter__()``, for a scope that spans callbacks).
+    """
+
+    def enters_a_scope(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
+        scopes = {
+            ast.unparse(target)
+            for node in ast.walk(function)
+            if isinstance(node, ast.Assign) and "catch_warnings(" in ast.unparse(node.value)
+            for target in node.targets
+        }
+        return any(
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute)
+            and node.func.attr == "__enter__"
+            and ast.unparse(node.func.value) in scopes
+            for node in ast.walk(function)
+        )
 
     def visit(node: ast.AST, guarded: bool) -> Iterator[str]:
         if isinstance(node, ast.With | ast.AsyncWith):
             guarded = guarded or any("catch_warnings" in ast.unparse(item.context_expr) for item in node.items)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            guarded = guarded or enters_a_scope(node)
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Attribute)
@@ -210,6 +231,10 @@ def test_each_rule_finds_a_planted_violation() -> None:
         global_warning_filters("import warnings\nwith warnings.catch_warnings():\n    warnings.simplefilter('ignore')")
     )
     assert not list(global_warning_filters("import warnings\nwarnings.filterwarnings('ignore', module='timm')"))
+    entered = "def f(self):\n    self.scope = warnings.catch_warnings()\n    self.scope.__enter__()\n"
+    assert not list(global_warning_filters(f"import warnings\n{entered}    warnings.simplefilter('ignore')"))
+    not_entered = "def f(self):\n    self.scope = warnings.catch_warnings()\n    other.__enter__()\n"
+    assert list(global_warning_filters(f"import warnings\n{not_entered}    warnings.simplefilter('ignore')"))
     assert class_lengths("class A:\n    x = 1\n\n    def f(self):\n        pass\n") == {"A": 5}
 
 

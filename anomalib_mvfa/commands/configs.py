@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import argparse
 from importlib import resources
-from importlib.resources.abc import Traversable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..errors import MvfaFileNotFoundError, MvfaInputError
+
+if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; importlib.abc's Traversable on 3.10
+    from importlib.resources.abc import Traversable
 
 __all__ = ["add_arguments", "run", "shipped_configs"]
 
