@@ -18,10 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import open_clip
+import pydicom
 import pytest
 import torch
 from anomalib.engine import Engine
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from anomalib_mvfa import Mvfa, MvfaModel
 from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip, resolve_model_config
@@ -243,6 +245,19 @@ def bad_test_files_before_training(tmp: Path) -> None:
     fit_on_medical(root, tmp, k_shot=2)
 
 
+def broken_scans_before_training(tmp: Path) -> None:
+    """DICOM files that decode only partly or not at all: found by the check before the fit trains."""
+    root = medical(tmp)
+    folder = root / "Brain_AD" / "test" / "good" / "img"
+    lying = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    lying.NumberOfFrames = 3  # one frame of data
+    lying.save_as(folder / "zz_frames.dcm")
+    flat = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    flat.WindowCenter, flat.WindowWidth, flat.VOILUTFunction = 40, 0, "SIGMOID"
+    flat.save_as(folder / "zz_sigmoid.dcm")
+    fit_on_medical(root, tmp, k_shot=2)
+
+
 def masks_all_empty(tmp: Path) -> None:
     root = medical(tmp)
     for mask in (root / "Brain_AD" / "test" / "Ungood" / "anomaly_mask").iterdir():
@@ -372,6 +387,14 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         r"3 file problem\(s\) in the splits this run uses, found before it started: "
         r"test: Mask '.*anomaly_mask/.*' is \(20, 30\) pixels but its image '.*' is \(48, 48\); "
         r"test: '.*zz_empty\.png' is empty \(0 bytes\); test: '.*zz_garbage\.png' cannot be decoded",
+    ),
+    "DICOM files that fail after training, found when the fit starts": (
+        broken_scans_before_training,
+        ValueError,
+        r"2 file problem\(s\) in the splits this run uses, found before it started: "
+        r"test: DICOM '.*zz_frames\.dcm' declares 3 frame\(s\) of 128 x 128 pixels x 1 sample\(s\) x 16 bits = "
+        r"98304 bytes of pixel data but holds 32768: the file is truncated or its header is wrong; "
+        r"test: DICOM '.*zz_sigmoid\.dcm' has window width 0 with VOI LUT function SIGMOID",
     ),
     "every mask of a folder empty": (
         masks_all_empty,

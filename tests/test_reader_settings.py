@@ -36,6 +36,7 @@ EVERY_SETTING = {
     "time_point": 1,
     "skip_empty_slices": True,
     "non_image_files": "error",
+    "max_decoded_bytes": 1_000_000,
 }
 # a volume of 8 x 6 x 3 voxels at two time points: all 0.2 at the first; at the second, axial slice 0
 # holds only the background (0.1) and slices 1 and 2 tissue (0.8)
@@ -128,6 +129,7 @@ def test_every_setting_reaches_each_datamodule_from_the_command_line(kind, scans
         "--data.reader.intensity", "window", "--data.reader.window", "[0, 4]", "--data.reader.percentiles", "[1, 99]",
         "--data.reader.slice_axis", "coronal", "--data.reader.time_point", "1",
         "--data.reader.skip_empty_slices", "true", "--data.reader.non_image_files", "error",
+        "--data.reader.max_decoded_bytes", "1000000",
     ]  # fmt: skip
     datamodule = cli_datamodule(kind, scans, tmp_path, *reader_args)
     assert type(datamodule).__name__ == kind
@@ -147,6 +149,18 @@ def test_the_command_line_without_reader_options_reads_with_the_default_reader(k
     datamodule = cli_datamodule(kind, scans, tmp_path)
     assert datamodule.reader == DEFAULT_READER
     assert all(name.split("#")[1] in {"axial=000", "axial=001", "axial=002"} for name in read_samples(datamodule))
+
+
+@pytest.mark.parametrize("kind", DATAMODULES)
+def test_max_decoded_bytes_from_the_command_line_refuses_larger_volumes(kind, scans, tmp_path) -> None:
+    datamodule = cli_datamodule(kind, scans, tmp_path, "--data.reader.max_decoded_bytes", "500")
+    assert datamodule.reader.max_decoded_bytes == 500
+    message = (
+        r"NIfTI '.*\.nii\.gz' declares 8 x 6 x 3 voxels x 4 bytes \(one time point, decoded\) = 576 bytes of decoded "
+        r"pixel data, more than the reader's max_decoded_bytes=500 \(500 bytes\)"
+    )
+    with pytest.raises(MvfaInputError, match=message):
+        datamodule.setup()
 
 
 def test_a_config_file_nests_the_reader_settings(scans, tmp_path) -> None:

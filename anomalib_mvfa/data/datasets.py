@@ -140,7 +140,7 @@ def file_sample_rows(
     if mask is not None:
         if file_format(path) == "nifti":
             nifti.check_label_volume(path, mask)
-            volume, _ = nifti.canonical_volume(mask, reader.time_point)
+            volume, _ = nifti.canonical_volume(mask, reader.time_point, reader.budget)
             axis = nifti.SLICE_AXES[reader.slice_axis]
             others = tuple(dim for dim in range(3) if dim != axis)
             marked = (volume != 0).any(axis=others)

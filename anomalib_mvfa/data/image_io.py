@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from ..errors import MvfaInputError
+from .budget import check_budget
 from .intensity import Intensity, dtype_range, scale_values
 
 # what anomalib and torchvision list as images, and a few more formats PIL reads
@@ -47,6 +48,25 @@ def _open(path: str | Path) -> Image.Image:
     except Exception as error:
         msg = f"Image '{path}' cannot be decoded: {error}"
         raise MvfaInputError(msg) from error
+
+
+def _bytes_per_band(mode: str) -> int:
+    """Bytes of one decoded value of a PIL mode: 2 for ``I;16*``, 4 for ``I`` and ``F``, else 1."""
+    if mode.startswith("I;16"):
+        return 2
+    return 4 if mode in {"I", "F"} or mode.startswith("I;32") else 1
+
+
+def check_pixels(image: Image.Image, path: str | Path, max_decoded_bytes: int | None = None) -> None:
+    """Refuse an opened image (its current page) whose header declares more than ``max_decoded_bytes``, before loading.
+
+    Raises:
+        MvfaInputError: Naming the file, its pixels and the setting.
+    """
+    width, height = image.size
+    bands, size = len(image.getbands()), _bytes_per_band(image.mode)
+    layout = f"{width} x {height} pixels x {bands} band(s) x {size} byte(s) ({image.format} {image.mode})"
+    check_budget(path, "Image", layout, width * height * bands * size, max_decoded_bytes)
 
 
 def page_count(path: str | Path) -> int:
@@ -108,18 +128,23 @@ def _declared_range(path: str | Path, image: Image.Image) -> tuple[float, float]
     return None
 
 
-def _decoded(path: str | Path, page: int) -> tuple[np.ndarray, np.dtype, tuple[float, float] | None]:
-    """``H x W x C`` values, the stored type and the declared range of one page."""
+def _decoded(
+    path: str | Path, page: int, max_decoded_bytes: int | None = None
+) -> tuple[np.ndarray, np.dtype, tuple[float, float] | None]:
+    """``H x W x C`` values, the stored type and the declared range of one page (checked by :func:`check_pixels`)."""
     with _open(path) as image:
         try:
             if page:
                 image.seek(page)
+            check_pixels(image, path, max_decoded_bytes)
             oriented = ImageOps.exif_transpose(image)
             converted = oriented.convert(_TO_RGB[oriented.mode]) if oriented.mode in _TO_RGB else oriented
             array = np.asarray(converted)
         except EOFError as error:
             msg = f"Image '{path}' has no page {page}: it has {page_count(path)}."
             raise MvfaInputError(msg) from error
+        except MvfaInputError:
+            raise
         except Exception as error:
             msg = f"Image '{path}' cannot be decoded: {error}"
             raise MvfaInputError(msg) from error
@@ -128,18 +153,21 @@ def _decoded(path: str | Path, page: int) -> tuple[np.ndarray, np.dtype, tuple[f
     return (array if array.ndim == 3 else array[..., None]), stored, declared
 
 
-def read_plain_image(path: str | Path, page: int = 0, intensity: Intensity | None = None) -> np.ndarray:
+def read_plain_image(
+    path: str | Path, page: int = 0, intensity: Intensity | None = None, max_decoded_bytes: int | None = None
+) -> np.ndarray:
     """One page of an image file as ``H x W x 3`` float32 in ``[0, 1]``.
 
     Args:
         path: The file.
         page: Page of a multi-page TIFF.
         intensity: How values become ``[0, 1]``; ``Intensity()`` (``"auto"``) by default.
+        max_decoded_bytes: The most decoded bytes the page may declare (:func:`check_pixels`).
 
     Raises:
-        ValueError: If the file or page cannot be decoded, naming it.
+        ValueError: If the file or page cannot be decoded or declares more than ``max_decoded_bytes``, naming it.
     """
-    array, stored, declared = _decoded(path, page)
+    array, stored, declared = _decoded(path, page, max_decoded_bytes)
     grey = array.shape[-1] < 3
     unit = scale_values(
         array[..., :1] if grey else array[..., :3],  # percentiles of the grey values themselves
@@ -151,7 +179,7 @@ def read_plain_image(path: str | Path, page: int = 0, intensity: Intensity | Non
     return np.repeat(unit, 3, axis=-1) if grey else unit
 
 
-def mask_values(path: str | Path, page: int = 0) -> tuple[np.ndarray, float]:
+def mask_values(path: str | Path, page: int = 0, max_decoded_bytes: int | None = None) -> tuple[np.ndarray, float]:
     """``H x W`` mask values as fractions of the type range, the maximum over the channels that vary.
 
     Channels that are the same everywhere (an opaque alpha, an unused colour) carry no annotation;
@@ -162,9 +190,10 @@ def mask_values(path: str | Path, page: int = 0) -> tuple[np.ndarray, float]:
     """
     with _open(path) as image:
         if image.mode in {"P", "PA"}:
+            check_pixels(image, path, max_decoded_bytes)
             oriented = ImageOps.exif_transpose(image)
             return np.asarray(oriented.getchannel(0), dtype=np.float32) / 255.0, 255.0
-    array, stored, _ = _decoded(path, page)
+    array, stored, _ = _decoded(path, page, max_decoded_bytes)
     _, high = dtype_range(stored)
     scaled = (
         np.clip(array.astype(np.float32), 0.0, 1.0)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MvfaInputError
+from .budget import check_budget, check_held
 from .intensity import Intensity, dtype_range, percentile_range, scale_values
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -58,6 +59,42 @@ def _load(path: str | Path) -> Any:
         raise MvfaInputError(msg) from error
 
 
+def check_layout(path: str | Path, time_point: int = 0, max_decoded_bytes: int | None = None) -> tuple[int, ...]:
+    """Check what the header declares before anything is read; the volume's shape.
+
+    Complex values are refused (a slice of them has no one grey value); an uncompressed file must
+    hold the bytes its dimensions and data type declare; one time point (what a read decodes)
+    decoded to float32 must be within ``max_decoded_bytes`` (:mod:`~anomalib_mvfa.data.budget`).
+
+    Raises:
+        MvfaInputError: Naming the file and what it declares.
+    """
+    image = _load(path)
+    shape = tuple(int(size) for size in image.shape)
+    _check_time_point(path, shape, time_point)
+    offset = getattr(image.dataobj, "offset", None)  # where the data starts in the file
+    if offset is None or not hasattr(image.header, "get_data_dtype"):
+        msg = f"NIfTI '{path}' is read by nibabel as a {type(image).__name__}: expected a NIfTI-1 or NIfTI-2 volume."
+        raise MvfaInputError(msg)
+    dtype = image.header.get_data_dtype()
+    if dtype.kind == "c":
+        msg = (
+            f"NIfTI '{path}' stores complex values ({dtype.name}): expected real values. Save the magnitude "
+            "(numpy.abs) or the phase (numpy.angle) as a volume of real numbers."
+        )
+        raise MvfaInputError(msg)
+    layout = f"{' x '.join(str(size) for size in shape)} voxels of {dtype.name}"
+    if not str(path).lower().endswith(".gz"):  # nibabel tells compression by the name too
+        held = max(Path(path).stat().st_size - int(offset), 0)
+        check_held(path, "NIfTI", layout, int(np.prod(shape, dtype=object)) * dtype.itemsize, held)
+    # a read holds one time point as float32 (or wider stored values)
+    decoded_size = max(dtype.itemsize, np.dtype(np.float32).itemsize)
+    one_time_point = int(np.prod(shape[:3], dtype=object)) * decoded_size
+    decoded = f"{' x '.join(map(str, shape[:3]))} voxels x {decoded_size} bytes (one time point, decoded)"
+    check_budget(path, "NIfTI", decoded, one_time_point, max_decoded_bytes)
+    return shape
+
+
 def _check_time_point(path: str | Path, shape: tuple[int, ...], time_point: int) -> None:
     if len(shape) < 2 or len(shape) > 4 or (len(shape) == 4 and not 0 <= time_point < shape[3]):
         if len(shape) == 4:
@@ -87,8 +124,9 @@ def canonical_shape(path: str | Path, time_point: int = 0) -> tuple[int, int, in
     return canonical[0], canonical[1], canonical[2]
 
 
-def slice_count(path: str | Path, axis: str, time_point: int = 0) -> int:
-    """Number of slices along ``axis`` (``"axial"``, ``"coronal"``, ``"sagittal"``)."""
+def slice_count(path: str | Path, axis: str, time_point: int = 0, max_decoded_bytes: int | None = None) -> int:
+    """Number of slices along ``axis`` (``"axial"``, ``"coronal"``, ``"sagittal"``), after :func:`check_layout`."""
+    check_layout(path, time_point, max_decoded_bytes)
     return canonical_shape(path, time_point)[SLICE_AXES[axis]]
 
 
@@ -110,8 +148,14 @@ def _canonical_volume(path: str, time_point: int, modified: int) -> tuple[np.nda
     return np.ascontiguousarray(apply_orientation(data, _orientation(image))), header
 
 
-def canonical_volume(path: str | Path, time_point: int = 0) -> tuple[np.ndarray, Any]:
-    """Cached :func:`_canonical_volume` (the last :data:`CACHED_VOLUMES` volumes of this process)."""
+def canonical_volume(
+    path: str | Path, time_point: int = 0, max_decoded_bytes: int | None = None
+) -> tuple[np.ndarray, Any]:
+    """Cached :func:`_canonical_volume` (the last :data:`CACHED_VOLUMES` volumes of this process).
+
+    The header is checked first (:func:`check_layout`), so nothing is read from a file that lies.
+    """
+    check_layout(path, time_point, max_decoded_bytes)
     return _canonical_volume(str(path), time_point, Path(path).stat().st_mtime_ns)
 
 
@@ -144,7 +188,12 @@ def _file_window(header: Any) -> tuple[float, float] | None:
 
 
 def read_nifti_slice(
-    path: str | Path, axis: str, index: int, intensity: Intensity | None = None, time_point: int = 0
+    path: str | Path,
+    axis: str,
+    index: int,
+    intensity: Intensity | None = None,
+    time_point: int = 0,
+    max_decoded_bytes: int | None = None,
 ) -> np.ndarray:
     """One slice of a NIfTI volume as ``H x W x 3`` float32 in ``[0, 1]`` (see the module docstring).
 
@@ -152,7 +201,7 @@ def read_nifti_slice(
         ValueError: If the file cannot be read, the time point or slice does not exist.
     """
     intensity = intensity or Intensity()
-    volume, header = canonical_volume(path, time_point)
+    volume, header = canonical_volume(path, time_point, max_decoded_bytes)
     count = volume.shape[SLICE_AXES[axis]]
     if not 0 <= index < count:
         msg = f"NIfTI '{path}' has {count} {axis} slices; slice {index} is not one of them."
@@ -178,15 +227,17 @@ def read_nifti_slice(
     return np.repeat(unit[..., None], 3, axis=-1)
 
 
-def read_nifti_mask_slice(path: str | Path, axis: str, index: int, time_point: int = 0) -> np.ndarray:
+def read_nifti_mask_slice(
+    path: str | Path, axis: str, index: int, time_point: int = 0, max_decoded_bytes: int | None = None
+) -> np.ndarray:
     """One slice of a label volume as ``H x W`` uint8: every non-zero label is 1."""
-    volume, _ = canonical_volume(path, time_point)
+    volume, _ = canonical_volume(path, time_point, max_decoded_bytes)
     return (canonical_slice(volume, axis, index) != 0).astype(np.uint8)
 
 
-def empty_slices(path: str | Path, axis: str, time_point: int = 0) -> list[int]:
+def empty_slices(path: str | Path, axis: str, time_point: int = 0, max_decoded_bytes: int | None = None) -> list[int]:
     """Slices in which every voxel holds the volume's smallest value (no tissue, only background)."""
-    volume, _ = canonical_volume(path, time_point)
+    volume, _ = canonical_volume(path, time_point, max_decoded_bytes)
     lowest = volume.min()
     other_axes = tuple(dim for dim in range(3) if dim != SLICE_AXES[axis])
     return np.flatnonzero((volume == lowest).all(axis=other_axes)).tolist()

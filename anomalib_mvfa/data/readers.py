@@ -28,6 +28,7 @@ import torch
 
 from ..errors import MvfaInputError
 from . import dicom, image_io, nifti
+from .budget import default_max_decoded_bytes
 from .intensity import Intensity
 
 logger = logging.getLogger(__name__)
@@ -119,9 +120,18 @@ class ScanReader:
         skip_empty_slices: Leave out NIfTI slices that hold only the volume's background value.
         non_image_files: DICOM files without pixel data (reports, presentation states):
             ``"skip"`` (with a warning naming them) or ``"error"``.
+        max_decoded_bytes: The most bytes of decoded pixel data one file may declare (DICOM rows x
+            columns x frames x samples x bytes, NIfTI voxels of one time point x 4 bytes, PNG/TIFF
+            pixels x bands x bytes); a file above it is refused, naming it, before anything is
+            allocated for it (:mod:`~anomalib_mvfa.data.budget`). ``None`` (the default) is a
+            thirty-second of the physical memory: a read holds several floating-point copies of
+            the data, so a file at the limit needs about half the memory.
+            ``--data.reader.max_decoded_bytes 4000000000`` on the command line.
 
     Example:
         >>> reader = ScanReader(slice_axis="coronal", skip_empty_slices=True)
+        >>> ScanReader(max_decoded_bytes=2**30).budget
+        1073741824
     """
 
     intensity: str = "auto"
@@ -131,6 +141,7 @@ class ScanReader:
     time_point: int = 0
     skip_empty_slices: bool = False
     non_image_files: str = "skip"
+    max_decoded_bytes: int | None = None
     _intensity: Intensity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -148,6 +159,14 @@ class ScanReader:
         if self.time_point < 0:
             msg = f"time_point must be 0 or more, got {self.time_point}."
             raise MvfaInputError(msg)
+        if self.max_decoded_bytes is not None and not self.max_decoded_bytes > 0:
+            msg = f"max_decoded_bytes must be above 0 (or None for the default), got {self.max_decoded_bytes}."
+            raise MvfaInputError(msg)
+
+    @property
+    def budget(self) -> int:
+        """``max_decoded_bytes``, or the default share of the physical memory when it is ``None``."""
+        return default_max_decoded_bytes() if self.max_decoded_bytes is None else int(self.max_decoded_bytes)
 
     @property
     def intensity_setting(self) -> Intensity:
@@ -165,8 +184,12 @@ class ScanReader:
         """
         kind = file_format(path)
         if kind == "nifti":
-            count = nifti.slice_count(path, self.slice_axis, self.time_point)
-            empty = set(nifti.empty_slices(path, self.slice_axis, self.time_point)) if self.skip_empty_slices else set()
+            count = nifti.slice_count(path, self.slice_axis, self.time_point, self.budget)
+            empty = (
+                set(nifti.empty_slices(path, self.slice_axis, self.time_point, self.budget))
+                if self.skip_empty_slices
+                else set()
+            )
             return [str(SampleName(Path(path), self.slice_axis, i)) for i in range(count) if i not in empty]
         if kind is None:
             msg = f"'{path}' is not a file of a known format: expected {SCAN_SUFFIXES} or a DICOM file."
@@ -181,8 +204,8 @@ class ScanReader:
         if kind == "image" and not str(path).lower().endswith((".tif", ".tiff")):  # the formats with pages
             return 1
         try:
-            count = dicom.dicom_frame_count(path) if kind == "dicom" else image_io.page_count(path)
-        except ValueError:  # unreadable: one sample, which the checks before a run name
+            count = dicom.dicom_frame_count(path, self.budget) if kind == "dicom" else image_io.page_count(path)
+        except ValueError:  # unreadable or declaring more than it holds: one sample, which the checks before a run name
             return 1
         if count == 0:
             if self.non_image_files == "error":
@@ -198,11 +221,13 @@ class ScanReader:
             if sample.part in {None, "frame"}:
                 msg = f"'{name}' names a NIfTI volume: name one slice, for example '{sample.file}#axial=0'."
                 raise MvfaInputError(msg)
-            return nifti.read_nifti_slice(sample.file, sample.part, sample.index, self._intensity, self.time_point)
+            return nifti.read_nifti_slice(
+                sample.file, sample.part, sample.index, self._intensity, self.time_point, self.budget
+            )
         if kind == "dicom":
-            return dicom.read_dicom(sample.file, sample.index, self._intensity)
+            return dicom.read_dicom(sample.file, sample.index, self._intensity, self.budget)
         if kind == "image":
-            return image_io.read_plain_image(sample.file, sample.index, self._intensity)
+            return image_io.read_plain_image(sample.file, sample.index, self._intensity, self.budget)
         if not sample.file.exists():
             msg = f"Image '{sample.file}' does not exist."
             raise MvfaInputError(msg)
@@ -234,24 +259,26 @@ class ScanReader:
 
     def read_mask(self, name: str | Path) -> torch.Tensor:
         """One mask as an ``H x W`` uint8 tensor of 0 and 1 (see :func:`read_mask`)."""
-        return read_mask(name, self.time_point)
+        return read_mask(name, self.time_point, self.budget)
 
 
-def _mask_fractions(name: str | Path, time_point: int) -> tuple[np.ndarray, float] | np.ndarray:
+def _mask_fractions(
+    name: str | Path, time_point: int, max_decoded_bytes: int | None
+) -> tuple[np.ndarray, float] | np.ndarray:
     sample = SampleName.parse(name)
     kind = file_format(sample.file)
     if kind == "nifti" and sample.part in nifti.SLICE_AXES:
-        return nifti.read_nifti_mask_slice(sample.file, sample.part, sample.index, time_point)
+        return nifti.read_nifti_mask_slice(sample.file, sample.part, sample.index, time_point, max_decoded_bytes)
     if kind == "dicom":
-        values = dicom.read_dicom_stored(sample.file, sample.index)
+        values = dicom.read_dicom_stored(sample.file, sample.index, max_decoded_bytes)
         return (values.reshape(values.shape[0], values.shape[1], -1) != 0).any(axis=-1).astype(np.uint8)
     if kind == "image" or (kind is None and sample.file.exists()):
-        return image_io.mask_values(sample.file, sample.index)
+        return image_io.mask_values(sample.file, sample.index, max_decoded_bytes)
     msg = f"Mask '{name}' cannot be read: expected an image, DICOM or NIfTI file."
     raise MvfaInputError(msg)
 
 
-def read_mask(name: str | Path, time_point: int = 0) -> torch.Tensor:
+def read_mask(name: str | Path, time_point: int = 0, max_decoded_bytes: int | None = None) -> torch.Tensor:
     """Read a mask sample as an ``H x W`` uint8 tensor of 0 and 1.
 
     NIfTI label volumes and DICOM masks: every non-zero value is 1. Image files: every channel
@@ -265,7 +292,7 @@ def read_mask(name: str | Path, time_point: int = 0) -> torch.Tensor:
     Raises:
         ValueError: If the file cannot be decoded, naming it.
     """
-    read = _mask_fractions(name, time_point)
+    read = _mask_fractions(name, time_point, max_decoded_bytes)
     if not isinstance(read, tuple):
         return torch.from_numpy(np.ascontiguousarray(read))
     fractions, top = read
