@@ -17,6 +17,7 @@ from anomalib_mvfa.reports.page import (
     ReportSection,
     TileMap,
     _score_text,
+    colour_limits,
     render_tile,
     write_report,
 )
@@ -426,3 +427,16 @@ def test_the_pixel_threshold_is_drawn_as_a_contour_on_each_map() -> None:
         )
     assert counts[0] == 0
     assert counts[1] > 40  # the contour around the square (and the threshold's mark on the colour bar)
+
+
+def test_models_of_one_named_scale_share_their_colours() -> None:
+    """Maps of one named scale (anomalib's normalised scores) share limits across models; others keep their own."""
+    low, high = np.zeros((SIZE, SIZE)), np.full((SIZE, SIZE), 3.0)
+    high[0, 0] = -1.0
+    maps = [
+        TileMap("Mvfa", low, 0.2, 0.5, 0, scale="normalised"),
+        TileMap("Patchcore", high, 0.9, 0.5, 1, scale="normalised"),
+        TileMap("ours", low + 7.0, 7.0, None, None),
+    ]
+    tile = GalleryTile("false negative", "a.png", 1, np.zeros((SIZE, SIZE, 3)), None, maps)
+    assert colour_limits([tile]) == {("normalised", ""): (-1.0, 3.0), ("score", "ours"): (7.0, 7.0)}

@@ -41,6 +41,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # inches per panel of a gallery tile, and its resolution
 PANEL_SIZE = 2.4
 TILE_DPI = 100
+# the scale of a map that says nothing of its scale: its colours are shared by the maps of its name only
+DEFAULT_SCALE = "score"
 # the colour of the pixel threshold's contour on a map and its mark on the colour bar (jet over grey never gives it)
 CONTOUR_COLOUR = "#ff00ff"
 
@@ -103,7 +105,7 @@ class TileMap:
     score: float
     threshold: float | None
     decision: int | None
-    scale: str = "score"
+    scale: str = DEFAULT_SCALE
     pixel_threshold: float | None = None
 
 
@@ -156,34 +158,46 @@ class ReportSection:
     summary: list[dict[str, object]] | None = None
 
 
-def colour_limits(tiles: list[GalleryTile]) -> dict[str, tuple[float, float]]:
-    """Per map name, the lowest and highest finite value of that name's maps over ``tiles``: one colour scale.
-
-    Every tile of a category is drawn with these limits, so the same value has the same colour in
-    every tile of the category (models of other scales keep their own).
+def colour_key(tile_map: TileMap) -> tuple[str, str]:
+    """Which maps share a colour scale: all maps of one named scale (``"normalised"``), else those of one name.
 
     Example:
-        >>> maps = [TileMap("ours", np.array([[0.0, 2.0]]), 1.0, None, None)]
-        >>> colour_limits([GalleryTile("true positive", "a.png", 1, np.zeros((1, 2, 3)), None, maps)])
-        {'ours': (0.0, 2.0)}
+        >>> colour_key(TileMap("Patchcore", np.zeros((1, 1)), 0.7, 0.5, 1, scale="normalised"))
+        ('normalised', '')
+        >>> colour_key(TileMap("ours", np.zeros((1, 1)), 0.7, None, None))
+        ('score', 'ours')
     """
-    limits: dict[str, tuple[float, float]] = {}
+    return (tile_map.scale, "") if tile_map.scale != DEFAULT_SCALE else (tile_map.scale, tile_map.name)
+
+
+def colour_limits(tiles: list[GalleryTile]) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per :func:`colour_key`, the lowest and highest finite value of those maps over ``tiles``: one colour scale.
+
+    Every tile of a category is drawn with these limits, so the same value has the same colour in
+    every tile of the category (maps of other scales keep their own).
+
+    Example:
+        >>> maps = [TileMap("ours", np.array([[0.0, 2.0]]), 1.0, None, None, scale="z-score")]
+        >>> colour_limits([GalleryTile("true positive", "a.png", 1, np.zeros((1, 2, 3)), None, maps)])
+        {('z-score', ''): (0.0, 2.0)}
+    """
+    limits: dict[tuple[str, str], tuple[float, float]] = {}
     for tile in tiles:
         for tile_map in tile.maps:
             values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
             finite = values[np.isfinite(values)]
             if finite.size == 0:
                 continue
-            low, high = limits.get(tile_map.name, (math.inf, -math.inf))
-            limits[tile_map.name] = (min(low, float(finite.min())), max(high, float(finite.max())))
+            low, high = limits.get(colour_key(tile_map), (math.inf, -math.inf))
+            limits[colour_key(tile_map)] = (min(low, float(finite.min())), max(high, float(finite.max())))
     return limits
 
 
-def render_tile(tile: GalleryTile, limits: dict[str, tuple[float, float]] | None = None) -> bytes:
+def render_tile(tile: GalleryTile, limits: dict[tuple[str, str], tuple[float, float]] | None = None) -> bytes:
     """PNG bytes of one gallery tile: the image, the ground-truth mask, then one panel per map.
 
     Each map panel shows the image with the anomaly map overlaid in the colours of ``limits`` (per
-    map name, see :func:`colour_limits`; this tile's own range without them), the pixel threshold's
+    :func:`colour_key`, see :func:`colour_limits`; this tile's own range without them), the pixel threshold's
     contour, and a title with the map's name, the score against the threshold and the decision.
     Drawn with :class:`matplotlib.figure.Figure` (no pyplot, no global state).
 
@@ -217,7 +231,7 @@ def render_tile(tile: GalleryTile, limits: dict[str, tuple[float, float]] | None
         axes[1].imshow(np.asarray(tile.mask, dtype=bool), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
     for axis, tile_map in zip(axes[2:], tile.maps, strict=True):
-        low, high = limits.get(tile_map.name, (0.0, 1.0))
+        low, high = limits.get(colour_key(tile_map), (0.0, 1.0))
         high = high if high > low else low + 1.0
         values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
         axis.imshow(image)
@@ -225,7 +239,7 @@ def render_tile(tile: GalleryTile, limits: dict[str, tuple[float, float]] | None
         axis.set_title(_map_title(tile_map), fontsize=9)
         bar = figure.colorbar(overlay, ax=axis, fraction=0.046, pad=0.03)
         bar.ax.tick_params(labelsize=7)
-        label = f"{tile_map.scale}, one scale per category"
+        label = f"{tile_map.scale}, one colour scale per category"
         threshold = tile_map.pixel_threshold
         if threshold is not None and math.isfinite(threshold):
             finite = values[np.isfinite(values)]
@@ -425,7 +439,7 @@ def _label_text(label: int) -> str:
 def _gallery(section: ReportSection, folder: Path) -> str:
     """The section's tiles, grouped by kind (the known kinds first) and by the model whose decision it is.
 
-    Every map of one name is drawn on one colour scale over the section (:func:`colour_limits`).
+    Every map of one scale is drawn in one colour scale over the section (:func:`colour_limits`).
     """
     limits = colour_limits(section.tiles)
     present = [tile.kind for tile in section.tiles]
@@ -484,7 +498,7 @@ def _scales(sections: list[ReportSection]) -> str:
     )
     return (
         '<section class="scales"><h3>Gallery scores</h3><p>Gallery scores, maps and thresholds are in these '
-        "scales; each map's colours are shared by the tiles of its category, and the magenta contour is the "
+        "scales; maps of one scale share one colour scale in a category, and the magenta contour is the "
         f"map's pixel threshold. '{NOT_APPLICABLE}' in a table: not applicable.</p><ul>{items}</ul></section>"
     )
 
