@@ -268,9 +268,11 @@ def test_the_report_pages_read_alike(command, page_name, model, scale, request) 
     assert all(len(n.replace(".", "").lstrip("0")) == 3 or float(n) >= 100 for n in decimals), decimals
 
 
-def test_the_benchmark_table_fits_a_1400_pixel_window(benchmark, browser) -> None:
+def test_the_benchmark_table_fits_a_1400_pixel_window(benchmark, browser, request) -> None:
     output, _ = benchmark
+    size = browser.get_window_size()
     browser.set_window_size(1400, 1600)
+    request.addfinalizer(lambda: browser.set_window_size(size["width"], size["height"]))  # the module's browser
     open_page(browser, output / "benchmark_report.html")
     fits = browser.execute_script(
         "return Array.from(document.querySelectorAll('.table-wrap')).map(wrap => "
