@@ -136,3 +136,24 @@ def test_the_wheel_lists_every_package_of_the_source_tree() -> None:
     for init in sorted((root / "anomalib_mvfa").rglob("__init__.py")):
         dotted = ".".join(init.parent.relative_to(root).parts)
         assert f'"{dotted}"' in listed, f"{dotted} is missing from [tool.setuptools] packages"
+
+
+def test_the_markdown_table_shows_accuracy_in_percent_with_three_significant_digits() -> None:
+    from anomalib_mvfa.commands.benchmark import summary_table  # noqa: PLC0415
+
+    def row(seed: int, auroc: float, seconds: float, speed: float, memory: float) -> dict:
+        return {
+            "model": "Mvfa", "data": "MVTecAD", "category": "bottle", "seed": seed, "weights": "pretrained",
+            "image_AUROC": auroc, "pixel_AUROC": "", "image_F1Score": 1.0, "fit_seconds": seconds,
+            "images_per_second": speed, "peak_memory_mb": memory, "error": "",
+        }  # fmt: skip
+
+    table = summary_table([row(0, 0.9, 14.1, 0.0044, 1033.1), row(1, 1.0, 14.5, 0.0115, 1033.6)])
+    header, _, line = table.splitlines()[:3]
+    cells = dict(zip(header.strip("| ").split(" | "), line.strip("| ").split(" | "), strict=True))
+    assert cells["image_AUROC (%)"] == "95.0 ± 7.1"
+    assert cells["image_F1Score (%)"] == "100 ± 0"
+    assert cells["pixel_AUROC (%)"] == "-"  # no job has it: not applicable
+    assert cells["fit_seconds"] == "14.3 ± 0.3"
+    assert cells["images_per_second"] == "0.00795 ± 0.00502"
+    assert cells["peak_memory_mb"] == "1033 ± 0"

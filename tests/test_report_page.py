@@ -17,6 +17,7 @@ from anomalib_mvfa.reports.page import (
     ReportSection,
     TileMap,
     _score_text,
+    colour_limits,
     render_tile,
     write_report,
 )
@@ -99,9 +100,9 @@ def test_page_renders_in_a_browser(browser, tmp_path: Path) -> None:
     tables = browser.execute_script(TABLES_SCRIPT)
     assert [len(table["rows"]) for table in tables] == [2, 1]
     assert tables[0]["head"] == ["category", "ours", "authors", "images"]
-    assert tables[0]["rows"][0] == ["Brain", "0.9123", "", "12"]
-    assert tables[0]["rows"][1] == ["Liver", "0.5", "0.6667", "40"]
-    assert tables[1]["rows"][0] == ["Brain", "123.5", "0.0001235", "12"]
+    assert tables[0]["rows"][0] == ["Brain", "0.912", "-", "12"]
+    assert tables[0]["rows"][1] == ["Liver", "0.500", "0.667", "40"]
+    assert tables[1]["rows"][0] == ["Brain", "123", "0.000123", "12"]
 
     images = browser.execute_script(IMAGES_SCRIPT)
     assert broken_images(images) == []
@@ -188,8 +189,9 @@ def test_tile_has_one_panel_per_map_and_shows_the_mask() -> None:
 
 def test_score_text_compares_with_the_threshold() -> None:
     assert _score_text(1.83, 1.2) == "score 1.83 > threshold 1.20"
-    assert _score_text(0.4, 1.2) == "score 0.40 <= threshold 1.20"
-    assert _score_text(0.4, None) == "score 0.40"
+    assert _score_text(0.4, 1.2, "z-score") == "z-score 0.400 <= threshold 1.20"
+    assert _score_text(275.26, 85.6, "z-score") == "z-score 275 > threshold 85.6"
+    assert _score_text(0.4, None, "test min-max") == "test min-max 0.400"
     assert _score_text(1.2004, 1.2) == "score 1.2004 > threshold 1.2000"
 
 
@@ -263,5 +265,178 @@ def test_text_is_escaped(browser, tmp_path: Path) -> None:
     captions = browser.execute_script(
         "return Array.from(document.querySelectorAll('figcaption')).map(c => [c.textContent, c.children.length]);"
     )
-    assert [caption for caption in captions if raw in caption[0]] == [[f"false positive · {raw} · label 0 (normal)", 0]]
+    shown = [caption for caption in captions if raw in caption[0]]  # a name relative to the working folder
+    assert [(text.startswith("false positive · "), text.endswith(f"{raw} · label 0 (normal)"), children)
+            for text, children in shown] == [(True, True, 0)]  # fmt: skip
     assert browser.execute_script("return document.querySelectorAll('h2')[1].textContent") == "Brain <MRI>"
+
+
+class Cells(HTMLParser):
+    """Every table of a page: its heading texts and its cells' texts, by ``class`` of the table."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict[str, object]] = []
+        self.headings: list[str] = []
+        self.captions: list[str] = []
+        self._text: list[str] | None = None
+        self._tag = ""
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "table":
+            self.tables.append({"class": dict(attrs).get("class"), "head": [], "rows": []})
+        elif tag == "tr" and self.tables:
+            self.tables[-1]["rows"].append([])
+        if tag in {"th", "td", "h3", "figcaption"}:
+            self._text, self._tag = [], tag
+
+    def handle_data(self, data: str) -> None:
+        if self._text is not None:
+            self._text.append(data)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag != self._tag or self._text is None:
+            return
+        text, self._text = "".join(self._text), None
+        if tag == "th":
+            self.tables[-1]["head"].append(text)
+        elif tag == "td":
+            self.tables[-1]["rows"][-1].append(text)
+        elif tag == "h3":
+            self.headings.append(text)
+        else:
+            self.captions.append(text)
+
+
+def parse_page(page: Path) -> Cells:
+    parser = Cells()
+    parser.feed(page.read_text(encoding="utf-8"))
+    for table in parser.tables:
+        table["rows"] = [row for row in table["rows"] if row]
+    return parser
+
+
+def significant_digits(text: str) -> int:
+    """Significant digits of a plain decimal number's text (trailing zeros of a whole number count)."""
+    digits = text.lstrip("-").replace(".", "").lstrip("0")
+    return len(digits)
+
+
+def test_every_table_shows_fractions_in_percent_with_three_significant_digits(tmp_path: Path) -> None:
+    """AUROC, AUPRO and Dice are fractions in the summary and percent in the results: the page shows percent."""
+    report = make_report(tmp_path)
+    report["tables"] = {
+        "Benchmark": [
+            {"model": "Mvfa", "image_AUROC": 0.97894, "fit_seconds": 14.3312, "speed": 0.007919, "memory": 1033.4},
+            {"model": "Patchcore", "image_AUROC": 1.0, "fit_seconds": 0.12345, "speed": 12.0, "memory": None},
+        ]
+    }
+    report["sections"][0].summary = [{"seed": 0, "pixel_AUROC": 0.87654321, "AUPRO": None, "Dice": 0.25}]
+    page = parse_page(write_report(tmp_path / "out" / "report.html", **report))
+    results, summary = page.tables
+    assert results["head"] == ["model", "image_AUROC (%)", "fit_seconds", "speed", "memory"]
+    assert results["rows"] == [
+        ["Mvfa", "97.9", "14.3", "0.00792", "1033"],
+        ["Patchcore", "100", "0.123", "12.0", "-"],  # '-': not applicable
+    ]
+    assert summary["head"] == ["seed", "pixel_AUROC (%)", "AUPRO (%)", "Dice (%)"]
+    assert summary["rows"] == [["0", "87.7", "-", "25.0"]]
+    numbers = [cell for table in page.tables for row in table["rows"] for cell in row[1:] if cell[0].isdigit()]
+    assert all(significant_digits(cell) == 3 or float(cell) >= 100 for cell in numbers), numbers
+
+
+def test_gallery_headings_name_whose_mistakes_they_are(tmp_path: Path) -> None:
+    report = make_report(tmp_path)
+    for tile in report["sections"][1].tiles:
+        tile.model = "Patchcore"
+    page = parse_page(write_report(tmp_path / "out" / "report.html", **report))
+    assert "True positives of Patchcore (1)" in page.headings
+    assert "False negatives of Patchcore (1)" in page.headings
+    assert "False positives (1)" in page.headings  # Brain's tiles name no model
+
+
+def test_gallery_paths_are_relative_to_the_page(tmp_path: Path) -> None:
+    image = tmp_path / "data" / "Brain_AD" / "test" / "scan 1.png"
+    report = make_report(tmp_path, tiles_file=str(image))
+    report["sections"][1].tiles[0].file = f"{tmp_path / 'volumes' / 'case.nii.gz'}#axial=080"
+    page = parse_page(write_report(tmp_path / "out" / "report.html", **report))
+    assert "false positive · ../data/Brain_AD/test/scan 1.png · label 0 (normal)" in page.captions
+    assert any(" · ../volumes/case.nii.gz#axial=080 · " in caption for caption in page.captions)
+    assert not [caption for caption in page.captions if str(tmp_path) in caption]
+
+
+def test_the_page_says_what_the_gallery_scores_are_and_warns_first(tmp_path: Path) -> None:
+    report = make_report(tmp_path)
+    for tile in report["sections"][0].tiles:
+        tile.maps[0].scale = "z-score"
+    page = write_report(
+        tmp_path / "out" / "report.html", warning="Random weights: the accuracy means nothing.", **report
+    )
+    text = page.read_text(encoding="utf-8")
+    body = text.split("<body>", 1)[1]
+    assert body.startswith('\n<p class="warning" role="alert">Random weights: the accuracy means nothing.</p>')
+    scales = re.search(r'<section class="scales">(.*?)</section>', text, re.S)
+    assert scales, "no explanation of the scores"
+    assert "<b>ours</b>: z-score (the mean of the two branches&#x27; z-scores" in scales.group(1)
+    assert "pixel threshold" in scales.group(1)
+
+
+def saturated_colours(png: bytes) -> dict[tuple[int, int, int], int]:
+    """How many pixels of each clearly coloured (not grey) colour a PNG has."""
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=int).reshape(-1, 3)
+    coloured = pixels[(pixels.max(axis=1) - pixels.min(axis=1)) > 40]
+    colours, counts = np.unique(coloured, axis=0, return_counts=True)
+    return {tuple(int(v) for v in colour): int(count) for colour, count in zip(colours, counts, strict=True)}
+
+
+def page_tiles(page: Path) -> list[bytes]:
+    import base64  # noqa: PLC0415
+
+    found = re.findall(r'<img class="tile" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page.read_text())
+    return [base64.b64decode(data) for data in found]
+
+
+def test_one_colour_scale_for_every_tile_of_a_category(tmp_path: Path) -> None:
+    """The same map value has the same colour in two tiles whose maps span different ranges."""
+    image = np.full((SIZE, SIZE, 3), 0.5)
+    tiles = []
+    for index, corner in enumerate((0.0, 10.0)):  # value 5 everywhere, one corner pixel 0 or 10
+        values = np.full((SIZE, SIZE), 5.0)
+        values[0, 0] = corner
+        tiles.append(
+            GalleryTile("true positive", f"{index}.png", 1, image, None, [TileMap("ours", values, 5.0, 1.0, 1)])
+        )
+    page = write_report(tmp_path / "report.html", "colours", {}, [ReportSection("Brain", [], tiles)])
+    first, second = (saturated_colours(png) for png in page_tiles(page))
+    assert max(first, key=first.get) == max(second, key=second.get), "value 5 has two colours"
+    assert max(first.values()) > 1000  # the map panel, not a line of the colour bar
+
+
+def test_the_pixel_threshold_is_drawn_as_a_contour_on_each_map() -> None:
+    rng = np.random.default_rng(3)
+    values = np.zeros((SIZE, SIZE))
+    values[8:24, 8:24] = 4.0
+    tile = GalleryTile("true positive", "a.png", 1, rng.random((SIZE, SIZE, 3)) * 0.3, None, [])
+    magenta = (255, 0, 255)
+    counts = []
+    for threshold in (None, 2.0):
+        tile.maps = [TileMap("ours", values, 3.0, 1.0, 1, "z-score", threshold)]
+        colours = saturated_colours(render_tile(tile))
+        counts.append(
+            sum(count for colour, count in colours.items() if np.abs(np.subtract(colour, magenta)).max() < 60)
+        )
+    assert counts[0] == 0
+    assert counts[1] > 40  # the contour around the square (and the threshold's mark on the colour bar)
+
+
+def test_models_of_one_named_scale_share_their_colours() -> None:
+    """Maps of one named scale (anomalib's normalised scores) share limits across models; others keep their own."""
+    low, high = np.zeros((SIZE, SIZE)), np.full((SIZE, SIZE), 3.0)
+    high[0, 0] = -1.0
+    maps = [
+        TileMap("Mvfa", low, 0.2, 0.5, 0, scale="normalised"),
+        TileMap("Patchcore", high, 0.9, 0.5, 1, scale="normalised"),
+        TileMap("ours", low + 7.0, 7.0, None, None),
+    ]
+    tile = GalleryTile("false negative", "a.png", 1, np.zeros((SIZE, SIZE, 3)), None, maps)
+    assert colour_limits([tile]) == {("normalised", ""): (-1.0, 3.0), ("score", "ours"): (7.0, 7.0)}

@@ -7,6 +7,7 @@ tests recompute the printed AUROCs from the per-image rows and the curve points 
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -222,3 +223,66 @@ def test_benchmark_pixel_figures_are_those_anomalib_printed(benchmark) -> None:
         assert row.pixel_AUROC == pytest.approx(job.pixel_AUROC, abs=1e-5)
         assert 0 <= row.AUPRO <= 1
         assert 0 <= row.Dice <= 1
+
+
+def read_page(page: Path) -> tuple[str, list[str], list[str], list[str]]:
+    """The page's text, its table headings (``th``), its gallery headings (``h3``) and its captions."""
+    text = page.read_text(encoding="utf-8")
+    strip = lambda found: [re.sub(r"<[^>]+>", "", item) for item in found]  # noqa: E731
+    return (
+        text,
+        strip(re.findall(r"<th[^>]*>(.*?)</th>", text)),
+        strip(re.findall(r"<h3>(.*?)</h3>", text)),
+        strip(re.findall(r"<figcaption>(.*?)</figcaption>", text)),
+    )
+
+
+@pytest.mark.parametrize(
+    ("command", "page_name", "model", "scale"),
+    [
+        ("evaluation", "few-shot_2shot_report.html", "ours", "z-score"),
+        ("benchmark", "benchmark_report.html", "Mvfa (authors)", "normalised"),
+    ],
+)
+def test_the_report_pages_read_alike(command, page_name, model, scale, request) -> None:
+    """Percent in every AUROC heading, a warning first, whose gallery it is, scales explained, relative paths."""
+    output, _ = request.getfixturevalue(command)
+    page = output / page_name
+    text, heads, headings, captions = read_page(page)
+    metrics = [head for head in heads if re.search(r"AUROC|AUPRO|Dice|F1Score|\bA[CS]\b", head)]
+    assert metrics
+    assert all(head.endswith("(%)") for head in metrics), metrics
+    assert text.split("<body>", 1)[1].lstrip().startswith('<p class="warning" role="alert">Random')
+    assert any(re.fullmatch(rf"(False|True) (positive|negative)s of {re.escape(model)} \(\d+\)", h) for h in headings)
+    assert f"<li><b>{model}</b>: {scale} (" in text.replace("&#x27;", "'")
+    tiles = [caption for caption in captions if " · " in caption]  # a tile's: kind · file · label
+    assert tiles
+    for caption in tiles:
+        file = caption.split(" · ")[1]
+        assert not Path(file).is_absolute(), file
+        assert (page.parent / file.partition("#")[0]).is_file(), file
+    numbers = re.findall(r'<td class="number">([\d.]+)(?: ± [\d.]+)?</td>', text)
+    assert numbers
+    decimals = [n for n in numbers if "." in n]  # not the seeds' counts
+    assert decimals
+    assert all(len(n.replace(".", "").lstrip("0")) == 3 or float(n) >= 100 for n in decimals), decimals
+
+
+def test_the_benchmark_table_fits_a_1400_pixel_window(benchmark, browser, request) -> None:
+    output, _ = benchmark
+    size = browser.get_window_size()
+    browser.set_window_size(1400, 1600)
+    request.addfinalizer(lambda: browser.set_window_size(size["width"], size["height"]))  # the module's browser
+    open_page(browser, output / "benchmark_report.html")
+    fits = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.table-wrap')).map(wrap => "
+        "[wrap.scrollWidth <= wrap.clientWidth, wrap.getBoundingClientRect().right <= window.innerWidth]);"
+    )
+    assert fits
+    assert all(all(pair) for pair in fits), fits
+    weights = browser.execute_script(
+        "const head = Array.from(document.querySelectorAll('table.results th'))"
+        ".find(th => th.textContent === 'weights');"
+        "return head.getBoundingClientRect().right <= head.closest('.table-wrap').getBoundingClientRect().right;"
+    )
+    assert weights, "the weights column is cut off"

@@ -45,6 +45,7 @@ from ..errors import MvfaInputError
 from ..lightning_model import Mvfa
 from ..metrics import exact_auroc, undefined_auroc_reason
 from ..pipeline import add_feature_pipeline_argument
+from ..reports.cells import Stat
 from ..reports.page import TileMap
 from ..reports.report import RunReport, make_tile
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps, write_rows
@@ -453,15 +454,18 @@ def _record_run(
         report.add_summary(category, totals.pixels[-1])
     if first:
         test_data = ResizedItems(datamodule.test_data, scores.anomaly_map.shape[-1])
+        scale = "zero-shot score" if scores.few_shot_score is None else "z-score"
         for kind, index in pick_gallery(scores.score, scores.labels, image_threshold):
             item = test_data[index]
             views = [
                 TileMap("ours", scores.anomaly_map[index].numpy(), float(scores.score[index]), image_threshold,
-                        None if image_threshold is None else int(scores.score[index] > image_threshold)),
-                TileMap("authors", authors_map[index].numpy(), float(authors_score[index]), None, None),
+                        None if image_threshold is None else int(scores.score[index] > image_threshold),
+                        scale, pixel_threshold),
+                TileMap("authors", authors_map[index].numpy(), float(authors_score[index]), None, None, "test min-max"),
             ]  # fmt: skip
             mask = None if scores.masks is None else scores.masks[index]
-            report.add_tile(category, make_tile(kind, files[index], int(scores.labels[index]), item.image, mask, views))
+            tile = make_tile(kind, files[index], int(scores.labels[index]), item.image, mask, views, model="ours")
+            report.add_tile(category, tile)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -511,7 +515,8 @@ def run(args: argparse.Namespace) -> int:
         write_rows(output / f"{stem}_pixels.csv", totals.pixels)
     tables = {"AUROC % (mean ± std over seeds)": _report_rows(summary)}
     notes = [note, THRESHOLD_NOTE]
-    page = totals.report.write(output, f"{stem}_report.html", title, tables, notes)
+    warning = "Random CLIP weights: the numbers mean nothing." if totals.random_weights else None
+    page = totals.report.write(output, f"{stem}_report.html", title, tables, notes, warning)
     print(f"per-image results in {output / f'{stem}_images.csv'}, curves in {output / 'curves'}, report {page}")
     return 0
 
@@ -531,9 +536,7 @@ def _report_rows(summary: list[dict[str, object]]) -> list[dict[str, object]]:
         for fusion in FUSIONS:
             for metric in ("AC", "AS"):
                 mean, std = entry.get(f"{fusion}_{metric}_mean"), entry.get(f"{fusion}_{metric}_std")
-                row[f"{fusion} {metric}"] = (
-                    None if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}")
-                )
+                row[f"{fusion} {metric}"] = None if mean is None else Stat(mean, std, percent=True)
         rows.append(row)
     return rows
 

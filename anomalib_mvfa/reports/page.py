@@ -21,6 +21,7 @@ import base64
 import html
 import io
 import math
+import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -30,6 +31,7 @@ from matplotlib.figure import Figure
 
 from .. import __version__
 from ..errors import MvfaInputError
+from .cells import NOT_APPLICABLE, column_label, format_cell, format_number, is_number
 
 # gallery groups, in the order the page shows them; other kinds follow in order of appearance
 KINDS = ("false positive", "false negative", "true positive")
@@ -39,21 +41,38 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # inches per panel of a gallery tile, and its resolution
 PANEL_SIZE = 2.4
 TILE_DPI = 100
+# the scale of a map that says nothing of its scale: its colours are shared by the maps of its name only
+DEFAULT_SCALE = "score"
+# the colour of the pixel threshold's contour on a map and its mark on the colour bar (jet over grey never gives it)
+CONTOUR_COLOUR = "#ff00ff"
+
+# what a map's scale (TileMap.scale) means, one line each, shown once on the page above the tables
+SCALE_NOTES = {
+    "z-score": "the mean of the two branches' z-scores against the normal support images: 0 is a typical normal "
+    "image, 1 is one standard deviation above it",
+    "zero-shot score": "the zero-shot branch's score (no support images to calibrate against)",
+    "test min-max": "each branch min-max scaled over the test set, then averaged: in [0, 1], relative to this test "
+    "set only; it has no threshold",
+    "normalised": "anomalib's normalised score: min-max scaled with the validation split's range, the threshold "
+    "moved to 0.5",
+}
 
 STYLE = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #1d2125;
-       max-width: 1200px; margin: 0 auto; padding: 1rem 1.5rem 3rem; line-height: 1.45; }
+       max-width: 1320px; margin: 0 auto; padding: 1rem 1.5rem 3rem; line-height: 1.45; }
 header { border-bottom: 1px solid #d0d4d9; margin-bottom: 1rem; }
 h1 { margin-bottom: 0.2rem; }
 h2 { border-bottom: 1px solid #d0d4d9; padding-bottom: 0.2rem; margin-top: 2.5rem; }
 .generated { color: #5f6871; font-size: 0.85rem; margin-top: 0; }
 nav ul { display: flex; flex-wrap: wrap; gap: 0.3rem 1rem; list-style: none; padding: 0; }
 .notes p { background: #fff8e1; border-left: 4px solid #f0b400; padding: 0.5rem 0.8rem; white-space: pre-line; }
-.table-wrap { overflow-x: auto; }
+.warning { background: #fdecea; border: 2px solid #c62828; color: #8e1b1b; font-weight: 600; padding: 0.6rem 0.9rem; }
+.scales { font-size: 0.9rem; }
+.table-wrap { overflow-x: auto; max-width: 100%; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; font-size: 0.9rem; }
 th, td { border: 1px solid #d0d4d9; padding: 0.25rem 0.6rem; text-align: left; }
 th { background: #f1f3f5; }
-td.number { text-align: right; font-variant-numeric: tabular-nums; }
+td.number { text-align: right; font-variant-numeric: tabular-nums; white-space: nowrap; }
 .curves { display: grid; grid-template-columns: repeat(auto-fill, minmax(320px, 1fr)); gap: 1rem; }
 .gallery { display: grid; grid-template-columns: 1fr; gap: 1.2rem; }
 figure { margin: 0; }
@@ -69,13 +88,15 @@ class TileMap:
 
     Attributes:
         name: the model or fusion, e.g. ``"ours"`` or ``"Patchcore"``.
-        anomaly_map: ``H x W`` float map, any range (shown min-max scaled per tile).
+        anomaly_map: ``H x W`` float map, in the score's scale (one colour scale per category and name).
         score: the image score.
         threshold: the image threshold of that score, ``None`` when the run has none.
         decision: 1 anomalous, 0 normal, ``None`` when the run made none.
+        scale: what the score and the map are, e.g. ``"z-score"`` (explained on the page, see :data:`SCALE_NOTES`).
+        pixel_threshold: the map's threshold, drawn as a contour; ``None`` when the run has none.
 
     Example:
-        >>> TileMap("ours", np.zeros((32, 32)), score=1.83, threshold=1.2, decision=1).name
+        >>> TileMap("ours", np.zeros((32, 32)), score=1.83, threshold=1.2, decision=1, scale="z-score").name
         'ours'
     """
 
@@ -84,6 +105,8 @@ class TileMap:
     score: float
     threshold: float | None
     decision: int | None
+    scale: str = DEFAULT_SCALE
+    pixel_threshold: float | None = None
 
 
 @dataclass
@@ -97,6 +120,7 @@ class GalleryTile:
         image: ``H x W x 3`` float image in [0, 1], as the model saw it.
         mask: ``H x W`` bool ground-truth mask, ``None`` without one.
         maps: one :class:`TileMap` per model or fusion, shown side by side.
+        model: whose decision ``kind`` is (the gallery's heading names it), ``None`` for none in particular.
 
     Example:
         >>> tile = GalleryTile("false positive", "scan_012.png", 0, np.zeros((32, 32, 3)), None, [])
@@ -110,6 +134,7 @@ class GalleryTile:
     image: np.ndarray
     mask: np.ndarray | None
     maps: list[TileMap]
+    model: str | None = None
 
 
 @dataclass
@@ -133,26 +158,63 @@ class ReportSection:
     summary: list[dict[str, object]] | None = None
 
 
-def render_tile(tile: GalleryTile) -> bytes:
+def colour_key(tile_map: TileMap) -> tuple[str, str]:
+    """Which maps share a colour scale: all maps of one named scale (``"normalised"``), else those of one name.
+
+    Example:
+        >>> colour_key(TileMap("Patchcore", np.zeros((1, 1)), 0.7, 0.5, 1, scale="normalised"))
+        ('normalised', '')
+        >>> colour_key(TileMap("ours", np.zeros((1, 1)), 0.7, None, None))
+        ('score', 'ours')
+    """
+    return (tile_map.scale, "") if tile_map.scale != DEFAULT_SCALE else (tile_map.scale, tile_map.name)
+
+
+def colour_limits(tiles: list[GalleryTile]) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per :func:`colour_key`, the lowest and highest finite value of those maps over ``tiles``: one colour scale.
+
+    Every tile of a category is drawn with these limits, so the same value has the same colour in
+    every tile of the category (maps of other scales keep their own).
+
+    Example:
+        >>> maps = [TileMap("ours", np.array([[0.0, 2.0]]), 1.0, None, None, scale="z-score")]
+        >>> colour_limits([GalleryTile("true positive", "a.png", 1, np.zeros((1, 2, 3)), None, maps)])
+        {('z-score', ''): (0.0, 2.0)}
+    """
+    limits: dict[tuple[str, str], tuple[float, float]] = {}
+    for tile in tiles:
+        for tile_map in tile.maps:
+            values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
+            finite = values[np.isfinite(values)]
+            if finite.size == 0:
+                continue
+            low, high = limits.get(colour_key(tile_map), (math.inf, -math.inf))
+            limits[colour_key(tile_map)] = (min(low, float(finite.min())), max(high, float(finite.max())))
+    return limits
+
+
+def render_tile(tile: GalleryTile, limits: dict[tuple[str, str], tuple[float, float]] | None = None) -> bytes:
     """PNG bytes of one gallery tile: the image, the ground-truth mask, then one panel per map.
 
-    Each map panel shows the image with the anomaly map overlaid (min-max scaled over this tile,
-    as its colour bar says), titled with the map's name, the score against the threshold and the
-    decision. Drawn with :class:`matplotlib.figure.Figure` (no pyplot, no global state).
+    Each map panel shows the image with the anomaly map overlaid in the colours of ``limits`` (per
+    :func:`colour_key`, see :func:`colour_limits`; this tile's own range without them), the pixel threshold's
+    contour, and a title with the map's name, the score against the threshold and the decision.
+    Drawn with :class:`matplotlib.figure.Figure` (no pyplot, no global state).
 
     Raises:
         ValueError: the image is not ``H x W x 3``, or a mask or map is not the image's ``H x W``.
 
     Example:
         >>> tile = GalleryTile("true positive", "a.png", 1, np.random.rand(32, 32, 3), None,
-        ...                    [TileMap("ours", np.random.rand(32, 32), 1.83, 1.2, 1)])
+        ...                    [TileMap("ours", np.random.rand(32, 32), 1.83, 1.2, 1, "z-score", 0.5)])
         >>> render_tile(tile)[1:4]
         b'PNG'
     """
     _check_tile(tile)
+    limits = {**colour_limits([tile]), **(limits or {})}
     image = _display_image(tile.image)
     panels = 2 + len(tile.maps)
-    figure = Figure(figsize=(PANEL_SIZE * panels, PANEL_SIZE + 0.7), dpi=TILE_DPI, layout="constrained")
+    figure = Figure(figsize=(PANEL_SIZE * panels, PANEL_SIZE + 0.9), dpi=TILE_DPI, layout="constrained")
     axes = figure.subplots(1, panels, squeeze=False)[0]
     for axis in axes:
         axis.set_xticks([])
@@ -169,13 +231,30 @@ def render_tile(tile: GalleryTile) -> bytes:
         axes[1].imshow(np.asarray(tile.mask, dtype=bool), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
     for axis, tile_map in zip(axes[2:], tile.maps, strict=True):
-        scaled, low, high = _min_max_scaled(tile_map.anomaly_map)
+        low, high = limits.get(colour_key(tile_map), (0.0, 1.0))
+        high = high if high > low else low + 1.0
+        values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
         axis.imshow(image)
-        overlay = axis.imshow(scaled, cmap="jet", alpha=0.5, vmin=0, vmax=1)
+        overlay = axis.imshow(np.ma.masked_invalid(values), cmap="jet", alpha=0.5, vmin=low, vmax=high)
         axis.set_title(_map_title(tile_map), fontsize=9)
-        bar = figure.colorbar(overlay, ax=axis, fraction=0.046, pad=0.03, ticks=[0, 0.5, 1])
-        bar.set_label(f"min-max per tile\n({_number(low)} .. {_number(high)})", fontsize=7)
+        bar = figure.colorbar(overlay, ax=axis, fraction=0.046, pad=0.03)
         bar.ax.tick_params(labelsize=7)
+        label = f"{tile_map.scale}, one colour scale per category"
+        threshold = tile_map.pixel_threshold
+        if threshold is not None and math.isfinite(threshold):
+            finite = values[np.isfinite(values)]
+            if finite.size and finite.min() < threshold < finite.max():
+                axis.contour(
+                    np.nan_to_num(values, nan=low),
+                    levels=[threshold],
+                    colors=CONTOUR_COLOUR,
+                    linewidths=1.2,
+                    linestyles="solid",
+                )
+            if low <= threshold <= high:
+                bar.ax.axhline(threshold, color=CONTOUR_COLOUR, linewidth=2)
+            label += f"\npixel threshold {format_number(threshold)}"
+        bar.set_label(label, fontsize=7)
 
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=TILE_DPI, bbox_inches="tight", pad_inches=0.05)
@@ -188,6 +267,7 @@ def write_report(
     tables: dict[str, list[dict[str, object]]],
     sections: list[ReportSection],
     notes: list[str] | None = None,
+    warning: str | None = None,
 ) -> Path:
     """Write the report page to ``path`` atomically: it appears whole or not at all.
 
@@ -195,9 +275,11 @@ def write_report(
         path: the HTML file to write (its folder is made).
         title: the page's title and heading.
         tables: table heading -> rows (dicts with the same keys), shown as ``<table class="results">``;
-            floats are shown to 4 significant digits, ``None`` as an empty cell.
+            cells are written by :func:`.cells.format_cell` (AUROC, AUPRO, Dice, F1 in percent from fractions,
+            3 significant digits, ``None`` as ``-``).
         sections: one per category: summary table, curve images and gallery (grouped by kind).
-        notes: plain-text paragraphs shown under the title (e.g. that a run used random weights).
+        notes: plain-text paragraphs shown under the title.
+        warning: a line shown above everything, e.g. that a run used random weights so its accuracy means nothing.
 
     Returns:
         ``path``.
@@ -224,7 +306,7 @@ def write_report(
                 msg = f"category {section.category!r}: {error}"
                 raise MvfaInputError(msg) from error
 
-    page = _page(title, tables, sections, notes or [])
+    page = _page(title, tables, sections, notes or [], path.parent, warning)
     write_atomically(path, lambda temporary: Path(temporary).write_text(page, encoding="utf-8"))
     return path
 
@@ -267,81 +349,74 @@ def _display_image(image: np.ndarray) -> np.ndarray:
     return np.clip(np.nan_to_num(image.astype(np.float64)), 0.0, 1.0)
 
 
-def _min_max_scaled(anomaly_map: np.ndarray) -> tuple[np.ndarray, float, float]:
-    """The map scaled to [0, 1] over its finite values, with the original low and high."""
-    values = np.asarray(anomaly_map, dtype=np.float64)
-    finite = values[np.isfinite(values)]
-    if finite.size == 0:
-        return np.zeros(values.shape), math.nan, math.nan
-    low, high = float(finite.min()), float(finite.max())
-    span = high - low if high > low else 1.0
-    return np.clip(np.nan_to_num((values - low) / span, nan=0.0), 0.0, 1.0), low, high
-
-
 def _map_title(tile_map: TileMap) -> str:
     """The panel title: name, score against threshold, and the decision when there is one."""
-    lines = [tile_map.name, _score_text(tile_map.score, tile_map.threshold)]
+    lines = [tile_map.name, _score_text(tile_map.score, tile_map.threshold, tile_map.scale)]
     if tile_map.decision is not None:
         lines.append("predicted anomalous" if tile_map.decision else "predicted normal")
     return "\n".join(lines)
 
 
-def _score_text(score: float, threshold: float | None) -> str:
-    """``"score 1.83 > threshold 1.20"``, ``"score 0.40 <= threshold 1.20"`` or ``"score 0.40"``.
+def _score_text(score: float, threshold: float | None, scale: str = "score") -> str:
+    """``"z-score 1.83 > threshold 1.20"``, ``"score 0.400 <= threshold 1.20"`` or ``"score 0.400"``.
+
+    Numbers have the tables' significant digits (:func:`.cells.format_number`), more where the
+    score and the threshold would otherwise read the same.
 
     Example:
-        >>> _score_text(1.2004, 1.2)
-        'score 1.2004 > threshold 1.2000'
+        >>> _score_text(1.2004, 1.2, "z-score")
+        'z-score 1.2004 > threshold 1.2000'
     """
     if threshold is None:
-        return f"score {_number(score)}"
+        return f"{scale} {format_number(score)}"
     sign = ">" if score > threshold else "<="
-    score_text, threshold_text = _number(score), _number(threshold)
-    decimals = 2
-    while score != threshold and score_text == threshold_text and decimals < 8:  # show the digits that differ
-        decimals += 1
-        score_text, threshold_text = _number(score, decimals), _number(threshold, decimals)
-    return f"score {score_text} {sign} threshold {threshold_text}"
-
-
-def _number(value: float, decimals: int = 2) -> str:
-    """A score for a title: fixed decimals in the usual range, scientific notation outside it."""
-    value = float(value)
-    if value != 0 and math.isfinite(value) and not 1e-2 <= abs(value) < 1e4:
-        return f"{value:.{decimals + 1}g}"
-    return f"{value:.{decimals}f}"
-
-
-def _cell(value: object) -> tuple[str, bool]:
-    """A table cell's text and whether it is a number (right-aligned)."""
-    if value is None:
-        return "", False
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value)), False
-    if isinstance(value, float | np.floating):
-        return f"{float(value):.4g}", True
-    if isinstance(value, int | np.integer):
-        return str(int(value)), True
-    return str(value), False
+    digits = 3
+    score_text, threshold_text = format_number(score, digits), format_number(threshold, digits)
+    while score != threshold and score_text == threshold_text and digits < 9:  # show the digits that differ
+        digits += 1
+        score_text, threshold_text = format_number(score, digits), format_number(threshold, digits)
+    return f"{scale} {score_text} {sign} threshold {threshold_text}"
 
 
 def _table(rows: list[dict[str, object]], css_class: str, caption: str) -> str:
-    """An HTML table of ``rows``; columns in order of first appearance, missing cells empty."""
+    """An HTML table of ``rows``; columns in order of first appearance, headed with their unit; missing cells '-'.
+
+    Every cell is written by :func:`.cells.format_cell`: metrics in [0, 1] in percent, numbers
+    with a fixed number of significant digits.
+    """
     if not rows:
         return f'<p class="empty">{html.escape(caption)}: no rows.</p>'
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    head = "".join(f'<th scope="col">{html.escape(str(column))}</th>' for column in columns)
+    head = "".join(  # headings may break after an underscore, so that wide tables fit
+        f'<th scope="col">{html.escape(column_label(column)).replace("_", "_<wbr>")}</th>' for column in columns
+    )
     body = []
     for row in rows:
         cells = []
         for column in columns:
-            text, number = _cell(row.get(column))
-            cells.append(f'<td class="number">{html.escape(text)}</td>' if number else f"<td>{html.escape(text)}</td>")
+            value = row.get(column)
+            text = html.escape(format_cell(column, value))
+            cells.append(f'<td class="number">{text}</td>' if is_number(value) else f"<td>{text}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     return (
         f'<div class="table-wrap"><table class="{css_class}" aria-label="{html.escape(caption)}">'
         f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
     )
+
+
+def display_path(file: str, folder: Path) -> str:
+    """``file`` relative to ``folder`` (the page's), with POSIX separators; a ``#frame`` suffix kept.
+
+    Example:
+        >>> display_path("/data/Brain_AD/test/good/img/001.png", Path("/data/results"))
+        '../Brain_AD/test/good/img/001.png'
+    """
+    name, hash_sign, part = str(file).partition("#")
+    try:
+        relative = os.path.relpath(os.path.abspath(name), os.path.abspath(folder))
+    except ValueError:  # another drive on Windows: no relative path exists
+        return str(file)
+    return Path(relative).as_posix() + hash_sign + part
 
 
 def _png_uri(data: bytes) -> str:
@@ -361,30 +436,38 @@ def _label_text(label: int) -> str:
     return f"label {label} ({'anomalous' if label else 'normal'})"
 
 
-def _gallery(section: ReportSection) -> str:
-    """The section's tiles, grouped by kind (the known kinds first)."""
+def _gallery(section: ReportSection, folder: Path) -> str:
+    """The section's tiles, grouped by kind (the known kinds first) and by the model whose decision it is.
+
+    Every map of one scale is drawn in one colour scale over the section (:func:`colour_limits`).
+    """
+    limits = colour_limits(section.tiles)
     present = [tile.kind for tile in section.tiles]
     kinds = [kind for kind in KINDS if kind in present] + [kind for kind in dict.fromkeys(present) if kind not in KINDS]
     parts = []
     for kind in kinds:
-        tiles = [tile for tile in section.tiles if tile.kind == kind]
-        parts.append(f"<h3>{html.escape(kind.capitalize())}s ({len(tiles)})</h3>")
-        figures = []
-        for tile in tiles:
-            names = ", ".join(tile_map.name for tile_map in tile.maps) or "no model"
-            alt = (
-                f"{tile.kind}, {tile.file}, {_label_text(tile.label)}: the image, its ground-truth mask "
-                f"and the anomaly map of {names}"
-            )
-            caption = f"{tile.kind} · {tile.file} · {_label_text(tile.label)}"
-            figures.append(_image("tile", render_tile(tile), alt, caption))
-        parts.append(f'<div class="gallery">{"".join(figures)}</div>')
+        models = list(dict.fromkeys(tile.model for tile in section.tiles if tile.kind == kind))
+        for model in models:
+            tiles = [tile for tile in section.tiles if tile.kind == kind and tile.model == model]
+            whose = "" if model is None else f" of {model}"
+            parts.append(f"<h3>{html.escape(kind.capitalize())}s{html.escape(whose)} ({len(tiles)})</h3>")
+            figures = []
+            for tile in tiles:
+                names = ", ".join(tile_map.name for tile_map in tile.maps) or "no model"
+                file = display_path(tile.file, folder)
+                alt = (
+                    f"{tile.kind}, {file}, {_label_text(tile.label)}: the image, its ground-truth mask "
+                    f"and the anomaly map of {names}"
+                )
+                caption = f"{tile.kind} · {file} · {_label_text(tile.label)}"
+                figures.append(_image("tile", render_tile(tile, limits), alt, caption))
+            parts.append(f'<div class="gallery">{"".join(figures)}</div>')
     if not kinds:
         parts.append('<p class="empty">No gallery images.</p>')
     return "".join(parts)
 
 
-def _section(index: int, section: ReportSection) -> str:
+def _section(index: int, section: ReportSection, folder: Path) -> str:
     """One category's HTML: heading, summary table, curves and gallery."""
     category = html.escape(section.category)
     parts = [f'<section id="category-{index}"><h2>{category}</h2>']
@@ -396,20 +479,48 @@ def _section(index: int, section: ReportSection) -> str:
             for curve in section.curves
         ]
         parts.append(f'<h3>Curves</h3><div class="curves">{"".join(figures)}</div>')
-    parts.append(_gallery(section))
+    parts.append(_gallery(section, folder))
     parts.append("</section>")
     return "".join(parts)
 
 
+def _scales(sections: list[ReportSection]) -> str:
+    """One line per map name and scale of the galleries: what its scores, maps and thresholds are."""
+    pairs = dict.fromkeys((tile_map.name, tile_map.scale) for section in sections for tile in section.tiles
+                          for tile_map in tile.maps)  # fmt: skip
+    if not pairs:
+        return ""
+    items = "".join(
+        f"<li><b>{html.escape(name)}</b>: {html.escape(scale)}"
+        + (f" ({html.escape(SCALE_NOTES[scale])})" if scale in SCALE_NOTES else "")
+        + "</li>"
+        for name, scale in pairs
+    )
+    return (
+        '<section class="scales"><h3>Gallery scores</h3><p>Gallery scores, maps and thresholds are in these '
+        "scales; maps of one scale share one colour scale in a category, and the magenta contour is the "
+        f"map's pixel threshold. '{NOT_APPLICABLE}' in a table: not applicable.</p><ul>{items}</ul></section>"
+    )
+
+
 def _page(
-    title: str, tables: dict[str, list[dict[str, object]]], sections: list[ReportSection], notes: list[str]
+    title: str,
+    tables: dict[str, list[dict[str, object]]],
+    sections: list[ReportSection],
+    notes: list[str],
+    folder: Path,
+    warning: str | None = None,
 ) -> str:
-    """The whole page as one string."""
+    """The whole page as one string; paths are shown relative to ``folder``, the page's."""
     written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts = [
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+    ]
+    if warning:
+        parts.append(f'<p class="warning" role="alert">{html.escape(warning)}</p>')
+    parts += [
         f"<header><h1>{html.escape(title)}</h1>",
         f'<p class="generated">Written by anomalib-mvfa {html.escape(__version__)} on {written}.</p></header>',
     ]
@@ -428,6 +539,7 @@ def _page(
         for heading, rows in tables.items():
             parts.append(f"<h3>{html.escape(heading)}</h3>{_table(rows, 'results', heading)}")
         parts.append("</section>")
-    parts.extend(_section(index, section) for index, section in enumerate(sections))
+    parts.append(_scales(sections))
+    parts.extend(_section(index, section, folder) for index, section in enumerate(sections))
     parts.append("</body></html>\n")
     return "\n".join(parts)

@@ -38,7 +38,8 @@ class TestRecorder(Callback):
 
     Attributes:
         rows: One dict per test image: ``file``, ``label``, ``score`` (as anomalib's metrics see it),
-            ``raw_score``, ``threshold`` (of ``score``), ``decision``, ``map``, ``mask``.
+            ``raw_score``, ``threshold`` (of ``score``), ``decision``, ``map``, ``mask``, ``pixel_threshold``
+            (of the map).
         pixel_scores, pixel_targets: The pixel sample (1-D), empty without masks.
     """
 
@@ -126,6 +127,7 @@ class TestRecorder(Callback):
                     "decision": None if decisions is None else int(decisions[index]),
                     "map": "",
                     "mask": str(mask_paths[index] or ""),
+                    "pixel_threshold": self._pixel_threshold,
                 }
             )
         if maps is not None and masks is not None:

@@ -74,9 +74,18 @@ class RunReport:
         ]
 
     def write(
-        self, folder: Path, page_name: str, title: str, tables: dict[str, list[dict[str, object]]], notes: list[str]
+        self,
+        folder: Path,
+        page_name: str,
+        title: str,
+        tables: dict[str, list[dict[str, object]]],
+        notes: list[str],
+        warning: str | None = None,
     ) -> Path:
-        """Write ``<folder>/curves/`` (PNG and ``curves.csv``) and the page ``<folder>/<page_name>``."""
+        """Write ``<folder>/curves/`` (PNG and ``curves.csv``) and the page ``<folder>/<page_name>``.
+
+        ``warning`` is shown at the top of the page (e.g. random weights: the accuracy means nothing).
+        """
         plots = self.plots()
         images = write_curves(plots, folder / "curves")
         by_category: dict[str, list[Path]] = defaultdict(list)
@@ -92,7 +101,7 @@ class RunReport:
             )
             for category in categories
         ]
-        return write_report(folder / page_name, title, tables, sections, notes)
+        return write_report(folder / page_name, title, tables, sections, notes, warning)
 
 
 def tile_image(image: torch.Tensor) -> np.ndarray:
@@ -104,8 +113,19 @@ def tile_image(image: torch.Tensor) -> np.ndarray:
 
 
 def make_tile(
-    kind: str, file: str, label: int, image: torch.Tensor, mask: torch.Tensor | None, maps: list[TileMap]
+    kind: str,
+    file: str,
+    label: int,
+    image: torch.Tensor,
+    mask: torch.Tensor | None,
+    maps: list[TileMap],
+    model: str | None = None,
 ) -> GalleryTile:
-    """A gallery tile from tensors (the image as the model saw it, its mask, each series' view)."""
+    """A gallery tile from tensors (the image as the model saw it, its mask, each series' view).
+
+    ``model`` is the model (or fusion) whose decision ``kind`` is, named in the gallery's heading.
+    """
     mask_array = None if mask is None else mask.detach().cpu().bool().reshape(image.shape[-2:]).numpy()
-    return GalleryTile(kind=kind, file=file, label=int(label), image=tile_image(image), mask=mask_array, maps=maps)
+    return GalleryTile(
+        kind=kind, file=file, label=int(label), image=tile_image(image), mask=mask_array, maps=maps, model=model
+    )

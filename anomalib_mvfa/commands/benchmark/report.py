@@ -32,6 +32,10 @@ __all__ = ["GALLERY_SIZE", "write_benchmark_report"]
 
 # images of one category's gallery at most (the union of every model's picks)
 GALLERY_SIZE = 8
+# what the page says first when a model ran with random weights
+RANDOM_WEIGHTS_WARNING = "Random weights: speed figures only; the accuracy, the curves and the gallery mean nothing."
+# the scale of the scores and maps the models leave (anomalib's post-processor's)
+SCALE = "normalised"
 
 
 def _category_label(row: dict[str, Any], several_data: bool) -> str:
@@ -61,7 +65,7 @@ def write_benchmark_report(
     jobs: list[Job],
     rows: list[dict[str, Any]],
     output: Path,
-    table_rows: list[dict[str, str]],
+    table_rows: list[dict[str, Any]],
     random_weights: bool = False,
 ) -> Path | None:
     """Join the jobs' per-image files; write ``benchmark_images.csv``, the curves and the page.
@@ -105,22 +109,24 @@ def write_benchmark_report(
         "Scores are those anomalib's metrics see: each model's scores normalised with its validation split's "
         "threshold and range; decisions at the normalised threshold, set on the validation split, never on test labels."
     ]
-    if random_weights:
-        notes.append("Random weights: speed figures only; the accuracy, the curves and the gallery mean nothing.")
+    warning = RANDOM_WEIGHTS_WARNING if random_weights else None
     tables = {"Benchmark (mean ± std over seeds)": table_rows}
-    return report.write(output, "benchmark_report.html", "anomalib-mvfa benchmark", tables, notes)
+    return report.write(output, "benchmark_report.html", "anomalib-mvfa benchmark", tables, notes, warning)
 
 
 def _add_gallery(report: RunReport, category: str, frames: dict[str, pd.DataFrame]) -> None:
-    """The union of every model's worst mistakes (first seed), each image shown by every model."""
-    picked: dict[str, str] = {}  # file -> kind, in the order picked
-    for frame in frames.values():
-        threshold = finite_or_none(frame["threshold"].iloc[0]) if frame["threshold"].iloc[0] != "" else None
+    """The union of every model's worst mistakes (first seed), each image shown by every model.
+
+    A tile's kind is the first model's that picked it (the gallery's heading names that model).
+    """
+    picked: dict[str, tuple[str, str]] = {}  # file -> (kind, model), in the order picked
+    for model, frame in frames.items():
+        threshold = _optional(frame["threshold"].iloc[0])
         scores = torch.tensor(frame["score"].to_numpy(dtype=np.float64))
         labels = torch.tensor(frame["label"].to_numpy(dtype=np.int64))
         for kind, index in pick_gallery(scores, labels, threshold):
-            picked.setdefault(str(frame["file"].iloc[index]), kind)
-    for file, kind in list(picked.items())[:GALLERY_SIZE]:
+            picked.setdefault(str(frame["file"].iloc[index]), (kind, model))
+    for file, (kind, picker) in list(picked.items())[:GALLERY_SIZE]:
         views, size, label, mask_path = [], None, 0, ""
         for model, frame in frames.items():
             match = frame[frame["file"] == file]
@@ -128,10 +134,25 @@ def _add_gallery(report: RunReport, category: str, frames: dict[str, pd.DataFram
                 continue
             entry = match.iloc[0]
             size = size or tuple(np.load(entry["map"], mmap_mode="r").shape[-2:])
-            threshold = finite_or_none(entry["threshold"]) if entry["threshold"] != "" else None
             decision = None if entry["decision"] == "" else int(entry["decision"])
-            views.append(TileMap(model, _map(entry["map"], size), float(entry["score"]), threshold, decision))
+            views.append(
+                TileMap(
+                    model,
+                    _map(entry["map"], size),
+                    float(entry["score"]),
+                    _optional(entry["threshold"]),
+                    decision,
+                    scale=SCALE,
+                    pixel_threshold=_optional(entry.get("pixel_threshold", "")),
+                )
+            )
             label, mask_path = int(entry["label"]), str(entry["mask"])
         if views and size is not None:
             image = _load_image(file, size)
-            report.add_tile(category, make_tile(kind, file, label, image, _load_mask(mask_path, size), views))
+            mask = _load_mask(mask_path, size)
+            report.add_tile(category, make_tile(kind, file, label, image, mask, views, model=picker))
+
+
+def _optional(value: object) -> float | None:
+    """A threshold cell of a per-image file: ``None`` when empty or NaN."""
+    return None if value == "" else finite_or_none(value)

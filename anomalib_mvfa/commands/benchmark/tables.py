@@ -1,10 +1,13 @@
 """The benchmark's tables: every job's row (``benchmark.csv``) and mean ± std over seeds (``benchmark.md``).
 
+Accuracy columns (AUROC, F1) are in percent and every number has the report's significant digits
+(:func:`~anomalib_mvfa.reports.cells.format_cell`), in the Markdown table as on the report page.
+
 Example:
     >>> row = {"model": "Patchcore", "data": "MVTecAD", "category": "bottle", "seed": 0, "weights": "pretrained",
     ...        **dict.fromkeys(METRICS, 1.0)}
-    >>> summary_rows([row])[0]["image_AUROC"]
-    '1'
+    >>> format_cell("image_AUROC", summary_rows([row])[0]["image_AUROC"])
+    '100'
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from ...reports.cells import Stat, column_label, format_cell
 from ...reports.results import write_rows
 from ...utils import write_atomically
 from .config import METRICS, RANDOM_WEIGHTS
@@ -25,23 +29,27 @@ def describe_row(row: dict[str, Any]) -> str:
     return f"{row['model']} on {row['data']} {row['category'] or ''} seed {row['seed']}"
 
 
-def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """One row per model, data and category: the seeds that ran and each metric's mean ± std, as text."""
+def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per model, data and category: the seeds that ran and each metric's mean ± std (a :class:`Stat`).
+
+    A metric no job of the group has is ``None`` (not applicable, shown ``-``); one that was undefined
+    in every job (masks of one class) is ``""`` (shown empty, named under the table).
+    """
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["model"], row["data"], row["category"], row["weights"]), []).append(row)
     summary = []
     for (model, data, category, weights), group in groups.items():
-        cells = {"model": model, "data": data, "category": str(category)}
-        cells["seeds"] = str(sum(not row.get("error") for row in group))
+        cells: dict[str, Any] = {"model": model, "data": data, "category": str(category)}
+        cells["seeds"] = sum(not row.get("error") for row in group)
         for metric in METRICS:
             values = [float(row[metric]) for row in group if row[metric] not in (None, "")]
             if not values:
                 undefined = any(metric in str(row.get("undefined", "")) for row in group)
-                cells[metric] = "" if undefined else "-"
+                cells[metric] = "" if undefined else None
                 continue
-            spread = f" ± {statistics.stdev(values):.3g}" if len(values) > 1 else ""
-            cells[metric] = f"{statistics.fmean(values):.4g}{spread}"
+            spread = statistics.stdev(values) if len(values) > 1 else None
+            cells[metric] = Stat(statistics.fmean(values), spread)
         cells["weights"] = weights
         summary.append(cells)
     return summary
@@ -50,8 +58,8 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, str]]:
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: one line per model, data and category, mean ± std over seeds."""
     header = ["model", "data", "category", "seeds", *METRICS, "weights"]
-    lines = ["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
-    lines += ["| " + " | ".join(cells[key] for key in header) + " |" for cells in summary_rows(rows)]
+    lines = ["| " + " | ".join(map(column_label, header)) + " |", "|---" * len(header) + "|"]
+    lines += ["| " + " | ".join(format_cell(key, cells[key]) for key in header) + " |" for cells in summary_rows(rows)]
     reasons = sorted({reason for row in rows for reason in str(row.get("undefined") or "").split("; ") if reason})
     if reasons:
         lines += ["", "Empty cells (and means over fewer seeds): undefined metrics, left out. " + "; ".join(reasons)]
