@@ -48,6 +48,7 @@ from ..pipeline import add_feature_pipeline_argument
 from ..reports.page import TileMap
 from ..reports.report import RunReport, make_tile
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps, write_rows
+from ..tensor_files import check_tensor_archive
 from ..utils import write_atomically
 from .progress import job_bar, on_terminal, overall_bar, say
 
@@ -292,6 +293,7 @@ def _load_checkpoint(args: argparse.Namespace) -> Mvfa:
     if not path.is_file():
         msg = f"Checkpoint '{path}' does not exist."
         raise MvfaInputError(msg)
+    check_tensor_archive(path, "Checkpoint")  # before torch's reader sees a hostile archive
     pipeline = {"feature_pipeline": args.feature_pipeline} if args.feature_pipeline else {}
     try:
         return Mvfa.load_from_checkpoint(path, map_location="cpu", weights_only=True, **pipeline)
