@@ -274,6 +274,11 @@ def seed_file_without_normal_line(tmp: Path) -> None:
     _fit_with_seed_file(tmp, "a-0: valid_Ungood_0.png valid_Ungood_1.JPEG\n", k_shot=2)
 
 
+def seed_line_naming_a_file_twice(tmp: Path) -> None:
+    normal = "valid_good_0.png valid_good_0.png"
+    _fit_with_seed_file(tmp, f"n-0: {normal}\na-0: valid_Ungood_0.png valid_Ungood_1.JPEG\n", k_shot=2)
+
+
 def torchscript_weights_that_run_code(tmp: Path) -> None:
     archive, marker = archive_that_runs_code(tmp)
     try:
@@ -387,6 +392,12 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         seed_line_shorter_than_k_shot,
         ValueError,
         r"Seed file '.*seeds\.txt', line 2 \('a-0'\) names 2 file\(s\); k_shot=3 needs 3",
+    ),
+    "seed-file line naming a file twice": (
+        seed_line_naming_a_file_twice,
+        ValueError,
+        r"Seed file '.*seeds\.txt', line 1 \('n-0'\) names 'valid_good_0\.png' 2 times: each support image must "
+        r"be a different file\.",
     ),
     "seed file without a normal line": (
         seed_file_without_normal_line,
