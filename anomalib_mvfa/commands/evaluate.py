@@ -24,8 +24,6 @@ before either fusion normalises them; the first process writes the tables.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import pickle
 import statistics
@@ -542,10 +540,6 @@ def _report_rows(summary: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def _write_tables(output: Path, stem: str, rows: list[dict[str, object]], markdown: str) -> None:
     """Write ``<stem>_runs.csv`` (one row per run) and ``<stem>.md``, each whole or not at all."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(output / f"{stem}_runs.csv", lambda name: Path(name).write_text(buffer.getvalue()))
+    write_rows(output / f"{stem}_runs.csv", rows)
     write_atomically(output / f"{stem}.md", lambda name: Path(name).write_text(markdown))
     print(f"tables written to {output / f'{stem}.md'} and {output / f'{stem}_runs.csv'}")
