@@ -31,7 +31,7 @@ INFLATED_BYTES = 1792 * 2**20  # one allocation of 1.75 GiB: above the 1.5 GiB t
 MEMORY_LIMIT = 3 * 2**29  # 1.5 GiB above the subprocess's baseline
 
 
-def _pickled_tensor(numel: int, offset: int = 0, size: tuple = (), stride: tuple = ()) -> bytes:
+def pickled_tensor(numel: int, offset: int = 0, size: tuple = (), stride: tuple = ()) -> bytes:
     """A torch pickle of ``{"weight": tensor}`` over storage ``"0"`` of ``numel`` float32 values."""
 
     class Storage:
@@ -62,8 +62,13 @@ def _write_bomb(archive: zipfile.ZipFile, name: str) -> None:
             entry.write(chunk)
 
 
-def archive_file(path: Path, entries: list[tuple[str, bytes | None]], renames: dict[str, bytes] | None = None) -> Path:
-    """A zip archive of ``entries`` (``None``: a decompression bomb), stored unless a bomb, in order.
+def archive_file(
+    path: Path,
+    entries: list[tuple[str, bytes | None]],
+    renames: dict[str, bytes] | None = None,
+    deflated: tuple[str, ...] = (),
+) -> Path:
+    """A zip archive of ``entries`` (``None``: a decompression bomb), stored unless a bomb or ``deflated``, in order.
 
     ``renames`` then replaces each placeholder name by raw bytes of the same length (a NUL byte,
     which Python's ``zipfile`` cannot write).
@@ -73,7 +78,7 @@ def archive_file(path: Path, entries: list[tuple[str, bytes | None]], renames: d
             if data is None:
                 _write_bomb(archive, name)
             else:
-                archive.writestr(name, data)
+                archive.writestr(name, data, zipfile.ZIP_DEFLATED if name in deflated else zipfile.ZIP_STORED)
     content = path.read_bytes()
     for placeholder, raw in (renames or {}).items():
         assert len(placeholder.encode()) == len(raw)
@@ -82,9 +87,9 @@ def archive_file(path: Path, entries: list[tuple[str, bytes | None]], renames: d
     return path
 
 
-def _honest(numel: int = 1) -> list[tuple[str, bytes | None]]:
+def honest_entries(numel: int = 1) -> list[tuple[str, bytes | None]]:
     return [
-        ("w/data.pkl", _pickled_tensor(numel)),
+        ("w/data.pkl", pickled_tensor(numel)),
         ("w/byteorder", b"little"),
         ("w/data/0", bytes(4 * numel)),
         ("w/version", b"3\n"),
@@ -114,15 +119,15 @@ def refusal_within_memory_limit(call: str) -> str:
     return lines[0]
 
 
-def test_the_crafted_archives_are_read_when_honest(tmp_path: Path) -> None:
-    path = archive_file(tmp_path / "honest.pt", _honest(4))
+def test_the_crafted_archives_are_read_whenhonest_entries(tmp_path: Path) -> None:
+    path = archive_file(tmp_path / "honest.pt", honest_entries(4))
     assert torch.equal(load_tensors_safely(path, "Weights file")["weight"], torch.zeros(4))
 
 
 def test_a_second_entry_named_alike_after_a_nul_byte_is_refused(tmp_path: Path) -> None:
     # Python's zipfile ends the decoy's name at the NUL and checks it (stored, 4 bytes);
     # torch's reader compares whole names and reads the compressed entry instead.
-    entries = [*_honest()[:2], ("w/data/0", None), ("w/data/0Zx", bytes(4)), _honest()[3]]
+    entries = [*honest_entries()[:2], ("w/data/0", None), ("w/data/0Zx", bytes(4)), honest_entries()[3]]
     path = archive_file(tmp_path / "nul.pt", entries, renames={"w/data/0Zx": b"w/data/0\x00x"})
     line = refusal_within_memory_limit(f"load_tensors_safely({str(path)!r}, 'Weights file')")
     assert line == (
@@ -133,7 +138,7 @@ def test_a_second_entry_named_alike_after_a_nul_byte_is_refused(tmp_path: Path) 
 
 
 def test_entries_named_alike_in_another_letter_case_are_refused(tmp_path: Path) -> None:
-    entries = [*_honest()[:2], ("w/DATA/0", None), ("w/data/0", bytes(4)), _honest()[3]]
+    entries = [*honest_entries()[:2], ("w/DATA/0", None), ("w/data/0", bytes(4)), honest_entries()[3]]
     path = archive_file(tmp_path / "case.pt", entries)
     line = refusal_within_memory_limit(f"load_tensors_safely({str(path)!r}, 'Adapter checkpoint')")
     assert line == (
@@ -143,7 +148,7 @@ def test_entries_named_alike_in_another_letter_case_are_refused(tmp_path: Path) 
 
 
 def test_a_compressed_byteorder_entry_is_refused_before_it_inflates(tmp_path: Path) -> None:
-    entries = [_honest()[0], ("w/byteorder", None), *_honest()[2:]]
+    entries = [honest_entries()[0], ("w/byteorder", None), *honest_entries()[2:]]
     path = archive_file(tmp_path / "byteorder.pt", entries)
     line = refusal_within_memory_limit(f"read_torchscript_tensors({str(path)!r}, 'Weights file')")
     assert line == (
@@ -154,7 +159,7 @@ def test_a_compressed_byteorder_entry_is_refused_before_it_inflates(tmp_path: Pa
 
 
 def test_entries_declaring_more_than_the_file_holds_are_refused(tmp_path: Path) -> None:
-    path = archive_file(tmp_path / "overlap.pt", _honest(4))
+    path = archive_file(tmp_path / "overlap.pt", honest_entries(4))
     content = bytearray(path.read_bytes())
     # the central directory's sizes of 'w/data/0' (16 bytes) raised to 2**30, both fields alike
     record = content.index(b"w/data/0", content.index(b"PK\x01\x02")) - 46  # name after 46 bytes of header
@@ -162,7 +167,7 @@ def test_entries_declaring_more_than_the_file_holds_are_refused(tmp_path: Path) 
     path.write_bytes(bytes(content))
     with pytest.raises(UnsafeTensorFileError) as caught:
         load_tensors_safely(path, "Weights file")
-    declared = 2**30 + len(b"little") + len(b"3\n") + len(_pickled_tensor(4))
+    declared = 2**30 + len(b"little") + len(b"3\n") + len(pickled_tensor(4))
     assert str(caught.value) == (
         f"Weights file '{path}' was refused before reading: its entries declare {declared} "
         f"bytes in a file of {path.stat().st_size}, which no honest archive does (a decompression bomb would)."
@@ -179,7 +184,7 @@ def test_entries_declaring_more_than_the_file_holds_are_refused(tmp_path: Path) 
 )
 def test_tensor_records_reaching_outside_their_storage_are_refused(tmp_path: Path, view: dict, detail: str) -> None:
     path = archive_file(
-        tmp_path / "view.pt", [("w/data.pkl", _pickled_tensor(4, **view)), ("w/data/0", bytes(16)), _honest()[3]]
+        tmp_path / "view.pt", [("w/data.pkl", pickled_tensor(4, **view)), ("w/data/0", bytes(16)), honest_entries()[3]]
     )
     pattern = rf"Weights file '.*view\.pt' was refused: it holds a tensor record that is not valid \(.*{detail}"
     with pytest.raises(UnsafeTensorFileError, match=pattern):
@@ -198,7 +203,7 @@ def test_torchscript_code_entries_may_stay_compressed(tmp_path: Path) -> None:
 
 
 def test_lightning_checkpoints_are_checked_before_torch_reads_them(tmp_path: Path) -> None:
-    entries = [*_honest()[:2], ("w/data/0", None), ("w/data/0Zx", bytes(4)), _honest()[3]]
+    entries = [*honest_entries()[:2], ("w/data/0", None), ("w/data/0Zx", bytes(4)), honest_entries()[3]]
     path = archive_file(tmp_path / "model.ckpt", entries, renames={"w/data/0Zx": b"w/data/0\x00x"})
     with pytest.raises(UnsafeTensorFileError, match=r"Checkpoint '.*model\.ckpt' was refused: its entry name"):
         check_tensor_archive(path, "Checkpoint")

@@ -25,7 +25,7 @@ def _scoring_model() -> Mvfa:
     return Mvfa(**TINY, k_shot=0, epochs=0, class_name="scan", visualizer=False)
 
 
-def _batches(images: torch.Tensor) -> DataLoader:
+def image_batches(images: torch.Tensor) -> DataLoader:
     """A loader of anomalib ``ImageBatch`` es made from ``images`` as a user's collate would make them."""
     return DataLoader(list(images), batch_size=2, collate_fn=lambda items: ImageBatch(image=torch.stack(items)))
 
@@ -35,14 +35,14 @@ def test_an_eight_bit_image_batch_is_refused_through_the_engine(stage: str, tmp_
     assert ImageBatch(image=EIGHT_BIT).image.max() > 1  # anomalib makes the batch float without scaling it
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False)
     with pytest.raises(MvfaInputError, match=r"images of the batch hold values from \d+ to 255; Mvfa takes images"):
-        getattr(engine, stage)(_scoring_model(), dataloaders=_batches(EIGHT_BIT))
+        getattr(engine, stage)(_scoring_model(), dataloaders=image_batches(EIGHT_BIT))
 
 
 def test_a_batch_in_zero_to_one_is_scored_through_the_engine(tmp_path: Path) -> None:
     images = EIGHT_BIT.float() / 255
     model = _scoring_model()
     engine = Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False)
-    predictions = engine.predict(model, dataloaders=_batches(images))
+    predictions = engine.predict(model, dataloaders=image_batches(images))
     scored = torch.cat([batch.anomaly_map for batch in predictions])
     assert torch.allclose(scored, model.score_images(images).anomaly_map, atol=1e-5)
 

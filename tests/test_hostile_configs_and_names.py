@@ -51,7 +51,7 @@ def test_every_csv_the_package_writes_goes_through_one_writer() -> None:
     assert writers == {"reports/results.py", "reports/curves.py"}  # write_rows and the curve points, both quoting
 
 
-def _benchmark_config(tmp_path: Path, model: str, data: str = "anomalib.data.MVTecAD") -> Path:
+def benchmark_config(tmp_path: Path, model: str, data: str = "anomalib.data.MVTecAD") -> Path:
     marker = tmp_path / "marker"
     config = {
         "models": [{"class_path": model, "init_args": {"command": f"touch {marker}"}}],
@@ -63,7 +63,7 @@ def _benchmark_config(tmp_path: Path, model: str, data: str = "anomalib.data.MVT
 
 
 def test_a_benchmark_config_cannot_run_a_command(tmp_path: Path, capsys) -> None:
-    path = _benchmark_config(tmp_path, "os.system")
+    path = benchmark_config(tmp_path, "os.system")
     code = console(["benchmark", "--config", str(path), "--in-process"])
     assert not (tmp_path / "marker").exists(), "the config ran a command"
     assert code == 2
@@ -90,5 +90,5 @@ def test_benchmark_configs_name_only_models_and_datamodules(
     tmp_path: Path, model: str, data: str, message: str
 ) -> None:
     with pytest.raises(MvfaInputError, match=message):
-        BenchmarkConfig.from_file(_benchmark_config(tmp_path, model, data))
+        BenchmarkConfig.from_file(benchmark_config(tmp_path, model, data))
     assert not (tmp_path / "marker").exists()
