@@ -2,9 +2,11 @@
 
 Weights and adapter files come from anywhere, so they are read in two steps:
 
-1. **Inspect** the archive without building anything: the pickle and the tensor entries must be
-   stored uncompressed (torch never compresses them; a compressed entry is how a small file
-   inflates into gigabytes), and its pickle is walked by a restricted unpickler that builds no object and
+1. **Inspect** the archive without building anything: every entry is checked before one is read
+   (names compared as torch's reader and Python's ``zipfile`` compare them, so that both read the
+   same entries; entries stored uncompressed except TorchScript's code, which no reader here reads,
+   as a compressed entry is how a small file inflates into gigabytes; declared sizes within the
+   file's), and its pickle is walked by a restricted unpickler that builds no object and
    allocates no tensor, only collecting the storages it declares. Each declared storage must fit
    in the bytes its entry really holds, and all of them together in the caller's budget (the
    size of the chosen backbone): refused before anything is allocated.
@@ -206,8 +208,8 @@ class _Archive:
     def open(cls, path: Path, what: str) -> _Archive:
         if not zipfile.is_zipfile(path):
             msg = (
-                f"{what} '{path}' is not a file written by torch.save (not a zip archive; files saved by torch "
-                f"older than 1.6 are not read: load and save them again with a current torch)."
+                f"{what} '{path}' is not a file written by torch.save (not a zip archive: cut short, say, or saved "
+                f"by torch older than 1.6, which is not read: load and save it again with a current torch)."
             )
             raise MvfaInputError(msg)
         try:

@@ -173,9 +173,6 @@ def draw_from_dataset(
             msg = f"{name} has no {kind} image named {missing} (named by the seed file)."
             raise MvfaInputError(msg)
         chosen = [by_name[Path(file).name] for file in files]
-        if len(set(chosen)) < len(chosen):
-            msg = f"{name}: the seed file names one {kind} image more than once in {list(files)}."
-            raise MvfaInputError(msg)
     elif len(candidates) < k:
         msg = f"{name} holds {len(candidates)} {kind} image(s); k_shot={k} needs at least {k}."
         raise MvfaInputError(msg)
