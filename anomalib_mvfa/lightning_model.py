@@ -86,6 +86,7 @@ from .checkpoints import (
     record_on_save,
     restore_clip_weights,
 )
+from .checks import ImageRangeCheck, check_image_range, resolve_learning_rates
 from .data.datasets import adopt_prediction_datasets
 from .distributed import EvaluationSharding, sharded_loaders_hook
 from .errors import MvfaInputError
@@ -221,8 +222,9 @@ class Mvfa(AnomalibModule):
         self.class_name = class_name
         self.epochs = epochs
         default_learning_rate = FEW_SHOT_LEARNING_RATE if k_shot else ZERO_SHOT_LEARNING_RATE
-        self.seg_learning_rate = seg_learning_rate or default_learning_rate
-        self.det_learning_rate = det_learning_rate or default_learning_rate
+        self.seg_learning_rate, self.det_learning_rate = resolve_learning_rates(
+            seg_learning_rate, det_learning_rate, default_learning_rate
+        )
         self.cache_prefix = cache_prefix
         self.automatic_optimization = False  # two optimisers, stepped together in training_step
         self.training_set: TrainingSet | None = None  # what the current fit trains on, drawn at its setup
@@ -296,7 +298,8 @@ class Mvfa(AnomalibModule):
         checkpointing = self._trainer is None or bool(self._trainer.checkpoint_callbacks)
         resume = [ResumeCheckpoint()] if self.trains_adapters and checkpointing else []
         support = FewShotMemoryBankCallback(self.support)
-        return [*super().configure_callbacks(), support, RunFiles(), QuietFrozenClip(), *resume]
+        checks = ImageRangeCheck()  # before the pre-processor: it sees the batches as the loaders give them
+        return [checks, *super().configure_callbacks(), support, RunFiles(), QuietFrozenClip(), *resume]
 
     def setup(self, stage: str | None = None) -> None:
         """Check the stage's files; shard evaluation under DDP; a fit that trains draws and serves its training set."""
@@ -347,6 +350,7 @@ class Mvfa(AnomalibModule):
     @torch.no_grad()
     def score_images(self, images: torch.Tensor) -> Scores:
         """Score ``[0, 1]`` images as anomalib's test and predict do, each branch's raw outputs in ``branches``."""
+        check_image_range(images)
         return self.model.score(self.preprocess(images.to(self.device)))
 
     @property

@@ -2,9 +2,11 @@
 
 Weights and adapter files come from anywhere, so they are read in two steps:
 
-1. **Inspect** the archive without building anything: the pickle and the tensor entries must be
-   stored uncompressed (torch never compresses them; a compressed entry is how a small file
-   inflates into gigabytes), and its pickle is walked by a restricted unpickler that builds no object and
+1. **Inspect** the archive without building anything: every entry is checked before one is read
+   (names compared as torch's reader and Python's ``zipfile`` compare them, so that both read the
+   same entries; entries stored uncompressed except TorchScript's code, which no reader here reads,
+   as a compressed entry is how a small file inflates into gigabytes; declared sizes within the
+   file's), and its pickle is walked by a restricted unpickler that builds no object and
    allocates no tensor, only collecting the storages it declares. Each declared storage must fit
    in the bytes its entry really holds, and all of them together in the caller's budget (the
    size of the chosen backbone): refused before anything is allocated.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import io
+import operator
 import pickle
 import sys
 import zipfile
@@ -70,6 +73,12 @@ _PLAIN_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
+# General-purpose flag bit 11 of a zip entry: its name is UTF-8 (else code page 437).
+_UTF8_NAME_FLAG = 0x800
+# Most an entry may declare to inflate to, per stored byte (torch's compressed code entries reach 3).
+_MAX_INFLATION = 64
+
+
 class UnsafeTensorFileError(MvfaInputError):
     """Raised for a tensor file that is refused before it is loaded."""
 
@@ -95,6 +104,10 @@ class _TensorStub:
     offset: int
     size: tuple[int, ...]
     stride: tuple[int, ...]
+
+
+class _BadTensorRecordError(Exception):
+    """A tensor record whose view does not fit its storage (turned into an :class:`UnsafeTensorFileError`)."""
 
 
 class _ScriptObject:
@@ -136,64 +149,112 @@ class _RestrictedUnpickler(pickle.Unpickler):
             msg = f"persistent id {pid!r:.80}"
             raise UnsafeTensorFileError(msg)
         _, dtype, key, _location, numel = pid
-        if not isinstance(dtype, torch.dtype):
+        if not isinstance(dtype, torch.dtype) or numel < 0:
             msg = f"storage type {dtype!r:.80}"
             raise UnsafeTensorFileError(msg)
         storage = self.storages.setdefault(str(key), _Storage(str(key), dtype, int(numel)))
         return self.archive.storage_tensor(storage) if self.build else storage
 
     @staticmethod
-    def _rebuild_tensor(storage: Any, offset: int, size: Any, stride: Any, *_args: object) -> Any:
+    def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *_args: object) -> Any:
+        offset, size, stride = _tensor_view(storage, offset, size, stride)
         if isinstance(storage, torch.Tensor):  # built: a view into the storage's flat tensor
-            return storage.as_strided(tuple(size), tuple(stride), int(offset))
-        return _TensorStub(storage, int(offset), tuple(size), tuple(stride))
+            return storage.as_strided(size, stride, offset)
+        return _TensorStub(storage, offset, size, stride)
+
+
+def _tensor_view(storage: object, offset: Any, size: Any, stride: Any) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """A tensor record's view, checked to lie within its storage (a hostile one would reach elsewhere).
+
+    Raises:
+        _BadTensorRecordError: Unless offset, sizes and strides are non-negative integers, as many
+            sizes as strides, and the view's last element within the storage.
+    """
+    numel = (
+        storage.numel if isinstance(storage, _Storage) else storage.numel() if isinstance(storage, torch.Tensor) else 0
+    )
+    record = f"offset {offset!r:.40}, size {size!r:.80}, stride {stride!r:.80}"
+    try:
+        offset, size, stride = (
+            operator.index(offset),
+            tuple(map(operator.index, size)),
+            tuple(map(operator.index, stride)),
+        )
+    except TypeError as error:
+        raise _BadTensorRecordError(record) from error
+    if offset < 0 or len(size) != len(stride) or min((*size, *stride, 0)) < 0:
+        raise _BadTensorRecordError(record)
+    if 0 not in size and offset + sum((length - 1) * step for length, step in zip(size, stride, strict=True)) >= numel:
+        msg = f"{record} reaches beyond the {numel} element(s) of its storage"
+        raise _BadTensorRecordError(msg)
+    return offset, size, stride
 
 
 @dataclass
 class _Archive:
-    """A zip-format torch file (``torch.save`` or TorchScript) and the checks of its entries."""
+    """A zip-format torch file (``torch.save`` or TorchScript) and the checks of its entries.
+
+    Entries are looked up as torch's reader does (:func:`_torch_name`), whichever reader reads them.
+    """
 
     path: Path
     what: str
     zip_file: zipfile.ZipFile
-    prefix: str
-    entries: dict[str, zipfile.ZipInfo] = field(default_factory=dict)
+    prefix: bytes
+    entries: dict[bytes, zipfile.ZipInfo] = field(default_factory=dict)
     built: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @classmethod
     def open(cls, path: Path, what: str) -> _Archive:
         if not zipfile.is_zipfile(path):
             msg = (
-                f"{what} '{path}' is not a file written by torch.save (not a zip archive; files saved by torch "
-                f"older than 1.6 are not read: load and save them again with a current torch)."
+                f"{what} '{path}' is not a file written by torch.save (not a zip archive: cut short, say, or saved "
+                f"by torch older than 1.6, which is not read: load and save it again with a current torch)."
             )
             raise MvfaInputError(msg)
-        archive = zipfile.ZipFile(path)
-        entries = {info.filename: info for info in archive.infolist()}
-        pickles = [name for name in entries if name.endswith("/data.pkl") and name.count("/") == 1]
-        if len(pickles) != 1:
+        try:
+            archive = zipfile.ZipFile(path)
+            infos = archive.infolist()
+        except (zipfile.BadZipFile, UnicodeDecodeError, ValueError, OSError, EOFError) as error:
+            msg = f"{what} '{path}' is not a readable zip archive ({type(error).__name__}: {error})."
+            raise MvfaInputError(msg) from error
+        try:
+            return cls._checked(path, what, archive, infos)
+        except Exception:
+            archive.close()
+            raise
+
+    @classmethod
+    def _checked(cls, path: Path, what: str, archive: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> _Archive:
+        entries = _check_entries(path, what, infos)
+        first = _raw_name(infos[0]) if infos else b""
+        prefix = first.split(b"/", 1)[0] + b"/" if b"/" in first else b""  # torch's reader: the first entry's folder
+        if _torch_name(prefix + b"data.pkl") not in entries:
             msg = f"{what} '{path}' is not a file written by torch.save (no data.pkl in the archive)."
             raise MvfaInputError(msg)
-        prefix = pickles[0].removesuffix("data.pkl")
-        read = [name for name in entries if name == pickles[0] or name.startswith(prefix + "data/")]
-        compressed = [name for name in read if entries[name].compress_type != zipfile.ZIP_STORED]
-        if compressed:
-            msg = (
-                f"{what} '{path}' was refused: {len(compressed)} of its tensor entries are compressed (for example "
-                f"'{compressed[0]}'), which torch never does; a compressed entry can inflate far beyond the "
-                f"file's size."
-            )
-            raise UnsafeTensorFileError(msg)
-        byteorder = entries.get(pickles[0].replace("data.pkl", "byteorder"))
-        if byteorder is not None and archive.read(byteorder).strip() not in {b"little", b""}:
+        opened = cls(path, what, archive, prefix, entries)
+        byteorder = entries.get(_torch_name(prefix + b"byteorder"))
+        if byteorder is not None and opened.read(byteorder, limit=16).strip() not in {b"little", b""}:
             msg = f"{what} '{path}' stores big-endian tensors, which this reader does not convert."
             raise MvfaInputError(msg)
-        return cls(path, what, archive, prefix, entries)
+        return opened
+
+    def entry(self, name: str) -> zipfile.ZipInfo | None:
+        """The entry ``prefix + name``, found as torch's reader finds it."""
+        return self.entries.get(_torch_name(self.prefix + name.encode()))
+
+    def read(self, info: zipfile.ZipInfo, limit: int = -1) -> bytes:
+        """The bytes of ``info`` (at most ``limit``); a damaged entry is an :class:`MvfaInputError`."""
+        try:
+            with self.zip_file.open(info) as file:
+                return file.read(limit)
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
+            msg = f"{self.what} '{self.path}' has a damaged entry '{info.filename}' ({type(error).__name__}: {error})."
+            raise MvfaInputError(msg) from error
 
     def unpickle(self, build: bool, script_objects: bool) -> tuple[Any, dict[str, _Storage]]:
-        unpickler = _RestrictedUnpickler(
-            self.zip_file.read(self.prefix + "data.pkl"), self, build=build, script_objects=script_objects
-        )
+        pickled = self.read(self.entries[_torch_name(self.prefix + b"data.pkl")])
+        unpickler = _RestrictedUnpickler(pickled, self, build=build, script_objects=script_objects)
         try:
             content = unpickler.load()
         except UnsafeTensorFileError as error:
@@ -203,7 +264,19 @@ class _Archive:
                 f"read, then torch.load(weights_only=True))."
             )
             raise UnsafeTensorFileError(msg) from error
-        except (pickle.UnpicklingError, EOFError, AttributeError, IndexError, TypeError, KeyError) as error:
+        except _BadTensorRecordError as error:
+            msg = f"{self.what} '{self.path}' was refused: it holds a tensor record that is not valid ({error})."
+            raise UnsafeTensorFileError(msg) from error
+        except (
+            pickle.UnpicklingError,
+            EOFError,
+            AttributeError,
+            IndexError,
+            TypeError,
+            KeyError,
+            ValueError,
+            RuntimeError,
+        ) as error:
             msg = f"{self.what} '{self.path}' is not a file written by torch.save ({type(error).__name__}: {error})."
             raise MvfaInputError(msg) from error
         return content, unpickler.storages
@@ -211,7 +284,7 @@ class _Archive:
     def check_storages(self, storages: dict[str, _Storage], max_bytes: int | None) -> None:
         """Every declared storage within its entry's real size, all within ``max_bytes``."""
         for storage in storages.values():
-            entry = self.entries.get(f"{self.prefix}data/{storage.key}")
+            entry = self.entry(f"data/{storage.key}")
             held = -1 if entry is None else entry.file_size
             if held < storage.nbytes:
                 msg = (
@@ -234,10 +307,102 @@ class _Archive:
         return self.built[storage.key]
 
     def _read_storage(self, storage: _Storage) -> torch.Tensor:
-        data = bytearray(self.zip_file.read(f"{self.prefix}data/{storage.key}")[: storage.nbytes])
+        data = bytearray(self.read(self.entry(f"data/{storage.key}"), limit=storage.nbytes))
         if storage.dtype == torch.bool:
             return torch.frombuffer(data, dtype=torch.uint8).to(torch.bool) if data else torch.empty(0, dtype=bool)
         return torch.frombuffer(data, dtype=storage.dtype) if data else torch.empty(0, dtype=storage.dtype)
+
+
+def _raw_name(info: zipfile.ZipInfo) -> bytes:
+    """The entry's name as stored: the bytes torch's reader compares (Python's ``zipfile`` decodes them)."""
+    return info.orig_filename.encode("utf-8" if info.flag_bits & _UTF8_NAME_FLAG else "cp437")
+
+
+def _torch_name(raw: bytes) -> bytes:
+    """A stored name as torch's reader (miniz) matches it: ASCII letters in any case, whole (a NUL included)."""
+    return raw.lower().replace(b"\\", b"/")
+
+
+def _check_entries(path: Path, what: str, infos: list[zipfile.ZipInfo]) -> dict[bytes, zipfile.ZipInfo]:
+    """Refuse names that readers tell apart differently, compressed entries and sizes beyond the file's.
+
+    Returns:
+        The entries by :func:`_torch_name`.
+
+    Raises:
+        UnsafeTensorFileError: Naming the file and the first entry found wrong.
+    """
+    refused = f"{what} '{path}' was refused"
+    cut = [info.orig_filename for info in infos if "\x00" in info.orig_filename]
+    if cut:
+        msg = (
+            f"{refused}: its entry name {cut[0]!r} holds a NUL byte, where Python's zipfile ends the name and "
+            "torch's reader does not: the two would read different entries."
+        )
+        raise UnsafeTensorFileError(msg)
+    entries: dict[bytes, zipfile.ZipInfo] = {}
+    python_names: set[str] = set()
+    for info in infos:
+        key = _torch_name(_raw_name(info))
+        if key in entries or info.filename in python_names:
+            other = entries.get(key, info)
+            msg = (
+                f"{refused}: it holds two entries named alike ({other.orig_filename!r} and {info.orig_filename!r}; "
+                "torch's reader ignores letter case), so readers may take different ones."
+            )
+            raise UnsafeTensorFileError(msg)
+        entries[key] = info
+        python_names.add(info.filename)
+    first = _raw_name(infos[0]) if infos else b""
+    code = _torch_name(first.split(b"/", 1)[0] + b"/code/")  # TorchScript's code: compressed, read by no reader
+    compressed = [
+        i for i in infos if i.compress_type != zipfile.ZIP_STORED and not _torch_name(_raw_name(i)).startswith(code)
+    ]
+    if compressed:
+        msg = (
+            f"{refused}: {len(compressed)} of its {len(infos)} entries are compressed (for example "
+            f"'{compressed[0].filename}'), which torch never does for the entries it reads; a compressed entry can "
+            "inflate far beyond the file's size."
+        )
+        raise UnsafeTensorFileError(msg)
+    size = path.stat().st_size
+    stored = sum(info.compress_size for info in infos)
+    uneven = [
+        info
+        for info in infos
+        if info.file_size > _MAX_INFLATION * info.compress_size
+        or (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size)
+    ]
+    if uneven or stored > size:
+        detail = (
+            f"its entry '{uneven[0].filename}' declares {uneven[0].file_size} bytes stored in {uneven[0].compress_size}"
+            if uneven
+            else f"its entries declare {stored} bytes in a file of {size}"
+        )
+        msg = f"{refused} before reading: {detail}, which no honest archive does (a decompression bomb would)."
+        raise UnsafeTensorFileError(msg)
+    return entries
+
+
+def check_tensor_archive(path: str | Path, what: str) -> None:
+    """Refuse a zip-format torch file (a Lightning checkpoint, say) that torch's reader could be tricked by.
+
+    Checks every entry before anything is read: names that Python's ``zipfile`` and torch's reader
+    tell apart differently (a NUL byte, letter case), compressed entries (which inflate beyond the
+    file's size) and declared sizes beyond the file's; then that it has the ``data.pkl`` torch reads.
+
+    Raises:
+        FileNotFoundError: If the file does not exist.
+        ValueError: Naming the file and what is wrong (:class:`UnsafeTensorFileError` for the above).
+
+    Example:
+        >>> check_tensor_archive("model.ckpt", "Checkpoint")  # doctest: +SKIP
+    """
+    path = Path(path)
+    if not path.is_file():
+        msg = f"{what} '{path}' does not exist."
+        raise MvfaFileNotFoundError(msg)
+    _Archive.open(path, what).zip_file.close()
 
 
 def _inspect(path: str | Path, what: str, max_bytes: int | None, script_objects: bool) -> _Archive:

@@ -28,12 +28,16 @@ from pydicom.data import get_testdata_file
 from anomalib_mvfa import Mvfa, MvfaModel
 from anomalib_mvfa.backbone import PretrainedWeightsError, load_clip, resolve_model_config
 from anomalib_mvfa.commands import console
+from anomalib_mvfa.commands.benchmark import BenchmarkConfig
 from anomalib_mvfa.data import MedicalAD, ScanReader
 from anomalib_mvfa.data import read_image as read_image_file
 from anomalib_mvfa.data import read_mask as read_mask_file
 from anomalib_mvfa.support import draw_from_folder, resize_image
 
 from .conftest import TINY_IMAGE_SIZE, save_checkpoint_file, write_medical_category
+from .test_archives import archive_file, honest_entries, pickled_tensor
+from .test_checks import EIGHT_BIT, image_batches
+from .test_hostile_configs_and_names import benchmark_config
 from .test_weight_files import archive_that_runs_code, deflated_copy, torch_file
 
 TINY = {"backbone": "tiny-random", "pretrained": None, "image_size": TINY_IMAGE_SIZE, "feature_layers": (1, 2, 4)}
@@ -289,6 +293,11 @@ def seed_file_without_normal_line(tmp: Path) -> None:
     _fit_with_seed_file(tmp, "a-0: valid_Ungood_0.png valid_Ungood_1.JPEG\n", k_shot=2)
 
 
+def seed_line_naming_a_file_twice(tmp: Path) -> None:
+    normal = "valid_good_0.png valid_good_0.png"
+    _fit_with_seed_file(tmp, f"n-0: {normal}\na-0: valid_Ungood_0.png valid_Ungood_1.JPEG\n", k_shot=2)
+
+
 def torchscript_weights_that_run_code(tmp: Path) -> None:
     archive, marker = archive_that_runs_code(tmp)
     try:
@@ -309,6 +318,45 @@ def weights_declaring_more_than_they_hold(tmp: Path) -> None:
 def weights_larger_than_the_backbone(tmp: Path) -> None:
     numel = 10 * 2**20
     load_clip("tiny-random", torch_file(tmp / "huge.pt", numel, held_bytes=4 * numel), TINY_IMAGE_SIZE)
+
+
+def weights_with_an_entry_name_cut_at_nul(tmp: Path) -> None:
+    entries = [*honest_entries()[:2], ("w/data/0", bytes(2**20)), ("w/data/0Zx", bytes(4)), honest_entries()[3]]
+    path = archive_file(tmp / "nul.pt", entries, renames={"w/data/0Zx": b"w/data/0\x00x"}, deflated=("w/data/0",))
+    load_clip("tiny-random", path, TINY_IMAGE_SIZE)
+
+
+def adapters_with_entries_named_alike(tmp: Path) -> None:
+    entries = [*honest_entries()[:2], ("w/DATA/0", bytes(4)), *honest_entries()[2:]]
+    tiny_model().load_adapters(archive_file(tmp / "case.pth", entries))
+
+
+def weights_with_a_compressed_byteorder(tmp: Path) -> None:
+    path = archive_file(tmp / "byteorder.pt", honest_entries(), deflated=("w/byteorder",))
+    load_clip("tiny-random", path, TINY_IMAGE_SIZE)
+
+
+def weights_with_a_tensor_view_beyond_its_storage(tmp: Path) -> None:
+    view = pickled_tensor(4, offset=2, size=(4,), stride=(1,))
+    path = archive_file(tmp / "view.pt", [("w/data.pkl", view), ("w/data/0", bytes(16)), honest_entries()[3]])
+    load_clip("tiny-random", path, TINY_IMAGE_SIZE)
+
+
+def eight_bit_batch_through_the_engine(tmp: Path) -> None:
+    model = Mvfa(**TINY, k_shot=0, epochs=0, class_name="scan", visualizer=False)
+    Engine(default_root_dir=tmp, accelerator="cpu", devices=1, logger=False).predict(
+        model, dataloaders=image_batches(EIGHT_BIT)
+    )
+
+
+def negative_learning_rate(tmp: Path) -> None:
+    del tmp
+    Mvfa(**TINY, det_learning_rate=-1e-3)
+
+
+def benchmark_config_naming_os_system(tmp: Path) -> None:
+    BenchmarkConfig.from_file(benchmark_config(tmp, "os.system"))
+    assert not (tmp / "marker").exists(), "the config ran a command"
 
 
 # --------------------------------------------------------------------------- settings
@@ -411,6 +459,12 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
         ValueError,
         r"Seed file '.*seeds\.txt', line 2 \('a-0'\) names 2 file\(s\); k_shot=3 needs 3",
     ),
+    "seed-file line naming a file twice": (
+        seed_line_naming_a_file_twice,
+        ValueError,
+        r"Seed file '.*seeds\.txt', line 1 \('n-0'\) names 'valid_good_0\.png' 2 times: each support image must "
+        r"be a different file\.",
+    ),
     "seed file without a normal line": (
         seed_file_without_normal_line,
         ValueError,
@@ -460,12 +514,48 @@ CASES: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
     "compressed weights (a decompression bomb)": (
         compressed_weights,
         PretrainedWeightsError,
-        r"bomb\.pt' was refused: 2 of its tensor entries are compressed",
+        r"bomb\.pt' was refused: 7 of its 7 entries are compressed",
     ),
     "weights declaring more bytes than they hold": (
         weights_declaring_more_than_they_hold,
         PretrainedWeightsError,
         r"liar\.pt' was refused: it declares 17179869184 bytes for tensor storage '0' but holds 16",
+    ),
+    "weights entry named alike after a NUL byte": (
+        weights_with_an_entry_name_cut_at_nul,
+        PretrainedWeightsError,
+        r"nul\.pt' was refused: its entry name 'w/data/0\\x00x' holds a NUL byte, where Python's zipfile ends",
+    ),
+    "adapter entries named alike in another letter case": (
+        adapters_with_entries_named_alike,
+        ValueError,
+        r"case\.pth' was refused: it holds two entries named alike \('w/DATA/0' and 'w/data/0'; torch's reader",
+    ),
+    "compressed byteorder entry": (
+        weights_with_a_compressed_byteorder,
+        PretrainedWeightsError,
+        r"byteorder\.pt' was refused: 1 of its 4 entries are compressed \(for example 'w/byteorder'\)",
+    ),
+    "tensor view beyond its storage": (
+        weights_with_a_tensor_view_beyond_its_storage,
+        PretrainedWeightsError,
+        r"view\.pt' was refused: it holds a tensor record that is not valid \(offset 2, size \(4,\), stride "
+        r"\(1,\) reaches beyond the 4 element\(s\) of its storage\)",
+    ),
+    "8-bit batch through the Engine": (
+        eight_bit_batch_through_the_engine,
+        ValueError,
+        r"images of the batch hold values from \d+ to 255; Mvfa takes images in \[0, 1\]",
+    ),
+    "negative learning rate": (
+        negative_learning_rate,
+        ValueError,
+        r"det_learning_rate must be a finite number >= 0 \(0 leaves the detection adapters as they are\), got -0\.001",
+    ),
+    "benchmark config naming os.system": (
+        benchmark_config_naming_os_system,
+        ValueError,
+        r"class_path 'os\.system' is not an anomalib model \(a subclass of .*AnomalibModule\)",
     ),
     "weights larger than the backbone": (
         weights_larger_than_the_backbone,

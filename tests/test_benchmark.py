@@ -7,6 +7,7 @@ import os
 
 import pytest
 import yaml
+from anomalib.models import AnomalibModule
 
 from anomalib_mvfa.commands import main
 from anomalib_mvfa.commands.benchmark import METRICS
@@ -100,8 +101,10 @@ def test_benchmark_workers_give_the_rows_of_a_sequential_run(mvtec_root, tmp_pat
         main(["benchmark", "--config", str(path), "--random-weights", "--workers", "0"])
 
 
-class DiesOnConstruction:
-    """A "model" whose construction ends its process at once, as the kernel's out-of-memory killer would."""
+class DiesOnConstruction(AnomalibModule):
+    """A model whose construction ends its process at once, as the kernel's out-of-memory killer would."""
+
+    learning_type = trainer_arguments = None  # not abstract: construction reaches __init__
 
     def __init__(self, **_kwargs: object) -> None:
         os._exit(9)

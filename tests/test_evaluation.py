@@ -140,7 +140,7 @@ def test_evaluate_reports_unreadable_inputs_in_one_line(medical_root, tmp_path, 
     save_checkpoint_file(Mvfa(**TINY_MODEL, k_shot=2, epochs=0), truncated)
     truncated.write_bytes(truncated.read_bytes()[:1000])  # cut, as a full disk or an interrupted copy leaves it
     for extra, expected in (
-        (["--ckpt-path", str(truncated)], f"Checkpoint '{truncated}' cannot be read as an Mvfa checkpoint"),
+        (["--ckpt-path", str(truncated)], f"Checkpoint '{truncated}' is not a file written by torch.save (not a zip"),
         (["--adapter-checkpoint", "adapters/{cat}.pth"], "--adapter-checkpoint 'adapters/{cat}.pth' is not a valid"),
     ):
         code = console(["evaluate", "--root", str(medical_root), "--categories", "Brain", *TINY, *extra])

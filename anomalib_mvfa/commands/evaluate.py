@@ -24,8 +24,6 @@ before either fusion normalises them; the first process writes the tables.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import logging
 import pickle
 import statistics
@@ -49,6 +47,7 @@ from ..reports.cells import Stat
 from ..reports.page import TileMap
 from ..reports.report import RunReport, make_tile
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps, write_rows
+from ..tensor_files import check_tensor_archive
 from ..utils import write_atomically
 from .progress import job_bar, on_terminal, overall_bar, say
 
@@ -293,6 +292,7 @@ def _load_checkpoint(args: argparse.Namespace) -> Mvfa:
     if not path.is_file():
         msg = f"Checkpoint '{path}' does not exist."
         raise MvfaInputError(msg)
+    check_tensor_archive(path, "Checkpoint")  # before torch's reader sees a hostile archive
     pipeline = {"feature_pipeline": args.feature_pipeline} if args.feature_pipeline else {}
     try:
         return Mvfa.load_from_checkpoint(path, map_location="cpu", weights_only=True, **pipeline)
@@ -543,10 +543,6 @@ def _report_rows(summary: list[dict[str, object]]) -> list[dict[str, object]]:
 
 def _write_tables(output: Path, stem: str, rows: list[dict[str, object]], markdown: str) -> None:
     """Write ``<stem>_runs.csv`` (one row per run) and ``<stem>.md``, each whole or not at all."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(output / f"{stem}_runs.csv", lambda name: Path(name).write_text(buffer.getvalue()))
+    write_rows(output / f"{stem}_runs.csv", rows)
     write_atomically(output / f"{stem}.md", lambda name: Path(name).write_text(markdown))
     print(f"tables written to {output / f'{stem}.md'} and {output / f'{stem}_runs.csv'}")

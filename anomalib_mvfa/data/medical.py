@@ -350,7 +350,7 @@ class MedicalAD(AnomalibDataModule):
             kinds: The lines that must exist: ``"normal"`` (``n-``) and/or ``"abnormal"`` (``a-``).
 
         Raises:
-            ValueError: If a line of ``kinds`` is missing or names fewer than ``k_shot`` files; the
+            ValueError: If a line of ``kinds`` is missing, names a file twice or fewer than ``k_shot`` files; the
                 message names the file and the line.
         """
         if self.seed_file is None:
@@ -367,6 +367,13 @@ class MedicalAD(AnomalibDataModule):
                 msg = f"Seed file '{self.seed_file}' has no '{prefix}-{seed}' line for the {kind} support images."
                 raise MvfaInputError(msg)
             count = len(draws[seed][kind])
+            names = [Path(file).name for file in draws[seed][kind]]
+            if repeated := next((name for name in names if names.count(name) > 1), None):
+                msg = (
+                    f"Seed file '{self.seed_file}', line {number} ('{prefix}-{seed}') names '{repeated}' "
+                    f"{names.count(repeated)} times: each support image must be a different file."
+                )
+                raise MvfaInputError(msg)
             if k_shot is not None and count < k_shot:
                 msg = (
                     f"Seed file '{self.seed_file}', line {number} ('{prefix}-{seed}') names {count} file(s); "

@@ -46,6 +46,7 @@ from torchmetrics.functional.classification import (
 from ..errors import MvfaInputError
 from ..metrics import undefined_auroc_reason
 from ..utils import write_atomically
+from .results import csv_cell
 
 CurveKind = Literal["roc", "pr"]
 Level = Literal["image", "pixel"]
@@ -519,6 +520,7 @@ def _points_frame(plot: CurvePlot, data: dict[CurveKind, list[_SeriesCurves]]) -
 def _write_frame(frames: list[pd.DataFrame], path: Path) -> Path:
     frames = [frame for frame in frames if len(frame)]
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(CSV_COLUMNS))
+    table = table.apply(lambda column: column if pd.api.types.is_numeric_dtype(column) else column.map(csv_cell))
     return write_atomically(path, lambda name: table.to_csv(name, index=False))
 
 

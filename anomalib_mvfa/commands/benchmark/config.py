@@ -20,7 +20,15 @@ import yaml
 
 from ...errors import MvfaInputError
 
-__all__ = ["METRICS", "RANDOM_WEIGHTS", "BenchmarkConfig", "class_name", "load_class", "weights_label"]
+__all__ = [
+    "METRICS",
+    "RANDOM_WEIGHTS",
+    "BenchmarkConfig",
+    "check_class_paths",
+    "class_name",
+    "load_class",
+    "weights_label",
+]
 
 # the figures of every row, averaged over seeds in the tables
 METRICS = ("image_AUROC", "pixel_AUROC", "image_F1Score", "fit_seconds", "images_per_second", "peak_memory_mb")
@@ -45,7 +53,8 @@ class BenchmarkConfig:
         """Read and check a YAML config.
 
         Raises:
-            MvfaInputError: If the file is missing or lacks ``models`` or ``data``.
+            MvfaInputError: If the file is missing, lacks ``models`` or ``data``, or names a class that
+                is not an anomalib model (``models``) or datamodule (``data``).
         """
         path = Path(path)
         if not path.is_file():
@@ -56,7 +65,9 @@ class BenchmarkConfig:
         if missing:
             msg = f"Benchmark config '{path}' needs the lists {missing} (entries with class_path and init_args)."
             raise MvfaInputError(msg)
-        return cls(**content)
+        config = cls(**content)
+        check_class_paths(config)  # before any job makes anything
+        return config
 
 
 def class_name(entry: Mapping[str, Any]) -> str:
@@ -86,19 +97,55 @@ def weights_label(settings: Mapping[str, Any], random_weights: bool) -> str:
     return RANDOM_WEIGHTS if random_weights or configured_random else "pretrained"
 
 
-def load_class(class_path: str) -> type:
-    """Import ``package.module.Class`` (or ``package.Class``).
+def load_class(class_path: str, kind: str = "model") -> type:
+    """Import ``package.module.Class`` (or ``package.Class``): an anomalib model or datamodule class.
+
+    As anomalib's own command line, only ``AnomalibModule`` subclasses are models and only
+    ``AnomalibDataModule`` subclasses datamodules: anything else is refused after its module is
+    imported and before anything is made (a config must not call ``os.system``, say).
+
+    Args:
+        class_path: Dotted path of the class.
+        kind: ``"model"`` or ``"datamodule"``.
 
     Raises:
-        MvfaInputError: If the module or the class cannot be imported.
+        MvfaInputError: If the module or the class cannot be imported, or it is not of ``kind``.
 
     Example:
-        >>> load_class("pathlib.Path").__name__
-        'Path'
+        >>> load_class("anomalib.models.Patchcore").__name__
+        'Patchcore'
+        >>> load_class("os.system")
+        Traceback (most recent call last):
+        ...
+        anomalib_mvfa.errors.MvfaInputError: class_path 'os.system' is not an anomalib model ...
     """
-    module, _, name = class_path.rpartition(".")
+    from anomalib.data import AnomalibDataModule  # noqa: PLC0415 - heavy: only when a class is loaded
+    from anomalib.models import AnomalibModule  # noqa: PLC0415
+
+    bases = {"model": AnomalibModule, "datamodule": AnomalibDataModule}
+    module, _, name = str(class_path).rpartition(".")
     try:
-        return getattr(importlib.import_module(module), name)
+        loaded = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError, ValueError) as error:
         msg = f"Cannot import '{class_path}': {error}"
         raise MvfaInputError(msg) from error
+    base = bases[kind]
+    if not (isinstance(loaded, type) and issubclass(loaded, base)):
+        msg = (
+            f"class_path '{class_path}' is not an anomalib {kind} (a subclass of {base.__module__}.{base.__name__}): "
+            "a benchmark config makes only models and datamodules, as anomalib's command line does."
+        )
+        raise MvfaInputError(msg)
+    return loaded
+
+
+def check_class_paths(config: BenchmarkConfig) -> None:
+    """Load every ``class_path`` of ``config`` (:func:`load_class`): models as models, data as datamodules.
+
+    Raises:
+        MvfaInputError: Naming the first entry that cannot be imported or is not of its kind.
+    """
+    for kind, entries in (("model", config.models), ("datamodule", config.data)):
+        for entry in entries:
+            if isinstance(entry, Mapping) and "class_path" in entry:
+                load_class(entry["class_path"], kind)

@@ -139,7 +139,7 @@ def run_job(job: Job, config: BenchmarkConfig) -> dict[str, Any]:
     pixel sample (see :class:`~.jobs.Job`).
     """
     fix_mmap_threshold()
-    data_class = load_class(job.data["class_path"])
+    data_class = load_class(job.data["class_path"], "datamodule")
     data_args = dict(job.data.get("init_args") or {})
     if job.category is not None:
         data_args["category"] = job.category
