@@ -49,7 +49,7 @@ def test_benchmark_writes_both_tables_with_every_column(mvtec_root, tmp_path, ca
     output = capsys.readouterr().out
     assert code == 0
     assert "[1/4] Mvfa on MVTecAD bottle seed 0" in output
-    with (tmp_path / "out" / "benchmark.csv").open() as file:
+    with (tmp_path / "out" / "latest" / "benchmark.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["model"], row["seed"]) for row in rows] == [
         ("Mvfa (clip)", "0"),  # the flag reaches the models that take a feature pipeline
@@ -61,7 +61,7 @@ def test_benchmark_writes_both_tables_with_every_column(mvtec_root, tmp_path, ca
         for metric in METRICS:
             assert float(row[metric]) >= 0.0, metric
         assert row["weights"] == "random (accuracy not meaningful)"
-    table = (tmp_path / "out" / "benchmark.md").read_text()
+    table = (tmp_path / "out" / "latest" / "benchmark.md").read_text()
     header = table.splitlines()[0]
     assert all(metric in header for metric in METRICS)
     assert sum(line.startswith(("| Mvfa", "| Patchcore")) for line in table.splitlines()) == 2
@@ -90,7 +90,7 @@ def test_benchmark_workers_give_the_rows_of_a_sequential_run(mvtec_root, tmp_pat
         how = ["--in-process"] if workers == "1" else ["--workers", workers]
         code = main(["benchmark", "--config", str(path), "--random-weights", "--output", str(output), *how])
         assert code == 0
-        with (output / "benchmark.csv").open() as file:
+        with (output / "latest" / "benchmark.csv").open() as file:
             tables[workers] = list(csv.DictReader(file))
     assert "2 job(s) on CPU, 2 at a time, each in its own process" in capsys.readouterr().out
     accuracy = ("model", "seed", "image_AUROC", "pixel_AUROC", "image_F1Score")
@@ -123,8 +123,8 @@ def test_each_job_runs_in_its_own_process_and_a_dead_one_is_reported(mvtec_root,
     path = tmp_path / "benchmark.yaml"
     path.write_text(yaml.safe_dump(config))
     code = main(["benchmark", "--config", str(path), "--random-weights", "--output", str(tmp_path / "out")])
-    assert code == 0  # this process survived the job whose process died
-    with (tmp_path / "out" / "benchmark.csv").open() as file:
+    assert code == 1  # this process survived the job whose process died, and says that a job failed
+    with (tmp_path / "out" / "latest" / "benchmark.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["model"], bool(row["error"])) for row in rows] == [
         ("DiesOnConstruction", True),
@@ -132,8 +132,8 @@ def test_each_job_runs_in_its_own_process_and_a_dead_one_is_reported(mvtec_root,
     ]
     assert "process died" in rows[0]["error"]
     assert float(rows[1]["image_AUROC"]) >= 0.0  # the next job ran as usual
-    table = (tmp_path / "out" / "benchmark.md").read_text()
-    assert "Failed jobs (left out of the means): DiesOnConstruction on MVTecAD bottle seed 0: its process died" in table
+    table = (tmp_path / "out" / "latest" / "benchmark.md").read_text()
+    assert "- DiesOnConstruction on MVTecAD bottle seed 0: its process died" in table.split("Failed jobs")[1]
     assert "FAILED" in capsys.readouterr().out
 
 
@@ -150,14 +150,14 @@ def test_rows_are_labelled_from_the_weights_each_model_was_given(mvtec_root, tmp
     }
     path = tmp_path / "benchmark.yaml"
     path.write_text(yaml.safe_dump(config))
-    assert main(["benchmark", "--config", str(path), "--output", str(tmp_path / "out")]) == 0
-    with (tmp_path / "out" / "benchmark.csv").open() as file:
+    assert main(["benchmark", "--config", str(path), "--output", str(tmp_path / "out")]) == 1  # one job failed
+    with (tmp_path / "out" / "latest" / "benchmark.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["model"], row["weights"]) for row in rows] == [
         ("Mvfa (authors)", "random (accuracy not meaningful)"),
         ("DiesOnConstruction", "random (accuracy not meaningful)"),  # a failed job: from its init_args
     ]
-    assert "their accuracy columns mean nothing" in (tmp_path / "out" / "benchmark.md").read_text()
+    assert "their accuracy columns mean nothing" in (tmp_path / "out" / "latest" / "benchmark.md").read_text()
 
 
 def test_benchmark_started_by_a_multi_process_launcher_stops_before_any_job(tmp_path, capsys, monkeypatch) -> None:

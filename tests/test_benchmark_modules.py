@@ -93,7 +93,7 @@ def test_a_job_names_its_run_folder_and_files_from_the_config(tmp_path) -> None:
     assert job.describe() == "Patchcore on MVTecAD bottle seed 1"
     row = failed_row(job, config, RuntimeError("out of memory\nmore"))
     assert (row["model"], row["data"], row["category"], row["seed"]) == ("Patchcore", "MVTecAD", "bottle", 1)
-    assert row["error"] == "RuntimeError: out of memory"
+    assert row["error"] == "RuntimeError: out of memory more"  # the whole message, on one line
 
 
 def test_the_report_reads_each_job_from_its_own_files(tmp_path) -> None:

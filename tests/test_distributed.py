@@ -373,12 +373,13 @@ def test_evaluate_under_ddp_gathers_the_test_scores_before_the_fusions(medical_r
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # two processes ran
     rows = {}
     for name in ("one", "two"):
-        with (tmp_path / name / "few-shot_2shot_runs.csv").open() as file:
+        with (tmp_path / name / "latest" / "few-shot_2shot_runs.csv").open() as file:
             (rows[name],) = csv.DictReader(file)
     for metric in ("ours_AC", "ours_AS", "authors_AC", "authors_AS"):  # percent
         assert float(rows["two"][metric]) == pytest.approx(float(rows["one"][metric]), abs=1e-4), metric
-    table = (tmp_path / "two" / "few-shot_2shot.md").read_text()
+    table = (tmp_path / "two" / "latest" / "few-shot_2shot.md").read_text()
     assert output.count(table.splitlines()[0]) == 1  # printed by the first process only
-    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == sorted(
-        path.name for path in (tmp_path / "one").iterdir()
+    assert sorted(path.name for path in (tmp_path / "two").iterdir()) == ["latest", "v0"]  # one run folder for all
+    assert sorted(path.name for path in (tmp_path / "two" / "v0").iterdir()) == sorted(
+        path.name for path in (tmp_path / "one" / "v0").iterdir()
     )

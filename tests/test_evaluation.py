@@ -82,7 +82,7 @@ def test_evaluate_command_reports_both_fusions_over_seeds(medical_root, tmp_path
     ])  # fmt: skip
     output = capsys.readouterr().out
     assert code == 0
-    table = (tmp_path / "few-shot_2shot.md").read_text()
+    table = (tmp_path / "latest" / "few-shot_2shot.md").read_text()
     assert "| dataset | ours AC | ours AS | authors AC | authors AS |" in table
     assert "RANDOM CLIP weights" in table
     assert "feature pipeline clip" in table.splitlines()[0]
@@ -91,7 +91,7 @@ def test_evaluate_command_reports_both_fusions_over_seeds(medical_root, tmp_path
     assert brain.count("±") == 4  # mean ± std over two seeds, AC and AS, both fusions
     assert chest.split("|")[3].strip() == "-"  # no AS without masks
     assert any(line.startswith("| Average") for line in table.splitlines())
-    with (tmp_path / "few-shot_2shot_runs.csv").open() as file:
+    with (tmp_path / "latest" / "few-shot_2shot_runs.csv").open() as file:
         rows = list(csv.DictReader(file))
     assert [(row["category"], row["seed"]) for row in rows] == [
         ("Brain", "0"),
@@ -159,7 +159,7 @@ def test_evaluate_title_comes_from_the_evaluated_checkpoint(medical_root, tmp_pa
         "--output", str(tmp_path / "out"),
     ])  # fmt: skip
     assert code == 0
-    title = (tmp_path / "out" / "few-shot_2shot.md").read_text().splitlines()[0]
+    title = (tmp_path / "out" / "latest" / "few-shot_2shot.md").read_text().splitlines()[0]
     assert "2-shot" in title  # the checkpoint's K, not the command's default of 4
     assert "RANDOM CLIP weights" in title  # the checkpoint's CLIP is random, although --pretrained says openai
 

@@ -92,7 +92,7 @@ def test_evaluate_leaves_undefined_cells_empty_with_a_footnote(all_normal_test_s
         "--epochs", "0", *TINY_CLI, "--output", str(tmp_path / "out"),
     ])  # fmt: skip
     assert code == 0
-    table = (tmp_path / "out" / "few-shot_2shot.md").read_text()
+    table = (tmp_path / "out" / "latest" / "few-shot_2shot.md").read_text()
     chest = next(line for line in table.splitlines() if line.startswith("| Chest"))
     assert [cell.strip() for cell in chest.split("|")[2:6]] == ["", "-", "", "-"]  # AC undefined, AS not applicable
     assert "Chest seed 0: AC (image AUROC) is undefined: all 6 targets are normal" in table

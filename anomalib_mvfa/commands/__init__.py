@@ -3,7 +3,8 @@
 Training, testing, prediction and export go through anomalib's own CLI
 (``anomalib train --model anomalib_mvfa.Mvfa ...``); this entry point holds what anomalib
 has no command for. Each command lives in a module of this package that is imported only
-when that command runs, so ``anomalib-mvfa --help`` loads neither torch nor anomalib.
+when that command runs; the arguments of all of them live in the light :mod:`.options`, so
+``anomalib-mvfa --help`` and ``anomalib-mvfa <command> --help`` load neither torch nor anomalib.
 
 Example:
     anomalib-mvfa configs --dest .
@@ -14,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import os
@@ -23,7 +25,7 @@ import warnings
 
 __all__ = ["COMMANDS", "build_parser", "console", "main"]
 
-# name -> (module of this package with add_arguments(parser) and run(args), one-line help)
+# name -> (module of this package with run(args), one-line help); the arguments live in .options
 COMMANDS = {
     "demo": ("demo", "train and test few-shot MVFA on a generated histology dataset"),
     "evaluate": ("evaluate", "AC/AS on the medical benchmark layout under both fusions, over K-shot seeds"),
@@ -36,21 +38,31 @@ COMMANDS = {
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The ``anomalib-mvfa`` parser; only ``command``'s module is imported, to add its arguments.
+    """The ``anomalib-mvfa`` parser, every option's help with its default.
+
+    The arguments come from the light :mod:`.options`; a command's module (torch, anomalib) is
+    imported only when the command runs, so that ``anomalib-mvfa <command> --help`` answers at once.
+    ``command`` is accepted for compatibility; every command gets its arguments.
 
     Example:
         >>> build_parser().parse_args(["configs"]).command
         'configs'
     """
+    del command
+    from .options import COMMAND_ARGUMENTS  # noqa: PLC0415  (light: no torch, no anomalib)
+
     parser = argparse.ArgumentParser(prog="anomalib-mvfa", description="MVFA for anomalib.")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         subparser = subparsers.add_parser(name, help=help_text, description=help_text)
-        if name == command:
-            module = importlib.import_module(f"{__name__}.{module_name}")
-            module.add_arguments(subparser)
-            subparser.set_defaults(run=module.run)
+        COMMAND_ARGUMENTS[name](subparser)
+        subparser.set_defaults(run=functools.partial(_run_command, module_name))
     return parser
+
+
+def _run_command(module_name: str, args: argparse.Namespace) -> int:
+    """Import the command's module (torch, anomalib) and run it."""
+    return importlib.import_module(f"{__name__}.{module_name}").run(args)
 
 
 def main(argv: list[str] | None = None) -> int:

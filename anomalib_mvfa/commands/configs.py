@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import MvfaFileNotFoundError, MvfaInputError
+from .options import configs as add_arguments
 
 if TYPE_CHECKING:  # importlib.resources.abc is Python 3.11+; importlib.abc's Traversable on 3.10
     from importlib.resources.abc import Traversable
@@ -54,12 +55,6 @@ def _config_folder() -> Traversable:
         return resources.files(CONFIG_PACKAGE)
     except ModuleNotFoundError:
         return Path(__file__).resolve().parents[2] / "configs"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``anomalib-mvfa configs``."""
-    parser.add_argument("--dest", default=None, help="copy the configs to DEST/configs/ (default: only list them)")
-    parser.add_argument("--force", action="store_true", help="overwrite configs that already exist in DEST")
 
 
 def run(args: argparse.Namespace) -> int:

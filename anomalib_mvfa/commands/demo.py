@@ -23,9 +23,10 @@ from anomalib.engine import Engine
 from PIL import Image
 from skimage import data as skimage_data
 
-from ..backbone import PretrainedWeightsError, tower_depth
+from ..backbone import PretrainedWeightsError
 from ..lightning_model import Mvfa
-from ..pipeline import add_feature_pipeline_argument
+from .options import backbone_settings
+from .options import demo as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 
 logger = logging.getLogger(__name__)
 
@@ -88,33 +89,10 @@ def generate_dataset(root: str | Path, seed: int = 0, n_train: int = 16, n_test:
     return folder
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``anomalib-mvfa demo``."""
-    parser.add_argument("--backbone", default="ViT-B-16", help="open_clip model name, JSON config, or tiny-random")
-    parser.add_argument(
-        "--pretrained",
-        default=None,
-        help="open_clip tag or weights file; 'none' for random weights (default: openai, none for tiny-random)",
-    )
-    parser.add_argument("--image-size", type=int, default=None, help="default: 224 (64 for tiny-random)")
-    parser.add_argument("--feature-layers", type=int, nargs="+", default=None, help="default: 4 evenly spaced blocks")
-    add_feature_pipeline_argument(parser)
-    parser.add_argument("--k-shot", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=5, help="the paper uses 50 (on a GPU)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--root", default="datasets/mvfa_demo", help="where the demo dataset is written")
-    parser.add_argument("--results", default="results", help="anomalib's results folder")
-
-
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset, train and test MVFA, print the metrics; return an exit code."""
-    tiny = args.backbone == "tiny-random"
-    pretrained = args.pretrained or ("none" if tiny else "openai")
-    pretrained = None if pretrained.lower() == "none" else pretrained
-    image_size = args.image_size or (64 if tiny else 224)
     try:
-        depth = tower_depth(args.backbone)
-        feature_layers = args.feature_layers or [round(depth * (i + 1) / 4) for i in range(4)]
+        pretrained, image_size, feature_layers = backbone_settings(args, pretrained="openai", image_size=224)
         model = Mvfa(
             backbone=args.backbone,
             pretrained=pretrained,

@@ -16,6 +16,11 @@ Example:
     anomalib-mvfa evaluate --root datasets/MVFA --setting zero-shot --categories all
     anomalib-mvfa evaluate --root datasets/MVFA --setting zero-shot --strategy ddp --devices 4
 
+Every run writes into a new version folder of its own under ``--output`` (``v0``, ``v1``, ...; ``latest``
+links the newest, see :mod:`~anomalib_mvfa.commands.run_folder`). ``--categories all`` means the paper's
+six categories, every one of which must be under ``--root``; the table's title names what its Average
+row averages.
+
 Under DDP every process trains on its share of each step (``--train-batch-size`` images, so the
 global batch is N times that), scores its share of the test images, and the scores are gathered
 before either fusion normalises them; the first process writes the tables.
@@ -42,14 +47,16 @@ from ..distributed import gather_shards, process_share
 from ..errors import MvfaInputError
 from ..lightning_model import Mvfa
 from ..metrics import exact_auroc, undefined_auroc_reason
-from ..pipeline import add_feature_pipeline_argument
 from ..reports.cells import Stat
 from ..reports.page import TileMap
 from ..reports.report import RunReport, make_tile
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps, write_rows
 from ..tensor_files import check_tensor_archive
 from ..utils import write_atomically
+from .options import backbone_settings
+from .options import evaluate as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 from .progress import job_bar, on_terminal, overall_bar, say
+from .run_folder import shared_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -239,37 +246,35 @@ def markdown_table(summary: list[dict[str, object]], title: str, undefined: set[
     return "\n".join(lines) + "\n"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``anomalib-mvfa evaluate``."""
-    parser.add_argument("--root", required=True, help="folder holding the <Name>_AD folders")
-    parser.add_argument("--categories", nargs="+", default=["all"], help="categories, or 'all' (the six)")
-    parser.add_argument("--setting", choices=("few-shot", "zero-shot"), default="few-shot")
-    parser.add_argument("--k-shot", type=int, default=4)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="K-shot draws (seed-file lines)")
-    parser.add_argument("--seed-files", default=None, help="seed-file path template with {category} and {k_shot}")
-    parser.add_argument("--epochs", type=int, default=50, help="0 evaluates --adapter-checkpoint without training")
-    parser.add_argument("--adapter-checkpoint", default=None, help="adapters file, or template with {category}")
-    parser.add_argument("--ckpt-path", default=None, help="a Lightning checkpoint of Mvfa to evaluate as it is")
-    parser.add_argument("--backbone", default="ViT-L-14-336")
-    parser.add_argument("--pretrained", default="openai", help="open_clip tag, weights file, or 'none'")
-    parser.add_argument("--image-size", type=int, default=240)
-    parser.add_argument("--feature-layers", type=int, nargs="+", default=[6, 12, 18, 24])
-    add_feature_pipeline_argument(parser, "authors; with --ckpt-path, the checkpoint's")
-    parser.add_argument("--batch-size", type=int, default=8, help="test images scored at once, per process")
-    parser.add_argument(
-        "--train-batch-size", type=int, default=1, help="training images a step, per process (the paper: 1)"
-    )
-    parser.add_argument("--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, ...")
-    parser.add_argument("--devices", default="1", help="devices per node (a number, 'auto' or a list such as 0,1)")
-    parser.add_argument("--strategy", default="auto", help="Lightning strategy; ddp for several devices")
-    parser.add_argument("--num-nodes", type=int, default=1, help="nodes of a multi-node run")
-    parser.add_argument("--output", default="results/evaluation", help="folder for the CSV and Markdown tables")
-
-
 def _categories(args: argparse.Namespace) -> list[str]:
-    if args.categories == ["all"]:
-        return [c for c in MEDICAL_CATEGORIES if (Path(args.root) / f"{c}_AD").is_dir()]
-    return list(args.categories)
+    """The categories to evaluate; ``all``: the paper's six, every one of which must be under ``--root``.
+
+    Raises:
+        MvfaInputError: If ``--categories all`` and a benchmark category's folder is missing.
+    """
+    if args.categories != ["all"]:
+        return list(args.categories)
+    missing = [f"{category}_AD" for category in MEDICAL_CATEGORIES if not (Path(args.root) / f"{category}_AD").is_dir()]
+    if missing:
+        msg = (
+            f"--categories all means the paper's six benchmark categories ({', '.join(MEDICAL_CATEGORIES)}), "
+            f"but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing under --root '{args.root}'. "
+            "Add them, or name the categories to evaluate (--categories Brain Liver ...)."
+        )
+        raise MvfaInputError(msg)
+    return list(MEDICAL_CATEGORIES)
+
+
+def average_label(categories: list[str]) -> str:
+    """What the table's Average row averages: the paper's six categories, or the ones named.
+
+    Example:
+        >>> average_label(["Brain", "Liver"])
+        'Average of 2 categories: Brain, Liver'
+    """
+    if sorted(categories) == sorted(MEDICAL_CATEGORIES):
+        return "Average of the paper's six categories"
+    return f"Average of {len(categories)} categor{'y' if len(categories) == 1 else 'ies'}: {', '.join(categories)}"
 
 
 def _check_templates(args: argparse.Namespace) -> None:
@@ -318,13 +323,13 @@ def _datamodule(args: argparse.Namespace, category: str, seed: int) -> MedicalAD
 def _model(args: argparse.Namespace, category: str, seed: int) -> Mvfa:
     if args.ckpt_path:
         return _load_checkpoint(args)
-    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
+    pretrained, image_size, feature_layers = backbone_settings(args, pretrained="openai", image_size=240)
     adapters = args.adapter_checkpoint.format(category=category) if args.adapter_checkpoint else None
     return Mvfa(
         backbone=args.backbone,
         pretrained=pretrained,
-        image_size=args.image_size,
-        feature_layers=args.feature_layers,
+        image_size=image_size,
+        feature_layers=feature_layers,
         feature_pipeline=args.feature_pipeline,
         k_shot=0 if args.setting == "zero-shot" else args.k_shot,
         epochs=args.epochs,
@@ -375,9 +380,8 @@ def _thresholds(model: Mvfa) -> tuple[float | None, float | None]:
     return finite_or_none(post_processor.image_threshold), finite_or_none(post_processor.pixel_threshold)
 
 
-def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: Totals) -> None:
-    """Train (or load) and score one category and seed; add its rows, curves and gallery to ``totals``."""
-    output = Path(args.output)
+def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: Totals, output: Path) -> None:
+    """Train (or load) and score one category and seed into ``output``; add its rows and gallery to ``totals``."""
     datamodule = _datamodule(args, category, seed)
     model = _model(args, category, seed)
     totals.pipelines.add(model.feature_pipeline.value)
@@ -475,11 +479,13 @@ def run(args: argparse.Namespace) -> int:
     its share, the scores are gathered, and the first process prints and writes the tables.
     """
     categories = _categories(args)
-    if not categories:
-        print(f"error: no category folder (<Name>_AD) found under {args.root}")
-        return 2
     _check_templates(args)
-    output = Path(args.output)
+    with shared_run_folder(args.output) as output:
+        return _run_into(args, categories, output)
+
+
+def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> int:
+    """:func:`run`, writing into the run folder ``output``."""
     totals = Totals()
     with overall_bar(len(categories) * len(args.seeds), "evaluate") as bar:
         if rank_zero_only.rank != 0:
@@ -487,13 +493,15 @@ def run(args: argparse.Namespace) -> int:
         for category in categories:
             for seed in args.seeds:
                 _say(f"== {category}, {args.setting}, seed {seed}")
-                _evaluate_run(args, category, seed, totals)
+                _evaluate_run(args, category, seed, totals, output)
                 bar.update()
 
     summary = summarise(totals.rows)
     shots = ", ".join(f"{k}-shot" if k else "zero-shot" for k in sorted(totals.k_shots))
     pipelines = " and ".join(sorted(totals.pipelines))
-    title = f"MVFA {shots}, {len(args.seeds)} seed(s), feature pipeline {pipelines}, AUROC %"
+    title = (
+        f"MVFA {shots}, {len(args.seeds)} seed(s), feature pipeline {pipelines}, AUROC %; {average_label(categories)}"
+    )
     if totals.random_weights:
         title += " (RANDOM CLIP weights: the numbers mean nothing)"
     table = markdown_table(summary, title, set(totals.undefined))

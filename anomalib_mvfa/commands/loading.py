@@ -27,8 +27,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.transforms.v2 import Resize
 
-from ..backbone import tower_depth
 from ..torch_model import MvfaModel
+from .options import evenly_spaced_layers
+from .options import loading as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 
 
 def _write_dicom(path: Path, stored: np.ndarray) -> None:
@@ -103,18 +104,6 @@ class _ResizedFiles(torch.utils.data.Dataset):
         return self.resize(self.reader.read_image(self.files[index]))
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``anomalib-mvfa loading``."""
-    parser.add_argument("--backbone", default="ViT-B-16")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--files", type=int, default=32, help="DICOM and PNG files written (and scored)")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="data-loading processes")
-    parser.add_argument("--side", type=int, default=512, help="DICOM and PNG image side")
-    parser.add_argument("--volume-side", type=int, default=256, help="NIfTI volume side")
-    parser.add_argument("--seed", type=int, default=0)
-
-
 def run(args: argparse.Namespace) -> int:
     """Write the files, measure and print; return an exit code."""
     from ..data import ScanReader  # noqa: PLC0415
@@ -138,8 +127,7 @@ def run(args: argparse.Namespace) -> int:
             f"{1000 * first / len(slices) + rest:.2f} ms a slice over the volume"
         )
 
-        depth = tower_depth(args.backbone)
-        layers = [round(depth * (i + 1) / 4) for i in range(4)]  # four evenly spaced, as the paper's 6/12/18/24
+        layers = evenly_spaced_layers(args.backbone)  # four evenly spaced, as the paper's 6/12/18/24
         model = MvfaModel(args.backbone, None, args.image_size, layers).eval()
         model.setup("object")
         batch = torch.rand(args.batch_size, 3, args.image_size, args.image_size)

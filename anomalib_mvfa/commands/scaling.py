@@ -26,6 +26,7 @@ from lightning.pytorch import Callback
 
 from ..backbone import tower_depth
 from ..errors import MvfaInputError
+from .options import scaling as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 
 
 class LoopTimer(Callback):
@@ -76,19 +77,6 @@ class LoopTimer(Callback):
         """Stop it."""
         del pl_module
         self._stop(trainer, "test")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``anomalib-mvfa scaling``."""
-    parser.add_argument("--backbone", default="ViT-B-16")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--k-shot", type=int, default=4, help="support: K normal + K abnormal, x11")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=8, help="global batch, split over the processes")
-    parser.add_argument("--processes", type=int, default=2)
-    parser.add_argument("--accelerator", default="cpu", help="cpu or gpu")
-    parser.add_argument("--threads", type=int, default=None, help="CPU: total threads; default: torch's count")
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def _run(args: argparse.Namespace, folder: Path, data: Path, processes: int) -> dict[str, float]:

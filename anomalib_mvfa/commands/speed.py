@@ -32,13 +32,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
-from ..backbone import tower_depth
 from ..encoder import ADAPTER_WEIGHT, RESIDUAL_WEIGHT, AdaptedTokens
 from ..loss import MvfaLoss
 from ..memory_bank import SEARCH_PRECISIONS
-from ..pipeline import add_feature_pipeline_argument
 from ..support.augmentation import augment_support_set
 from ..torch_model import MvfaModel
+from .options import backbone_settings
+from .options import speed as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 
 BETAS = (0.5, 0.999)
 
@@ -205,28 +205,6 @@ def _approximation(found: torch.Tensor, exact: torch.Tensor) -> str:
     )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``anomalib-mvfa speed``."""
-    parser.add_argument("--backbone", default="ViT-B-16")
-    parser.add_argument("--pretrained", default="none", help="weights do not change the speed; default: random")
-    parser.add_argument("--image-size", type=int, default=224)
-    parser.add_argument("--feature-layers", type=int, nargs="+", default=None, help="default: 4 evenly spaced")
-    parser.add_argument("--k-shot", type=int, default=4, help="training support: K normal + K abnormal, x11")
-    parser.add_argument("--epochs", type=int, default=1, help="0 measures inference only")
-    parser.add_argument("--batch-size", type=int, default=8, help="inference batch")
-    parser.add_argument("--search-k-shot", type=int, default=16, help="memory bank size for the search share")
-    parser.add_argument(
-        "--memory-bank-ratio", type=float, default=None, help="also time the search on a coreset of this share"
-    )
-    add_feature_pipeline_argument(parser)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    parser.add_argument(
-        "--amp", choices=("bfloat16", "float16"), default=None, help="autocast dtype (mixed precision) on a GPU"
-    )
-
-
 def _measure_training(
     model: MvfaModel,
     images: torch.Tensor,
@@ -251,13 +229,10 @@ def run(args: argparse.Namespace) -> int:
     """Measure and print the ratios; return an exit code."""
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
-    depth = tower_depth(args.backbone)
-    layers = args.feature_layers or [round(depth * (i + 1) / 4) for i in range(4)]
-    pretrained = None if str(args.pretrained).lower() == "none" else args.pretrained
-    model = MvfaModel(args.backbone, pretrained, args.image_size, layers, feature_pipeline=args.feature_pipeline)
+    pretrained, size, layers = backbone_settings(args, pretrained="none", image_size=224)
+    model = MvfaModel(args.backbone, pretrained, size, layers, feature_pipeline=args.feature_pipeline)
     model = model.to(device)
     model.setup("object")
-    size = args.image_size
     generator = torch.Generator().manual_seed(args.seed)
     count = 2 * args.k_shot
     masks = torch.zeros(count, size, size)

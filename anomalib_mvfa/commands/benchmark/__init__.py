@@ -10,7 +10,9 @@ Every job runs in a new process of its own, so that no job changes what the next
 the peak-memory column is the job's own (``--in-process`` runs them in this process instead). Jobs
 run one after another on a CPU or a single GPU; with several GPUs, one job per GPU at a time
 (``--workers`` sets how many run at once). A job that fails, its process killed for lack of memory
-included, gets a row that says so, and the other jobs still run.
+included, gets a row that says so, and the other jobs still run; the command then exits with 1, saying
+how many failed. SIGTERM or SIGINT ends every job process and the command. Every run writes into a new
+version folder of its own under the output folder (``v0``, ``v1``, ...; ``latest`` links the newest).
 
 ``random_weights: true`` runs every model offline on random weights (Mvfa ``pretrained=None``,
 PatchCore ``pre_trained=False``, WinCLIP without its download): for speed studies only, and the

@@ -17,10 +17,14 @@ import math
 import multiprocessing
 import os
 import queue
+import signal
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+import traceback
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +36,22 @@ from ...metrics import undefined_auroc_reason
 from ...reports.recorder import TestRecorder
 from ...reports.results import write_rows
 from ...utils import write_atomically
+from ..options import preset_init_args
 from ..progress import on_terminal, overall_bar, say
 from .config import METRICS, BenchmarkConfig, load_class, weights_label
 from .jobs import Job
 
-__all__ = ["PeakMemory", "build_model", "failed_row", "fix_mmap_threshold", "run_job", "run_jobs"]
+__all__ = [
+    "JobFailedError",
+    "JobProcessDiedError",
+    "JobProcesses",
+    "PeakMemory",
+    "build_model",
+    "failed_row",
+    "fix_mmap_threshold",
+    "run_job",
+    "run_jobs",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +63,10 @@ MMAP_THRESHOLD_BYTES = 128 * 1024
 def build_model(entry: dict[str, Any], random_weights: bool, seed: int, feature_pipeline: str | None = None) -> Any:
     """Instantiate a model entry; with ``random_weights`` switch off every pretrained download.
 
+    A backbone with a preset (``backbone: tiny-random``) brings its settings (random weights, image
+    size, feature layers; :data:`~anomalib_mvfa.commands.options.BACKBONE_PRESETS`) where ``init_args``
+    set none.
+
     ``feature_pipeline`` applies to models that take one (Mvfa) unless their ``init_args`` set it.
     Every model that takes a ``visualizer`` gets :class:`~anomalib_mvfa.visualization.MvfaVisualizer`
     unless its ``init_args`` set one: anomalib's own opens images with PIL, which cannot show 16-bit
@@ -57,7 +76,7 @@ def build_model(entry: dict[str, Any], random_weights: bool, seed: int, feature_
     from ...visualization import MvfaVisualizer  # noqa: PLC0415
 
     model_class = load_class(entry["class_path"])
-    init_args = dict(entry.get("init_args") or {})
+    init_args = preset_init_args(dict(entry.get("init_args") or {}))
     if "visualizer" in _init_parameters(model_class):
         init_args.setdefault("visualizer", MvfaVisualizer())
     if "seed" in _init_parameters(model_class):
@@ -215,10 +234,20 @@ def _print_metrics(row: dict[str, Any]) -> None:
     say("    " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row[m] is not None))
 
 
+class JobFailedError(RuntimeError):
+    """A job failed in its own process; the message is the process's ``<exception type>: <message>``."""
+
+
+class JobProcessDiedError(RuntimeError):
+    """A job's process ended without a row (killed by the system, for example for lack of memory)."""
+
+
 def failed_row(job: Job, config: BenchmarkConfig, error: BaseException) -> dict[str, Any]:
-    """The row of a job that failed: its names, no figures, and what went wrong."""
-    if isinstance(error, BrokenProcessPool):
-        reason = "its process died (killed by the system, for example for lack of memory)"
+    """The row of a job that failed: its names, no figures, and what went wrong (the whole message, on one line)."""
+    if isinstance(error, JobProcessDiedError):
+        reason = f"its process died (killed by the system, for example for lack of memory; {error})"
+    elif isinstance(error, JobFailedError):
+        reason = str(error)
     else:
         reason = f"{type(error).__name__}: {error}"
     return {
@@ -227,17 +256,108 @@ def failed_row(job: Job, config: BenchmarkConfig, error: BaseException) -> dict[
         "category": job.category,
         "seed": job.seed,
         **dict.fromkeys(METRICS),
-        "weights": weights_label(job.model.get("init_args") or {}, config.random_weights),
+        "weights": weights_label(preset_init_args(job.model.get("init_args") or {}), config.random_weights),
         "undefined": "",
-        "error": reason.splitlines()[0][:300],
+        "error": " ".join(reason.split()),
     }
 
 
-def _run_isolated(job: Job, config: BenchmarkConfig, device: int | None) -> dict[str, Any]:
-    """Run ``job`` in a new process of its own (spawned: CUDA cannot be shared with forked processes)."""
+def _job_process(connection: Connection, job: Job, config: BenchmarkConfig, device: int | None) -> None:
+    """Body of a job's process: run the job and send back its row, or what went wrong."""
+    _bind_device(device)
+    try:
+        connection.send(("row", run_job(job, config)))
+    except Exception as error:  # reported in the job's row by the benchmark's process
+        traceback.print_exc()
+        connection.send(("error", f"{type(error).__name__}: {error}"))
+    finally:
+        connection.close()
+
+
+class JobProcesses:
+    """The job processes running now, and the benchmark's SIGTERM and SIGINT handling.
+
+    A signal stops the benchmark: every job process is killed (Lightning's trainer in a job process
+    ignores SIGTERM, so it would outlive the benchmark), no further job starts, and the benchmark's
+    process exits with ``128 + signal``.
+    """
+
+    def __init__(self) -> None:
+        self.running: set[multiprocessing.process.BaseProcess] = set()
+        self.lock = threading.Lock()
+        self.stopped = threading.Event()
+
+    def start(self, process: multiprocessing.process.BaseProcess) -> bool:
+        """Start ``process`` unless the benchmark is stopping; return whether it started."""
+        with self.lock:
+            if self.stopped.is_set():
+                return False
+            process.start()
+            self.running.add(process)
+            return True
+
+    def finished(self, process: multiprocessing.process.BaseProcess) -> None:
+        """Forget a process that ended."""
+        with self.lock:
+            self.running.discard(process)
+
+    def stop(self) -> None:
+        """Kill every job process and let no other start."""
+        with self.lock:
+            self.stopped.set()
+            for process in self.running:
+                process.kill()
+            for process in self.running:
+                process.join(timeout=10)
+
+    @contextmanager
+    def ended_by_signals(self) -> Iterator[None]:
+        """Within the block, SIGTERM and SIGINT kill the job processes and exit (main thread only)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def end(signum: int, frame: object) -> None:
+            del frame
+            self.stop()
+            say(f"benchmark stopped by {signal.Signals(signum).name}: its job processes were ended")
+            raise SystemExit(128 + signum)
+
+        previous = {signum: signal.signal(signum, end) for signum in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+
+
+def _run_isolated(job: Job, config: BenchmarkConfig, device: int | None, processes: JobProcesses) -> dict[str, Any]:
+    """Run ``job`` in a new process of its own (spawned: CUDA cannot be shared with forked processes).
+
+    Raises:
+        JobFailedError: If the job raised an exception in its process.
+        JobProcessDiedError: If the process ended without a row (killed, or the benchmark is stopping).
+    """
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, mp_context=context, initializer=_bind_device, initargs=(device,)) as pool:
-        return pool.submit(run_job, job, config).result()
+    receiver, sender = context.Pipe(duplex=False)
+    process = context.Process(target=_job_process, args=(sender, job, config, device), name=f"job {job.describe()}")
+    try:
+        if not processes.start(process):
+            raise JobProcessDiedError("the benchmark is stopping")
+        sender.close()  # the job's process holds the only sending end: its end is this end's EOF
+        try:
+            kind, value = receiver.recv()
+        except EOFError:
+            kind, value = "died", None
+        process.join()
+    finally:
+        processes.finished(process)
+        receiver.close()
+    if kind == "row":
+        return value
+    if kind == "error":
+        raise JobFailedError(value)
+    raise JobProcessDiedError(f"exit code {process.exitcode}")
 
 
 def run_jobs(
@@ -249,21 +369,25 @@ def run_jobs(
     change what the next one measures (memory, global settings) and the peak-memory column is the
     job's own; worker slot ``i`` binds its jobs to GPU ``i % gpus``. Without, jobs run one after
     another in this process. A job that fails, its process killed included, gets a row that says
-    so, and the other jobs still run.
+    so, and the other jobs still run. SIGTERM or SIGINT ends every job process and this one
+    (:class:`JobProcesses`).
     """
     rows: list[dict[str, Any] | None] = [None] * len(jobs)
     slots: queue.Queue[int | None] = queue.Queue()
     for worker in range(max(workers, 1)):
         slots.put(worker % gpus if gpus else None)
+    processes = JobProcesses()
 
     def run_one(number: int) -> None:
+        if processes.stopped.is_set():
+            return
         job = jobs[number - 1]
         device = slots.get()
         try:
             where = f" (GPU {device})" if device is not None else ""
             say(f"[{number}/{len(jobs)}] {job.describe()}{where}")
             try:
-                rows[number - 1] = _run_isolated(job, config, device) if isolate else run_job(job, config)
+                rows[number - 1] = _run_isolated(job, config, device, processes) if isolate else run_job(job, config)
             except Exception as error:  # reported in the job's row; the other jobs go on
                 logger.exception("Benchmark job %s failed", job.describe())
                 rows[number - 1] = failed_row(job, config, error)
@@ -272,7 +396,7 @@ def run_jobs(
         finally:
             slots.put(device)
 
-    with overall_bar(len(jobs), "benchmark") as bar:
+    with overall_bar(len(jobs), "benchmark") as bar, processes.ended_by_signals():
         if not isolate or workers <= 1:
             for number in range(1, len(jobs) + 1):
                 run_one(number)

@@ -63,9 +63,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
     reasons = sorted({reason for row in rows for reason in str(row.get("undefined") or "").split("; ") if reason})
     if reasons:
         lines += ["", "Empty cells (and means over fewer seeds): undefined metrics, left out. " + "; ".join(reasons)]
-    failures = [f"{describe_row(row)}: {row['error']}" for row in rows if row.get("error")]
+    failures = [f"- {describe_row(row)}: {row['error']}" for row in rows if row.get("error")]
     if failures:
-        lines += ["", "Failed jobs (left out of the means): " + "; ".join(failures)]
+        lines += ["", "Failed jobs (left out of the means), each with its whole message:", *failures]
     return "\n".join(lines) + "\n"
 
 
