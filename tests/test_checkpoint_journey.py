@@ -14,10 +14,12 @@ from torch import nn
 
 from anomalib_mvfa import Mvfa, utils
 from anomalib_mvfa.checkpoints import adopt_checkpoint_settings
+from anomalib_mvfa.data import VolumeMapWriter
 from anomalib_mvfa.errors import MvfaInputError
 from anomalib_mvfa.training import epoch_summary
 
 from .test_lightning import SMALL_DATA_CLI, TINY_CLI, checkpoint_of, run_anomalib
+from .test_scan_folders import write_dicom_folder, write_nifti_folder
 
 DEFAULTS = {"backbone": "ViT-L-14-336", "pretrained": "openai", "feature_layers": (6, 12, 18, 24), "epochs": 50}
 STORED = {"hyper_parameters": {"backbone": "tiny.json", "pretrained": None, "feature_layers": [1, 2, 4], "epochs": 2}}
@@ -128,3 +130,18 @@ def test_loading_adapters_is_logged_with_their_layers(tiny_model, tmp_path, capl
     with caplog.at_level(logging.INFO):
         tiny_model.load_adapters(path)
     assert f"Loaded the adapters of '{path}': 3 layer(s) at feature_layers=[1, 2, 4]" in caplog.text
+
+
+def test_volume_map_writer_counts_scans_and_names_skipped_dicom(tmp_path, caplog) -> None:
+    nifti_scan = write_nifti_folder(tmp_path / "nifti") / "abnormal" / "case0.nii.gz"
+    dicom_file = write_dicom_folder(tmp_path / "dicom") / "abnormal" / "LES0000.dcm"
+    names = [f"{nifti_scan}#axial={z:03d}" for z in range(6)] + [str(dicom_file)]
+    outputs = SimpleNamespace(image_path=names, anomaly_map=torch.rand(7, 16, 16), pred_mask=torch.rand(7, 16, 16))
+    trainer = SimpleNamespace(datamodule=None, world_size=1, is_global_zero=True, default_root_dir=tmp_path / "run")
+    writer = VolumeMapWriter()
+    with caplog.at_level(logging.INFO):
+        writer.on_predict_batch_end(trainer, None, outputs, None, 0)
+        writer.on_predict_epoch_end(trainer, None)
+    assert sorted(path.name for path in writer.written) == ["case0_anomaly_map.nii.gz", "case0_pred_mask.nii.gz"]
+    assert "Wrote the anomaly maps and predicted masks of 1 scan(s)" in caplog.text
+    assert "the 1 DICOM file(s) scored here get no volume" in caplog.text
