@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from anomalib.data import ImageBatch, InferenceBatch
+from anomalib.engine import Engine
 from anomalib.post_processing import PostProcessor
 from torch import nn
 
@@ -145,3 +148,22 @@ def test_volume_map_writer_counts_scans_and_names_skipped_dicom(tmp_path, caplog
     assert sorted(path.name for path in writer.written) == ["case0_anomaly_map.nii.gz", "case0_pred_mask.nii.gz"]
     assert "Wrote the anomaly maps and predicted masks of 1 scan(s)" in caplog.text
     assert "the 1 DICOM file(s) scored here get no volume" in caplog.text
+
+
+def test_each_prediction_gets_its_own_run_folder_with_a_table_of_its_images(tiny_config, mvtec_root, tmp_path) -> None:
+    images = mvtec_root / "bottle" / "test" / "broken"
+    model = Mvfa(
+        backbone=str(tiny_config), pretrained=None, image_size=64, feature_layers=(1, 2, 4), epochs=0, k_shot=0,
+        class_name="bottle",
+    )  # fmt: skip
+    for _ in range(2):
+        Engine(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False).predict(model, data_path=images)
+    latest = tmp_path / "Mvfa" / "latest"
+    assert latest.is_symlink()
+    assert latest.resolve().name == "v1"
+    for run in ("v0", "v1"):
+        with (tmp_path / "Mvfa" / run / "predictions.csv").open() as file:
+            rows = list(csv.DictReader(file))
+        assert sorted(Path(row["file"]).name for row in rows) == sorted(p.name for p in images.glob("*.png"))
+        assert all(row["decision"] in {"0", "1"} and float(row["score"]) >= 0 for row in rows)
+        assert all(Path(row["map_file"]).is_file() and f"/{run}/" in row["map_file"] for row in rows)
