@@ -10,6 +10,9 @@
   (seed, K, feature pipeline and the selected files);
 - after training, the first process writes the adapters in the authors' layout to
   ``weights/mvfa_adapters.pth``;
+- resuming a fit from a checkpoint of a finished run (all its epochs trained) says so and writes
+  nothing: the version folder anomalib's Engine made for it is removed, and ``latest`` and the run
+  folder are those of the checkpoint's run again (:meth:`RunFiles.on_fit_end`);
 - a prediction through anomalib's Engine gets a run folder of its own (``v<N>``, with ``latest`` a link
   to it, as training makes), not the ``latest`` folder of another run (:func:`own_prediction_folder`),
   and leaves :data:`PREDICTIONS_TABLE` there: one row per image with its file, score, decision and the
@@ -68,6 +71,17 @@ class RunFiles(Callback):
 
     def __init__(self) -> None:
         self.predictions: list[dict[str, Any]] = []
+        self.finished_run = False  # this fit resumes a run that trained all its epochs
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: Mvfa, checkpoint: dict[str, Any]) -> None:
+        """Note (and say) when the fit resumes a checkpoint that trained all its epochs: there is nothing to do."""
+        self.finished_run = checkpoint.get("epoch", -1) + 1 >= pl_module.epochs
+        if self.finished_run:
+            logger.warning(
+                "Checkpoint %s finished its run (%d of %d epoch(s) trained): there is nothing to resume and no "
+                "file is written. Pass a larger --model.epochs to train it further.",
+                trainer.ckpt_path, checkpoint.get("epoch", -1) + 1, pl_module.epochs,
+            )  # fmt: skip
 
     def setup(self, trainer: Trainer, pl_module: Mvfa, stage: str) -> None:
         """A prediction's own run folder; share the first process's run folder; write checkpoints atomically."""
@@ -86,7 +100,7 @@ class RunFiles(Callback):
     def on_fit_start(self, trainer: Trainer, pl_module: Mvfa) -> None:
         """Write ``support_set.json`` when this fit drew a few-shot support set (every process drew the same)."""
         record = pl_module.support.take_record(pl_module.feature_pipeline.value)
-        if record is None or not trainer.is_global_zero:
+        if record is None or not trainer.is_global_zero or self.finished_run:
             return
         path = Path(trainer.default_root_dir) / SUPPORT_RECORD
         write_atomically(path, lambda name: Path(name).write_text(json.dumps(record, indent=2)))
@@ -94,11 +108,30 @@ class RunFiles(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: Mvfa) -> None:
         """Write the trained adapters alone, in the authors' layout (DDP keeps them equal; one process writes)."""
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or self.finished_run:
             return
         path = Path(trainer.default_root_dir) / ADAPTER_FILE
         pl_module.save_adapters(path)
         logger.info("MVFA adapters (authors' layout) written to %s", path)
+
+    def on_fit_end(self, trainer: Trainer, pl_module: Mvfa) -> None:
+        """After resuming a finished run: remove the empty version folder made for it; the run's own is back."""
+        del pl_module
+        finished, self.finished_run = self.finished_run, False
+        if not finished or not trainer.is_global_zero or trainer.ckpt_path is None:
+            return
+        made = Path(trainer.default_root_dir).resolve()
+        run = next((f for f in Path(trainer.ckpt_path).resolve().parents if f.parent == made.parent), None)
+        if run is None or run == made or any(path.is_file() for path in made.rglob("*")):
+            return
+        for folder in sorted((path for path in made.rglob("*") if path.is_dir()), reverse=True):
+            folder.rmdir()
+        made.rmdir()
+        latest = made.parent / "latest"
+        if latest.is_symlink():
+            latest.unlink()
+            latest.symlink_to(run, target_is_directory=True)
+        set_default_root_dir(trainer, str(run))
 
     def on_predict_batch_end(self, trainer: Trainer, pl_module: Mvfa, outputs: Any, *args: Any, **kwargs: Any) -> None:
         """Keep each image's row of the predictions table (the post-processor has normalised the batch)."""

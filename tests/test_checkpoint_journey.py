@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from anomalib.data import ImageBatch, InferenceBatch
+from anomalib.data import ImageBatch, InferenceBatch, MVTecAD
 from anomalib.engine import Engine
 from anomalib.post_processing import PostProcessor
 from torch import nn
@@ -167,3 +167,21 @@ def test_each_prediction_gets_its_own_run_folder_with_a_table_of_its_images(tiny
         assert sorted(Path(row["file"]).name for row in rows) == sorted(p.name for p in images.glob("*.png"))
         assert all(row["decision"] in {"0", "1"} and float(row["score"]) >= 0 for row in rows)
         assert all(Path(row["map_file"]).is_file() and f"/{run}/" in row["map_file"] for row in rows)
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(tiny_config, mvtec_root, tmp_path, caplog) -> None:
+    settings = {"backbone": str(tiny_config), "pretrained": None, "image_size": 64, "feature_layers": (1, 2, 4)}
+    datamodule = MVTecAD(root=mvtec_root, category="bottle", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    cpu = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    Engine(default_root_dir=tmp_path, **cpu).fit(Mvfa(**settings, k_shot=2, epochs=1), datamodule=datamodule)
+    runs = tmp_path / "Mvfa" / "MVTecAD" / "bottle"
+    (last,) = runs.rglob("last.ckpt")
+    before = {path: path.stat().st_mtime_ns for path in runs.rglob("*") if path.is_file()}
+    with caplog.at_level(logging.WARNING):
+        Engine(default_root_dir=tmp_path, **cpu).fit(
+            Mvfa(**settings, k_shot=2, epochs=1), datamodule=datamodule, ckpt_path=last
+        )
+    assert "finished its run (1 of 1 epoch(s) trained): there is nothing to resume" in caplog.text
+    assert sorted(path.name for path in runs.iterdir()) == ["latest", "v0"]
+    assert (runs / "latest").resolve() == (runs / "v0").resolve()
+    assert {path: path.stat().st_mtime_ns for path in runs.rglob("*") if path.is_file()} == before
