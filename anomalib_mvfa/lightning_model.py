@@ -100,7 +100,7 @@ from .metrics import mvfa_evaluator
 from .pipeline import FeaturePipeline, resolve_feature_pipeline
 from .pre_processing import MvfaPreProcessor, mvfa_pre_processor
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
-from .run_files import RunFiles
+from .run_files import RunFiles, export_folder
 from .support import (
     ABNORMAL_SOURCES,
     FewShotMemoryBankCallback,
@@ -123,6 +123,7 @@ def prepared_atomic_export(export: Callable[..., Path]) -> Callable[..., Path]:
     """``export`` (one of anomalib's ``to_*`` methods) run on the prepared model, written whole or not at all.
 
     A missing module is named with the extra that installs it; a fallback that succeeded logs no warning.
+    A model loaded from a run's checkpoint exports into that run's folder when ``export_root`` holds it.
     The adapter file and the text features are loaded first (``Mvfa.prepare``); the files are written
     in a staging folder and moved into ``export_root``, the loadable one last (:func:`export_atomically`).
     """
@@ -130,12 +131,26 @@ def prepared_atomic_export(export: Callable[..., Path]) -> Callable[..., Path]:
     @functools.wraps(export)
     def prepared_export(self: Mvfa, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
         check_export_modules(export.__name__)
+        export_root = export_folder(getattr(self, "checkpoint_path", None), export_root)
         self.prepare()
         with quiet_export():
             return export_atomically(export_root, lambda root: export(self, root, *args, **kwargs))
 
     prepared_export.__doc__ = f"anomalib's ``{export.__name__}`` of the prepared model, written whole or not at all."
     return prepared_export
+
+
+def remembering_checkpoint_path(load: classmethod) -> classmethod:
+    """Anomalib's ``load_from_checkpoint``, the model remembering the file as ``checkpoint_path`` (exports use it)."""
+    function = load.__func__
+
+    @functools.wraps(function)
+    def load_from_checkpoint(cls: type[Mvfa], checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Mvfa:
+        model = function(cls, checkpoint_path, *args, **kwargs)
+        model.checkpoint_path = Path(checkpoint_path)
+        return model
+
+    return classmethod(load_from_checkpoint)
 
 
 class Mvfa(AnomalibModule):
@@ -437,6 +452,7 @@ class Mvfa(AnomalibModule):
         self.prepare()
         return self.model.save_adapters(path)
 
+    load_from_checkpoint = remembering_checkpoint_path(AnomalibModule.__dict__["load_from_checkpoint"])
     to_torch = prepared_atomic_export(AnomalibModule.to_torch)
     to_onnx = prepared_atomic_export(AnomalibModule.to_onnx)
     to_openvino = prepared_atomic_export(AnomalibModule.to_openvino)

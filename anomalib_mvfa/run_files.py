@@ -13,6 +13,9 @@
 - resuming a fit from a checkpoint of a finished run (all its epochs trained) says so and writes
   nothing: the version folder anomalib's Engine made for it is removed, and ``latest`` and the run
   folder are those of the checkpoint's run again (:meth:`RunFiles.on_fit_end`);
+- an export of a model loaded from a run's checkpoint goes into that run's folder when the export
+  root holds the run (as anomalib's default root does), not into one shared ``weights/<type>`` folder
+  (:func:`export_folder`);
 - a prediction through anomalib's Engine gets a run folder of its own (``v<N>``, with ``latest`` a link
   to it, as training makes), not the ``latest`` folder of another run (:func:`own_prediction_folder`),
   and leaves :data:`PREDICTIONS_TABLE` there: one row per image with its file, score, decision and the
@@ -49,7 +52,7 @@ from .utils import AtomicCheckpointIO, write_atomically
 if TYPE_CHECKING:
     from .lightning_model import Mvfa
 
-__all__ = ["PREDICTIONS_TABLE", "RunFiles", "own_prediction_folder"]
+__all__ = ["PREDICTIONS_TABLE", "RunFiles", "export_folder", "own_prediction_folder"]
 
 logger = logging.getLogger(__name__)
 
@@ -178,3 +181,27 @@ def own_prediction_folder(trainer: Trainer) -> None:
         return
     if trainer.is_global_zero:  # the others take its folder (share_run_folder)
         set_default_root_dir(trainer, str(create_versioned_dir(folder.parent)))
+
+
+def export_folder(checkpoint: str | Path | None, export_root: str | Path) -> Path:
+    """Where an export goes: the run folder of ``checkpoint`` when ``export_root`` holds it, else ``export_root``.
+
+    anomalib's Engine exports under its root folder (``results``) unless told otherwise, so that the
+    exports of every run would share ``results/weights/<type>``; a model loaded from the checkpoint of
+    a run below that root exports into the run's folder instead.
+
+    Example:
+        >>> export_folder("results/Mvfa/MVTecAD/bottle/v2/weights/lightning/model.ckpt", "results").parts[-2:]
+        ('bottle', 'v2')
+        >>> export_folder(None, "exports")
+        PosixPath('exports')
+    """
+    if checkpoint is None:
+        return Path(export_root)
+    resolved = Path(checkpoint).resolve()
+    run = next((folder for folder in resolved.parents if ENGINE_RUN_FOLDER.fullmatch(folder.name)), None)
+    root = Path(export_root).resolve()
+    if run is None or root not in run.parents:
+        return Path(export_root)
+    logger.info("Mvfa exports into the folder of the checkpoint's run, %s.", run)
+    return run

@@ -185,3 +185,19 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(tiny_config, mvtec_r
     assert sorted(path.name for path in runs.iterdir()) == ["latest", "v0"]
     assert (runs / "latest").resolve() == (runs / "v0").resolve()
     assert {path: path.stat().st_mtime_ns for path in runs.rglob("*") if path.is_file()} == before
+
+
+def test_an_export_from_a_runs_checkpoint_goes_into_that_run(tiny_config, mvtec_root, tmp_path) -> None:
+    settings = {"backbone": str(tiny_config), "pretrained": None, "image_size": 64, "feature_layers": (1, 2, 4)}
+    datamodule = MVTecAD(root=mvtec_root, category="bottle", train_batch_size=4, eval_batch_size=4, num_workers=0)
+    cpu = {"accelerator": "cpu", "devices": 1, "logger": False, "enable_progress_bar": False}
+    engine = Engine(default_root_dir=tmp_path, **cpu)
+    engine.fit(Mvfa(**settings, k_shot=2, epochs=1), datamodule=datamodule)
+    (checkpoint,) = tmp_path.rglob("model.ckpt")
+    exported = Engine(default_root_dir=tmp_path, **cpu).export(
+        Mvfa(**settings), export_type="torch", ckpt_path=checkpoint
+    )
+    run = tmp_path / "Mvfa" / "MVTecAD" / "bottle" / "v0"
+    assert exported == run / "weights" / "torch" / "model.pt"
+    assert exported.is_file()
+    assert not (tmp_path / "weights").exists()
