@@ -48,6 +48,7 @@ __all__ = [
     "restore_clip_weights",
     "support_settings",
     "torch_model_from",
+    "torch_model_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,16 @@ def learning_rates(settings: Mapping[str, Any]) -> tuple[float, float]:
     """
     default = FEW_SHOT_LEARNING_RATE if settings["k_shot"] else ZERO_SHOT_LEARNING_RATE
     return settings["seg_learning_rate"] or default, settings["det_learning_rate"] or default
+
+
+def torch_model_settings(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings of ``Mvfa``'s torch model (:data:`TORCH_MODEL_KEYS`), comparable whatever their sequence type.
+
+    Example:
+        >>> torch_model_settings({"feature_layers": (1, 2), "epochs": 3})
+        {'feature_layers': [1, 2]}
+    """
+    return {key: _as_list(settings[key]) for key in TORCH_MODEL_KEYS if key in settings}
 
 
 def torch_model_from(settings: Mapping[str, Any]) -> MvfaModel:

@@ -81,7 +81,6 @@ from torchmetrics import MeanMetric
 from ._compat import redirect_loop_data
 from .backbone import image_statistics
 from .checkpoints import (
-    TORCH_MODEL_KEYS,
     adopt_checkpoint_settings,
     check_loadable,
     checkpoint_feature_pipeline,
@@ -90,6 +89,7 @@ from .checkpoints import (
     restore_clip_weights,
     support_settings,
     torch_model_from,
+    torch_model_settings,
 )
 from .data.datasets import adopt_prediction_datasets
 from .distributed import EvaluationSharding, sharded_loaders_hook
@@ -250,13 +250,13 @@ class Mvfa(AnomalibModule):
         if isinstance(self.pre_processor, MvfaPreProcessor):
             own = mvfa_pre_processor(settings["image_size"], pipeline, *self.image_statistics)
             self.pre_processor.transform, self.pre_processor.export_transform = own.transform, own.export_transform
-        if "model" in self._modules and self.model_settings != {key: settings[key] for key in TORCH_MODEL_KEYS}:
+        if "model" in self._modules and self.model_settings != torch_model_settings(settings):
             del self._modules["model"]  # built again from these settings on its next use (:meth:`build_model`)
 
     def build_model(self) -> MvfaModel:
         """Build the torch model from the settings (seeded), on this module's device and in its mode."""
         self.model = torch_model_from(self.hparams).to(device=self.device, dtype=self.dtype).train(self.training)
-        self.model_settings = {key: self.hparams[key] for key in TORCH_MODEL_KEYS}
+        self.model_settings = torch_model_settings(self.hparams)
         return self.model
 
     def __getattr__(self, name: str) -> Any:
