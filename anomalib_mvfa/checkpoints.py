@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
 import torch
@@ -31,6 +31,7 @@ from torch import nn
 from .backbone import weights_fingerprint
 from .errors import MvfaInputError
 from .pipeline import LEGACY_FEATURE_PIPELINE, FeaturePipeline, resolve_feature_pipeline
+from .pre_processing import MvfaPreProcessor, mvfa_pre_processor
 from .support import SupportSettings
 from .torch_model import MvfaModel
 
@@ -40,11 +41,13 @@ __all__ = [
     "CHECKPOINT_WEIGHTS_KEY",
     "TORCH_MODEL_KEYS",
     "adopt_checkpoint_settings",
+    "build_before_state_dicts",
     "check_feature_pipeline",
     "check_loadable",
     "checkpoint_feature_pipeline",
     "learning_rates",
     "record_on_save",
+    "refresh_pre_processor",
     "restore_clip_weights",
     "support_settings",
     "torch_model_from",
@@ -61,7 +64,7 @@ TORCH_MODEL_KEYS = (
     "search_precision", "seed",
 )  # fmt: skip
 # Settings a checkpoint was made with: given explicitly, another value is refused (others: the given one wins).
-FIXED_KEYS = (*ARCHITECTURE_KEYS, "pretrained")
+FIXED_KEYS = ARCHITECTURE_KEYS
 # Arguments of ``Mvfa`` that are anomalib's components, not settings.
 COMPONENT_ARGUMENTS = ("pre_processor", "post_processor", "evaluator", "visualizer")
 # Adam learning rates of the adapters unless given: few-shot and zero-shot.
@@ -148,6 +151,27 @@ def learning_rates(settings: Mapping[str, Any]) -> tuple[float, float]:
     """
     default = FEW_SHOT_LEARNING_RATE if settings["k_shot"] else ZERO_SHOT_LEARNING_RATE
     return settings["seg_learning_rate"] or default, settings["det_learning_rate"] or default
+
+
+def refresh_pre_processor(
+    pre_processor: Any, image_size: int, pipeline: FeaturePipeline, statistics: tuple[Sequence[float], ...]
+) -> None:
+    """Make ``Mvfa``'s own pre-processor that of these settings; another pre-processor is left as given."""
+    if isinstance(pre_processor, MvfaPreProcessor):
+        own = mvfa_pre_processor(image_size, pipeline, *statistics)
+        pre_processor.transform, pre_processor.export_transform = own.transform, own.export_transform
+
+
+def build_model_hook(module: nn.Module, *args: Any) -> None:
+    """State-dict hook of ``Mvfa``: its torch model (built on first use) is built before a state dict is taken."""
+    del args
+    module.model.train(module.training)
+
+
+def build_before_state_dicts(model: nn.Module) -> None:
+    """Build ``model.model`` before ``model``'s state dict is written or loaded, so that it holds the model's keys."""
+    model.register_state_dict_pre_hook(build_model_hook)
+    model.register_load_state_dict_pre_hook(build_model_hook)
 
 
 def torch_model_settings(settings: Mapping[str, Any]) -> dict[str, Any]:

@@ -59,6 +59,7 @@ import functools
 import inspect
 import logging
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,12 @@ from ._compat import redirect_loop_data
 from .backbone import image_statistics
 from .checkpoints import (
     adopt_checkpoint_settings,
+    build_before_state_dicts,
     check_loadable,
     checkpoint_feature_pipeline,
     learning_rates,
     record_on_save,
+    refresh_pre_processor,
     restore_clip_weights,
     support_settings,
     torch_model_from,
@@ -98,7 +101,7 @@ from .loss import DetectionLoss, MvfaLoss
 from .memory_bank import check_memory_bank_settings
 from .metrics import mvfa_evaluator
 from .pipeline import FeaturePipeline, resolve_feature_pipeline
-from .pre_processing import MvfaPreProcessor, mvfa_pre_processor
+from .pre_processing import mvfa_pre_processor
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
 from .run_files import RunFiles, export_folder
 from .support import (
@@ -234,6 +237,7 @@ class Mvfa(AnomalibModule):
         self.fit_inputs: FitInputs | None = None  # what every step needs, computed when training starts
         self.evaluation_sharding = EvaluationSharding()  # served by val/test_dataloader
         self.train_seg_loss = MeanMetric(nan_strategy="disable")  # epoch mean over the images with masks
+        build_before_state_dicts(self)  # a state dict written or read holds the torch model's keys
         self.apply_settings()
 
     def apply_settings(self) -> None:
@@ -244,14 +248,11 @@ class Mvfa(AnomalibModule):
         self.image_statistics = image_statistics(settings["backbone"])  # the "clip" pipeline's mean and std
         self.support.settings = support_settings(settings)
         self.loss = MvfaLoss(detection_loss=DetectionLoss(settings["detection_loss"]))
-        for key in ("class_name", "epochs", "cache_prefix"):
-            setattr(self, key, settings[key])
+        self.class_name, self.epochs, self.cache_prefix = itemgetter("class_name", "epochs", "cache_prefix")(settings)
         self.seg_learning_rate, self.det_learning_rate = learning_rates(settings)
-        if isinstance(self.pre_processor, MvfaPreProcessor):
-            own = mvfa_pre_processor(settings["image_size"], pipeline, *self.image_statistics)
-            self.pre_processor.transform, self.pre_processor.export_transform = own.transform, own.export_transform
-        if "model" in self._modules and self.model_settings != torch_model_settings(settings):
-            del self._modules["model"]  # built again from these settings on its next use (:meth:`build_model`)
+        refresh_pre_processor(self.pre_processor, settings["image_size"], pipeline, self.image_statistics)
+        if "model" in dict(self.named_children()) and self.model_settings != torch_model_settings(settings):
+            del self.model  # built again from these settings on its next use (:meth:`build_model`)
 
     def build_model(self) -> MvfaModel:
         """Build the torch model from the settings (seeded), on this module's device and in its mode."""
@@ -261,9 +262,9 @@ class Mvfa(AnomalibModule):
 
     def __getattr__(self, name: str) -> Any:
         """``model`` is built on first use (:meth:`build_model`); other names as ``nn.Module`` finds them."""
-        if name == "model" and "support" in self.__dict__ and "model" not in self.__dict__.get("_modules", {}):
-            return self.build_model()
-        return super().__getattr__(name)
+        if name != "model" or "support" not in self.__dict__ or "model" in dict(self.named_children()):
+            return super().__getattr__(name)  # (before ``support``, the settings are not taken yet)
+        return self.build_model()
 
     @property
     def k_shot(self) -> int:
@@ -452,7 +453,7 @@ class Mvfa(AnomalibModule):
         self.prepare()
         return self.model.save_adapters(path)
 
-    load_from_checkpoint = remembering_checkpoint_path(AnomalibModule.__dict__["load_from_checkpoint"])
+    load_from_checkpoint = remembering_checkpoint_path(inspect.getattr_static(AnomalibModule, "load_from_checkpoint"))
     to_torch = prepared_atomic_export(AnomalibModule.to_torch)
     to_onnx = prepared_atomic_export(AnomalibModule.to_onnx)
     to_openvino = prepared_atomic_export(AnomalibModule.to_openvino)

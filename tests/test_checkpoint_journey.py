@@ -36,9 +36,18 @@ def test_settings_left_at_their_defaults_take_the_checkpoints() -> None:
 
 
 def test_an_explicit_setting_the_checkpoint_contradicts_is_refused_naming_both() -> None:
-    settings = {**DEFAULTS, "pretrained": "laion2b_s34b_b88k"}
-    with pytest.raises(MvfaInputError, match=r"pretrained: checkpoint None, model laion2b_s34b_b88k"):
+    settings = {**DEFAULTS, "backbone": "ViT-B-16"}
+    with pytest.raises(MvfaInputError, match=r"backbone: checkpoint tiny.json, model ViT-B-16"):
         adopt_checkpoint_settings(settings, DEFAULTS, STORED)
+
+
+def test_an_unbuilt_model_saves_and_loads_the_torch_models_keys(tiny_config, tmp_path) -> None:
+    model = Mvfa(backbone=str(tiny_config), pretrained=None, image_size=64, feature_layers=(1, 2, 4))
+    state = model.state_dict()  # the torch model is built on first use: here
+    assert any(key.startswith("model.seg_adapters.") for key in state)
+    other = Mvfa(backbone=str(tiny_config), pretrained=None, image_size=64, feature_layers=(1, 2, 4), seed=1)
+    other.load_state_dict(state)
+    assert torch.equal(other.model.seg_adapters[0].fc1[0].weight, model.model.seg_adapters[0].fc1[0].weight)
 
 
 def test_test_predict_and_export_need_only_the_checkpoint(tmp_path, mvtec_root) -> None:
