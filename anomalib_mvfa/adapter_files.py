@@ -119,7 +119,12 @@ def load_adapters(model: AdapterOwner, path: str | Path) -> None:
                 raise MvfaInputError(msg)
     for name in ADAPTER_KEYS:
         getattr(model, name).load_state_dict(checkpoint[name])
-    _warn_on_pipeline_mismatch(path, checkpoint.get(ADAPTER_PIPELINE_KEY), model.feature_pipeline)
+    recorded = checkpoint.get(ADAPTER_PIPELINE_KEY)
+    logger.info(
+        "Loaded the adapters of '%s': %d layer(s) at feature_layers=%s, trained under feature_pipeline=%s.",
+        path, len(model.feature_layers), list(model.feature_layers), f"'{recorded}'" if recorded else "unrecorded",
+    )  # fmt: skip
+    _warn_on_pipeline_mismatch(path, recorded, model.feature_pipeline)
 
 
 def _warn_on_pipeline_mismatch(path: Path, recorded: object, feature_pipeline: FeaturePipeline) -> None:

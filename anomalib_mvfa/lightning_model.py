@@ -56,8 +56,10 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -80,22 +82,29 @@ from torchmetrics import MeanMetric
 from ._compat import redirect_loop_data
 from .backbone import image_statistics
 from .checkpoints import (
-    adopt_feature_pipeline,
+    adopt_checkpoint_settings,
+    build_before_state_dicts,
     check_loadable,
     checkpoint_feature_pipeline,
+    learning_rates,
     record_on_save,
+    refresh_pre_processor,
     restore_clip_weights,
+    support_settings,
+    torch_model_from,
+    torch_model_settings,
 )
-from .checks import ImageRangeCheck, check_image_range, resolve_learning_rates
+from .checks import ImageRangeCheck, check_image_range
 from .data.datasets import adopt_prediction_datasets
 from .distributed import EvaluationSharding, sharded_loaders_hook
 from .errors import MvfaInputError
 from .loss import DetectionLoss, MvfaLoss
+from .memory_bank import check_memory_bank_settings
 from .metrics import mvfa_evaluator
 from .pipeline import FeaturePipeline, resolve_feature_pipeline
 from .pre_processing import mvfa_pre_processor
 from .prompting import DEFAULT_CLASS_NAME, prompt_class_name
-from .run_files import RunFiles
+from .run_files import RunFiles, export_folder
 from .support import (
     ABNORMAL_SOURCES,
     FewShotMemoryBankCallback,
@@ -106,31 +115,46 @@ from .support import (
 )
 from .torch_model import MvfaModel, Scores
 from .training import FitInputs, QuietFrozenClip, adapter_optimizers, epoch_summary, optimisation_step
-from .utils import ResumeCheckpoint, export_atomically
+from .utils import ResumeCheckpoint, check_export_modules, export_atomically, quiet_export
 from .visualization import MvfaVisualizer
 
 __all__ = ["Mvfa", "checkpoint_feature_pipeline"]
 
 logger = logging.getLogger(__name__)
 
-FEW_SHOT_LEARNING_RATE = 1e-3
-ZERO_SHOT_LEARNING_RATE = 1e-4
-
 
 def prepared_atomic_export(export: Callable[..., Path]) -> Callable[..., Path]:
     """``export`` (one of anomalib's ``to_*`` methods) run on the prepared model, written whole or not at all.
 
+    A missing module is named with the extra that installs it; a fallback that succeeded logs no warning.
+    A model loaded from a run's checkpoint exports into that run's folder when ``export_root`` holds it.
     The adapter file and the text features are loaded first (``Mvfa.prepare``); the files are written
     in a staging folder and moved into ``export_root``, the loadable one last (:func:`export_atomically`).
     """
 
     @functools.wraps(export)
     def prepared_export(self: Mvfa, export_root: Path | str, *args: Any, **kwargs: Any) -> Path:
+        check_export_modules(export.__name__)
+        export_root = export_folder(getattr(self, "checkpoint_path", None), export_root)
         self.prepare()
-        return export_atomically(export_root, lambda root: export(self, root, *args, **kwargs))
+        with quiet_export():
+            return export_atomically(export_root, lambda root: export(self, root, *args, **kwargs))
 
     prepared_export.__doc__ = f"anomalib's ``{export.__name__}`` of the prepared model, written whole or not at all."
     return prepared_export
+
+
+def remembering_checkpoint_path(load: classmethod) -> classmethod:
+    """Anomalib's ``load_from_checkpoint``, the model remembering the file as ``checkpoint_path`` (exports use it)."""
+    function = load.__func__
+
+    @functools.wraps(function)
+    def load_from_checkpoint(cls: type[Mvfa], checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Mvfa:
+        model = function(cls, checkpoint_path, *args, **kwargs)
+        model.checkpoint_path = Path(checkpoint_path)
+        return model
+
+    return classmethod(load_from_checkpoint)
 
 
 class Mvfa(AnomalibModule):
@@ -149,7 +173,7 @@ class Mvfa(AnomalibModule):
         abnormal_source: Where the K abnormal support images come from: ``"synthetic"`` (Perlin anomalies),
             ``"validation"``, ``"train"``, a folder (masks in ``masks/``) or ``"auto"`` (see the module's notes).
         few_shot_source: Folder of normal support images instead of the training split.
-        epochs: Training epochs over the augmented support set (the paper: 50; counted from 0). ``0`` trains nothing.
+        epochs: Training epochs over the augmented support set (the paper: 50). ``0`` trains nothing.
         batch_size: Support images per optimisation step (the paper: 1).
         seg_learning_rate: Adam learning rate of the segmentation adapters (default 1e-3, zero-shot 1e-4).
         det_learning_rate: Adam learning rate of the detection adapters (same defaults).
@@ -199,38 +223,49 @@ class Mvfa(AnomalibModule):
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_arguments(k_shot, epochs, batch_size, abnormal_source, class_name)
+        check_memory_bank_settings(memory_bank_ratio, search_precision)
         pipeline = resolve_feature_pipeline(feature_pipeline)
-        self.image_statistics = image_statistics(backbone)  # the "clip" pipeline's mean and std
         if pre_processor is True:
-            pre_processor = self.configure_pre_processor((image_size, image_size), pipeline, *self.image_statistics)
+            statistics = image_statistics(backbone)  # the "clip" pipeline's mean and std
+            pre_processor = self.configure_pre_processor((image_size, image_size), pipeline, *statistics)
         super().__init__(
             pre_processor=pre_processor, post_processor=post_processor, evaluator=evaluator, visualizer=visualizer
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)  # reproducible adapter (and random CLIP) initialisation
-            self.model = MvfaModel(
-                backbone=backbone, pretrained=pretrained, image_size=image_size, feature_layers=feature_layers,
-                image_score_from_map=image_score_from_map, memory_bank_ratio=memory_bank_ratio,
-                search_precision=search_precision, feature_pipeline=pipeline,
-            )  # fmt: skip
-        self.requested_feature_pipeline = None if feature_pipeline is None else pipeline  # None: a checkpoint's
         self.pending_adapter_checkpoint = adapter_checkpoint or None  # read when prepared, unless a checkpoint wins
-        self.loss = MvfaLoss(detection_loss=DetectionLoss(detection_loss))
-        self.support = FewShotSupport(  # the one support set, with its settings
-            SupportSettings(k_shot, seed, image_size, str(abnormal_source), few_shot_source, batch_size)
-        )
-        self.class_name = class_name
-        self.epochs = epochs
-        default_learning_rate = FEW_SHOT_LEARNING_RATE if k_shot else ZERO_SHOT_LEARNING_RATE
-        self.seg_learning_rate, self.det_learning_rate = resolve_learning_rates(
-            seg_learning_rate, det_learning_rate, default_learning_rate
-        )
-        self.cache_prefix = cache_prefix
+        self.support = FewShotSupport(SupportSettings())  # the one support set; its settings: apply_settings
         self.automatic_optimization = False  # two optimisers, stepped together in training_step
         self.training_set: TrainingSet | None = None  # what the current fit trains on, drawn at its setup
         self.fit_inputs: FitInputs | None = None  # what every step needs, computed when training starts
         self.evaluation_sharding = EvaluationSharding()  # served by val/test_dataloader
         self.train_seg_loss = MeanMetric(nan_strategy="disable")  # epoch mean over the images with masks
+        build_before_state_dicts(self)  # a state dict written or read holds the torch model's keys
+        self.apply_settings()
+
+    def apply_settings(self) -> None:
+        """Take the settings in ``hparams`` (arguments or a loaded checkpoint's); ``model`` is built on first use."""
+        settings = self.hparams
+        pipeline = resolve_feature_pipeline(settings["feature_pipeline"])
+        self.requested_feature_pipeline = None if settings["feature_pipeline"] is None else pipeline  # None: a ckpt's
+        self.image_statistics = image_statistics(settings["backbone"])  # the "clip" pipeline's mean and std
+        self.support.settings = support_settings(settings)
+        self.loss = MvfaLoss(detection_loss=DetectionLoss(settings["detection_loss"]))
+        self.class_name, self.epochs, self.cache_prefix = itemgetter("class_name", "epochs", "cache_prefix")(settings)
+        self.seg_learning_rate, self.det_learning_rate = learning_rates(settings)
+        refresh_pre_processor(self.pre_processor, settings["image_size"], pipeline, self.image_statistics)
+        if "model" in dict(self.named_children()) and self.model_settings != torch_model_settings(settings):
+            del self.model  # built again from these settings on its next use (:meth:`build_model`)
+
+    def build_model(self) -> MvfaModel:
+        """Build the torch model from the settings (seeded), on this module's device and in its mode."""
+        self.model = torch_model_from(self.hparams).to(device=self.device, dtype=self.dtype).train(self.training)
+        self.model_settings = torch_model_settings(self.hparams)
+        return self.model
+
+    def __getattr__(self, name: str) -> Any:
+        """``model`` is built on first use (:meth:`build_model`); other names as ``nn.Module`` finds them."""
+        if name != "model" or "support" not in self.__dict__ or "model" in dict(self.named_children()):
+            return super().__getattr__(name)  # (before ``support``, the settings are not taken yet)
+        return self.build_model()
 
     @property
     def k_shot(self) -> int:
@@ -245,7 +280,7 @@ class Mvfa(AnomalibModule):
     @property
     def feature_pipeline(self) -> FeaturePipeline:
         """The feature pipeline this model runs (see :mod:`anomalib_mvfa.pipeline`)."""
-        return self.model.feature_pipeline
+        return resolve_feature_pipeline(self.hparams["feature_pipeline"])
 
     @property
     def trains_adapters(self) -> bool:
@@ -310,6 +345,7 @@ class Mvfa(AnomalibModule):
         self.support.check_files(datamodule, stage)
         self.evaluation_sharding.install(self._trainer, self)
         if stage == TrainerFn.FITTING and self.trains_adapters:
+            self.model.train()  # built here, before the strategy moves and wraps it
             self.training_set = self.support.training_set(datamodule)
             redirect_loop_data(self._trainer.fit_loop, self)
 
@@ -411,15 +447,16 @@ class Mvfa(AnomalibModule):
         self.fit_inputs = self.training_set = None
 
     def validation_step(self, batch: Batch, *args: Any, **kwargs: Any) -> STEP_OUTPUT:
-        """Score a validation batch (thresholds and normalisation come from these scores)."""
+        """Score a validation batch; thresholds and normalisation come from its images that are not support images."""
         del args, kwargs
-        return batch.update(**self.model(batch.image)._asdict())
+        return self.support.without_support_images(batch.update(**self.model(batch.image)._asdict()))
 
     def save_adapters(self, path: str | Path) -> Path:
         """Write the adapters alone, in the authors' layout."""
         self.prepare()
         return self.model.save_adapters(path)
 
+    load_from_checkpoint = remembering_checkpoint_path(inspect.getattr_static(AnomalibModule, "load_from_checkpoint"))
     to_torch = prepared_atomic_export(AnomalibModule.to_torch)
     to_onnx = prepared_atomic_export(AnomalibModule.to_onnx)
     to_openvino = prepared_atomic_export(AnomalibModule.to_openvino)
@@ -430,12 +467,21 @@ class Mvfa(AnomalibModule):
         record_on_save(checkpoint, self.feature_pipeline, self.hparams.get("pretrained"), self.model.clip)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Refuse a checkpoint of another architecture or CLIP; adopt its pipeline; put the CLIP weights back in."""
+        """Take the checkpoint's settings for those left at their defaults, before ``model`` is built; check its CLIP.
+
+        A model made with no argument loads any checkpoint (:func:`~.checkpoints.adopt_checkpoint_settings`).
+        """
+        if adopt_checkpoint_settings(self.hparams, MVFA_DEFAULTS, checkpoint):
+            self.apply_settings()
         check_loadable(checkpoint, self.hparams, self.model.clip)
-        adopt_feature_pipeline(self, checkpoint_feature_pipeline(checkpoint))
         self.pending_adapter_checkpoint = None  # the checkpoint holds the adapters
         super().on_load_checkpoint(checkpoint)
         restore_clip_weights(checkpoint, self.model.clip)
+
+
+MVFA_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(Mvfa.__init__).parameters.items() if name != "self"
+}  # what "left at its default" means for a checkpoint's settings
 
 
 def datamodule_class_name(datamodule: Any) -> str:

@@ -117,6 +117,8 @@ def optimisation_step(model: Mvfa, batch: SupportBatch, inputs: FitInputs) -> ST
 def epoch_summary(trainer: Trainer, epochs: int, learning_rates: tuple[float, float]) -> str | None:
     """The line that shows the epoch's mean losses (as Lightning logged them) falling; ``None`` on other processes.
 
+    Epochs are counted from 1 (``Mvfa epoch 3/3`` for the last of three), a resumed fit's as well.
+
     Raises:
         MvfaTrainingDivergedError: If the epoch's mean loss is NaN or infinite. Lightning runs the
             model's epoch-end hook before its checkpoint callbacks, so nothing of the diverged run is saved.
@@ -127,7 +129,7 @@ def epoch_summary(trainer: Trainer, epochs: int, learning_rates: tuple[float, fl
     total = float(logged["train_loss"])
     if not math.isfinite(total):
         msg = (
-            f"Mvfa training diverged: the mean loss of epoch {trainer.current_epoch} is NaN or infinite (learning "
+            f"Mvfa training diverged: the mean loss of epoch {trainer.current_epoch + 1} is NaN or infinite (learning "
             f"rates {learning_rates[0]:g} and {learning_rates[1]:g}). The fit is stopped and no model "
             "or adapter file is written; lower the learning rates or check the images."
         )
@@ -136,7 +138,7 @@ def epoch_summary(trainer: Trainer, epochs: int, learning_rates: tuple[float, fl
         return None
     segmentation = f"{float(logged['train_seg_loss']):.4f}" if "train_seg_loss" in logged else "not trained"
     return (
-        f"Mvfa epoch {trainer.current_epoch}/{epochs - 1}: loss {total:.4f} "
+        f"Mvfa epoch {trainer.current_epoch + 1}/{epochs}: loss {total:.4f} "
         f"(segmentation {segmentation}, detection {float(logged['train_det_loss']):.4f})"
     )
 

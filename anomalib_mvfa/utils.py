@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +85,52 @@ def export_atomically(export_root: str | Path, export: Callable[[Path], Path]) -
             if file.is_file():
                 Path(file).replace(target.parent / file.name)
     return target
+
+
+# Modules each export needs beyond anomalib-mvfa's own: its ``export`` extra installs them.
+EXPORT_MODULES = {"to_onnx": ("onnx", "onnxscript"), "to_openvino": ("onnx", "onnxscript", "openvino")}
+# Loggers that report a successful ONNX export's opset fallback as a warning with a long traceback.
+EXPORT_NOISE_LOGGERS = ("onnxscript.version_converter",)
+
+
+def check_export_modules(export: str) -> None:
+    """Refuse the export ``export`` (``"to_onnx"``, ...) when a module it needs is missing, naming the extra.
+
+    Example:
+        >>> check_export_modules("to_torch")  # needs nothing more
+
+    Raises:
+        ModuleNotFoundError: Naming the missing modules and ``anomalib-mvfa[export]``.
+    """
+    missing = [name for name in EXPORT_MODULES.get(export, ()) if find_spec(name) is None]
+    if missing:
+        kind = export.removeprefix("to_").replace("onnx", "ONNX").replace("openvino", "OpenVINO")
+        msg = (
+            f"Mvfa's {kind} export needs {', '.join(missing)}: install anomalib-mvfa's export extra, "
+            "pip install 'anomalib-mvfa[export]'."
+        )
+        raise ModuleNotFoundError(msg, name=missing[0])
+
+
+@contextmanager
+def quiet_export() -> Iterator[None]:
+    """Within the scope, the exporters' notes on a fallback that succeeded are not logged as warnings.
+
+    Errors are still logged; the loggers' levels are restored when the scope ends.
+
+    Example:
+        >>> with quiet_export():
+        ...     pass
+    """
+    loggers = [logging.getLogger(name) for name in EXPORT_NOISE_LOGGERS]
+    levels = [each.level for each in loggers]
+    for each in loggers:
+        each.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level in zip(loggers, levels, strict=True):
+            each.setLevel(level)
 
 
 class ResumeCheckpoint(ModelCheckpoint):

@@ -55,7 +55,6 @@ class MvfaVisualizer(ImageVisualizer):
         if self.output_dir is None:
             self.output_dir = Path(trainer.default_root_dir) / "images"
         reader = getattr(getattr(trainer, "datamodule", None), "reader", None) or DEFAULT_READER
-        dataset_name, category = _dataset_folder_names(trainer)
         for item in batch:
             name = str(item.image_path or "")
             shown = dataclasses.replace(item, image=reader.read_image(name), image_path=None) if name else item
@@ -70,11 +69,17 @@ class MvfaVisualizer(ImageVisualizer):
             )
             if image is None:
                 continue
-            sample = SampleName.parse(name)
-            filename = generate_output_filename(
-                input_path=sample.file.with_name(sample.display_name),
-                output_path=self.output_dir,
-                dataset_name=dataset_name,
-                category=category,
-            )
-            image.save(filename)
+            image.save(self.image_file(trainer, name))
+
+    def image_file(self, trainer: Any, name: str) -> Path:
+        """Where the visualisation of the image ``name`` is saved (its folder is made)."""
+        if self.output_dir is None:
+            self.output_dir = Path(trainer.default_root_dir) / "images"
+        dataset_name, category = _dataset_folder_names(trainer)
+        sample = SampleName.parse(name)
+        return generate_output_filename(
+            input_path=sample.file.with_name(sample.display_name),
+            output_path=self.output_dir,
+            dataset_name=dataset_name,
+            category=category,
+        )

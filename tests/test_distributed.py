@@ -225,7 +225,7 @@ def test_a_ddp_run_from_the_cli_writes_one_run_folder(odd_folder, tmp_path) -> N
         "--default_root_dir", tmp_path,
     )  # fmt: skip
     assert "GLOBAL_RANK: 1, MEMBER: 2/2" in output  # two processes ran
-    assert output.count("lightning_model - INFO - Mvfa epoch 0/0: loss") == 1  # the whole batch's line, once
+    assert output.count("lightning_model - INFO - Mvfa epoch 1/1: loss") == 1  # the whole batch's line, once
     runs = tmp_path / "Mvfa" / "MedicalFolder"
     assert sorted(path.name for path in runs.iterdir()) == ["latest", "v0"]
     assert (runs / "latest").resolve() == (runs / "v0").resolve()

@@ -53,6 +53,7 @@ class VolumeMapWriter(Callback):
         self._pred_masks: dict[tuple[str, str], dict[int, np.ndarray]] = defaultdict(dict)
         self.written: list[Path] = []
         self._pending: list[Any] = []
+        self._skipped: set[str] = set()  # DICOM files scored here: their maps are images, not volumes
 
     def _collect(self, trainer: Any, outputs: Any) -> None:
         names = getattr(outputs, "image_path", None) or []
@@ -64,6 +65,8 @@ class VolumeMapWriter(Callback):
         for position, name in enumerate(names):
             sample = SampleName.parse(name)
             if sample.part not in nifti.SLICE_AXES or file_format(sample.file) != "nifti":
+                if file_format(sample.file) == "dicom":
+                    self._skipped.add(str(sample.file))
                 continue
             shape = nifti.canonical_shape(sample.file, time_point)
             kept = [size for axis, size in enumerate(shape) if axis != nifti.SLICE_AXES[sample.part]]
@@ -114,6 +117,7 @@ class VolumeMapWriter(Callback):
         output_dir = self.output_dir or Path(trainer.default_root_dir) / "volumes"
         time_point = reader_of(getattr(trainer, "datamodule", None)).time_point
         used: dict[str, str] = {}
+        scans = 0
         for (source, axis), slices in self._maps.items():
             stem = file_key(source)
             if used.setdefault(stem, source) != source:  # same name in another folder
@@ -121,6 +125,7 @@ class VolumeMapWriter(Callback):
             if trainer.is_global_zero:
                 path = nifti.write_volume(slices, source, output_dir / f"{stem}_anomaly_map.nii.gz", axis, time_point)
                 self.written.append(path)
+                scans += 1
                 if self.masks and (source, axis) in self._pred_masks:
                     path = nifti.write_volume(
                         self._pred_masks[source, axis],
@@ -131,10 +136,18 @@ class VolumeMapWriter(Callback):
                         dtype=np.uint8,
                     )
                     self.written.append(path)
-        if self.written:
-            logger.info("Wrote %d volume(s) of anomaly maps to '%s'.", len(self.written), output_dir)
+        if scans:
+            masks = " and predicted masks" if self.masks and self._pred_masks else ""
+            logger.info("Wrote the anomaly maps%s of %d scan(s) as volumes to '%s'.", masks, scans, output_dir)
+        if self._skipped and trainer.is_global_zero:
+            logger.warning(
+                "VolumeMapWriter writes volumes of NIfTI scans only: the %d DICOM file(s) scored here get no volume "
+                "(their maps are the prediction images).",
+                len(self._skipped),
+            )
         self._maps.clear()
         self._pred_masks.clear()
+        self._skipped.clear()
 
     def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Write the volumes."""

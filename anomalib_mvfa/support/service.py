@@ -8,7 +8,10 @@
    the fit trains on (a :class:`~.datasets.TrainingSet`; zero-shot: the labelled training split);
 2. before each validation, test and prediction, :meth:`FewShotSupport.memory_bank_images` gives the
    augmented normal support images when the memory banks need (re)building, else ``None``;
-3. :attr:`FewShotSupport.selected_files` is the record of the selected files that checkpoints keep
+3. :meth:`FewShotSupport.without_support_images` leaves the support images out of a scored
+   validation batch, so that anomalib's thresholds and normalisation are fitted on images the
+   adapters and memory banks did not see;
+4. :attr:`FewShotSupport.selected_files` is the record of the selected files that checkpoints keep
    and :meth:`FewShotSupport.take_record` what ``support_set.json`` holds.
 
 The service knows its settings and the datamodule it is handed, never the model: answers go back
@@ -23,10 +26,13 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
 
+import torch
+from anomalib.data import Batch
 from lightning.pytorch import Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
@@ -111,6 +117,29 @@ class FewShotSupport:
             return None
         seed, k_shot = record.pop("seed"), record.pop("k_shot")
         return {"seed": seed, "k_shot": k_shot, "feature_pipeline": feature_pipeline, **record}
+
+    def without_support_images(self, batch: Batch) -> Batch:
+        """``batch`` less its support images (the selected files), else ``batch`` itself; it may be left empty.
+
+        The validation split can hold the support images (a medical ``valid`` split is the support pool): the
+        memory banks score them near zero and the adapters were trained on them, so thresholds fitted on them
+        would be optimistic.
+        """
+        support = {file for part in ("normal", "abnormal") for file in self.selected_files.get(part, [])}
+        paths = [str(path) for path in getattr(batch, "image_path", None) or []]
+        keep = [path not in support for path in paths]
+        if not support or all(keep):
+            return batch
+        logger.info("%d support image(s) left out of the validation scores that fit the thresholds.", keep.count(False))
+        mask, size = torch.tensor(keep), len(keep)
+        changes = {}
+        for field in dataclasses.fields(batch):
+            value = getattr(batch, field.name)
+            if isinstance(value, torch.Tensor) and value.ndim and value.shape[0] == size:
+                changes[field.name] = value[mask.to(value.device)]
+            elif isinstance(value, list) and len(value) == size:
+                changes[field.name] = [each for each, kept in zip(value, keep, strict=True) if kept]
+        return dataclasses.replace(batch, **changes)
 
     @staticmethod
     def warn_if_validation_is_test(datamodule: Any) -> None:
