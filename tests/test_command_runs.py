@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from anomalib.models import AnomalibModule
 
 from anomalib_mvfa.commands import COMMANDS, console, main
 from anomalib_mvfa.commands.benchmark import BenchmarkConfig, failed_row, grid, summary_table
@@ -172,10 +173,21 @@ def test_failure_footnotes_keep_whole_messages(tmp_path) -> None:
     assert "x" * 400 in table
 
 
-def test_benchmark_exits_non_zero_naming_how_many_jobs_failed(tmp_path, capsys) -> None:
+class FailsOnConstruction(AnomalibModule):
+    """A model whose construction raises, as a job whose model cannot be made."""
+
+    learning_type = trainer_arguments = None  # not abstract: construction reaches __init__
+
+    def __init__(self, **_kwargs: object) -> None:
+        msg = "this model cannot be made (FailsOnConstruction)"
+        raise RuntimeError(msg)
+
+
+def test_benchmark_exits_non_zero_naming_how_many_jobs_failed(mvtec_root, tmp_path, capsys) -> None:
     config = {
-        "models": [{"class_path": "anomalib_mvfa.Mvfa", "init_args": MVFA_GIVEN}],
-        "data": [{"class_path": "anomalib.data.NoSuchDatamodule"}],
+        "models": [{"class_path": "tests.test_command_runs.FailsOnConstruction"}],
+        "data": [mvtec_entry(mvtec_root)],
+        "categories": ["bottle"],
         "seeds": [0, 1],
     }
     path = tmp_path / "bench.yaml"
@@ -183,7 +195,8 @@ def test_benchmark_exits_non_zero_naming_how_many_jobs_failed(tmp_path, capsys) 
     code = console(["benchmark", "--config", str(path), "--output", str(tmp_path / "out"), "--in-process"])
     assert code == 1
     assert "2 of 2 benchmark job(s) failed" in capsys.readouterr().err
-    assert "NoSuchDatamodule" in (tmp_path / "out" / "latest" / "benchmark.md").read_text()
+    table = (tmp_path / "out" / "latest" / "benchmark.md").read_text()
+    assert "this model cannot be made (FailsOnConstruction)" in table
 
 
 def _session_processes(session: int) -> list[int]:

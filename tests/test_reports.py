@@ -121,7 +121,7 @@ def test_evaluate_pixel_summaries_are_those_of_the_saved_maps(evaluation) -> Non
 def test_the_evaluation_report_opens_in_a_browser_whole(evaluation, browser) -> None:
     output, text = evaluation
     page = output / "few-shot_2shot_report.html"
-    assert f"report {page}" in text
+    assert f"report {page.resolve()}" in text  # the run's own folder, vN, where latest points
     open_page(browser, page)
     (results,) = browser.execute_script(TABLES_SCRIPT)
     assert [row[0] for row in results["rows"]] == ["Brain", "Chest", "Average"]
