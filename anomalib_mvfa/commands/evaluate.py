@@ -531,7 +531,8 @@ def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> 
 
 THRESHOLD_NOTE = (
     "Decisions (threshold_ours, decision_ours, the gallery's false positives and negatives) use the model's "
-    "F1-adaptive thresholds set on the validation split (the support pool), never on the test labels. "
+    "F1-adaptive thresholds set on the validation split (the support pool) less the support images the model "
+    "was trained and calibrated on, never on the test labels. "
     "The authors' fusion has no threshold: it is normalised with the test set's own minimum and maximum."
 )
 
