@@ -204,7 +204,8 @@ def share_run_folder(trainer: Any) -> None:
     shared = Path(trainer.strategy.broadcast(str(own), src=0))
     if shared != own:
         set_default_root_dir(trainer, str(shared))
-        if own.is_dir() and not any(path.is_file() for path in own.rglob("*")):
+        # a link (``latest``, pointing at another run) is never removed, nor anything below it
+        if own.is_dir() and not own.is_symlink() and not any(path.is_file() for path in own.rglob("*")):
             for folder in sorted((path for path in own.rglob("*") if path.is_dir()), reverse=True):
                 folder.rmdir()
             own.rmdir()

@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import re
@@ -47,7 +46,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from ._compat import set_default_root_dir
 from .distributed import share_run_folder
 from .support import ADAPTER_FILE, SUPPORT_RECORD
-from .utils import AtomicCheckpointIO, write_atomically
+from .utils import AtomicCheckpointIO, write_atomically, write_rows
 
 if TYPE_CHECKING:
     from .lightning_model import Mvfa
@@ -157,14 +156,7 @@ class RunFiles(Callback):
         suffix = "" if trainer.world_size == 1 else f".rank{trainer.global_rank}"
         path = Path(trainer.default_root_dir) / f"{Path(PREDICTIONS_TABLE).stem}{suffix}.csv"
         rows, self.predictions = self.predictions, []
-
-        def write(name: str) -> None:
-            with Path(name).open("w", newline="") as file:
-                table = csv.DictWriter(file, fieldnames=["file", "score", "decision", "map_file"])
-                table.writeheader()
-                table.writerows(rows)
-
-        write_atomically(path, write)
+        write_rows(path, rows)
         logger.info("Mvfa predictions of %d image(s) written to %s", len(rows), path)
 
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from importlib.util import find_spec
 from pathlib import Path
@@ -13,6 +15,11 @@ from typing import Any
 
 from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from .errors import MvfaInputError
+
+# First characters that make a spreadsheet read a CSV cell as a formula (OWASP, CSV injection).
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
@@ -36,6 +43,38 @@ def write_atomically(path: str | Path, write: Callable[[str], object]) -> Path:
     finally:
         Path(temporary).unlink(missing_ok=True)
     return path
+
+
+def csv_cell(value: object) -> object:
+    """``value`` safe in a spreadsheet: text that would start a formula gets a leading single quote.
+
+    Text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (OWASP's CSV-injection
+    list) is prefixed with ``'`` unless it is a number; every other value is returned as it is.
+
+    Example:
+        >>> csv_cell("=HYPERLINK(1).png"), csv_cell("-0.5"), csv_cell(-0.5), csv_cell("scan.png")
+        ("'=HYPERLINK(1).png", '-0.5', -0.5, 'scan.png')
+    """
+    if not isinstance(value, str) or not value.startswith(_FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+    except ValueError:
+        return "'" + value
+    return value
+
+
+def write_rows(path: str | Path, rows: Sequence[dict[str, object]]) -> Path:
+    """Write ``rows`` (dicts with the same keys) as a CSV file, whole or not at all; cells pass :func:`csv_cell`."""
+    if not rows:
+        msg = f"No rows to write to '{path}'."
+        raise MvfaInputError(msg)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=[csv_cell(name) for name in rows[0]])
+    writer.writeheader()
+    writer.writerows({csv_cell(key): csv_cell(value) for key, value in row.items()} for row in rows)
+    write_atomically(Path(path), lambda name: Path(name).write_text(buffer.getvalue()))
+    return Path(path)
 
 
 def _umask() -> int:

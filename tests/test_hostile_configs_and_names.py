@@ -15,7 +15,7 @@ from anomalib_mvfa.commands import console
 from anomalib_mvfa.commands.benchmark import BenchmarkConfig
 from anomalib_mvfa.errors import MvfaInputError
 from anomalib_mvfa.reports.curves import CurvePlot, CurveSeries, write_curve_points
-from anomalib_mvfa.reports.results import write_rows
+from anomalib_mvfa.utils import write_rows
 
 FORMULAS = ['=HYPERLINK("http://example.invalid")', "+cmd|' /C calc'!A0", "-2+3", "@SUM(1,1)", "\tx", "\rx"]
 
@@ -48,7 +48,7 @@ def test_every_csv_the_package_writes_goes_through_one_writer() -> None:
         for path in package.rglob("*.py")
         if re.search(r"csv\.(writer|DictWriter)\(|\.to_csv\(", path.read_text())
     }
-    assert writers == {"reports/results.py", "reports/curves.py"}  # write_rows and the curve points, both quoting
+    assert writers == {"utils.py", "reports/curves.py"}  # write_rows and the curve points, both quoting
 
 
 def benchmark_config(tmp_path: Path, model: str, data: str = "anomalib.data.MVTecAD") -> Path:

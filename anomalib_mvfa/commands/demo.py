@@ -104,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
             epochs=args.epochs,
             seed=args.seed,
         )
+        model.build_model()  # loads the weights now: without them the demo stops before writing anything
     except (PretrainedWeightsError, ValueError) as error:
         print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
         print(

@@ -50,9 +50,9 @@ from ..metrics import exact_auroc, undefined_auroc_reason
 from ..reports.cells import Stat
 from ..reports.page import TileMap
 from ..reports.report import RunReport, make_tile
-from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps, write_rows
+from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps
 from ..tensor_files import check_tensor_archive
-from ..utils import write_atomically
+from ..utils import write_atomically, write_rows
 from .options import backbone_settings
 from .options import evaluate as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 from .progress import job_bar, on_terminal, overall_bar, say

@@ -45,8 +45,7 @@ from torchmetrics.functional.classification import (
 
 from ..errors import MvfaInputError
 from ..metrics import undefined_auroc_reason
-from ..utils import write_atomically
-from .results import csv_cell
+from ..utils import csv_cell, write_atomically
 
 CurveKind = Literal["roc", "pr"]
 Level = Literal["image", "pixel"]

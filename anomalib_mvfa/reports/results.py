@@ -17,8 +17,6 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import io
 import math
 import re
 from collections.abc import Sequence
@@ -35,10 +33,6 @@ from ..utils import write_atomically
 
 # pixels of one run that pixel-level curves are drawn from at most (the printed AUROC uses all)
 PIXEL_CURVE_SAMPLE = 1_000_000
-
-
-# First characters that make a spreadsheet read a CSV cell as a formula (OWASP, CSV injection).
-_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
 
 def map_file_name(sample: str) -> str:
@@ -171,35 +165,3 @@ def finite_or_none(value: float | torch.Tensor | None) -> float | None:
         return None
     value = float(value)
     return None if math.isnan(value) else value
-
-
-def csv_cell(value: object) -> object:
-    """``value`` safe in a spreadsheet: text that would start a formula gets a leading single quote.
-
-    Text starting with ``=``, ``+``, ``-``, ``@``, a tab or a carriage return (OWASP's CSV-injection
-    list) is prefixed with ``'`` unless it is a number; every other value is returned as it is.
-
-    Example:
-        >>> csv_cell("=HYPERLINK(1).png"), csv_cell("-0.5"), csv_cell(-0.5), csv_cell("scan.png")
-        ("'=HYPERLINK(1).png", '-0.5', -0.5, 'scan.png')
-    """
-    if not isinstance(value, str) or not value.startswith(_FORMULA_STARTS):
-        return value
-    try:
-        float(value)
-    except ValueError:
-        return "'" + value
-    return value
-
-
-def write_rows(path: str | Path, rows: Sequence[dict[str, object]]) -> Path:
-    """Write ``rows`` (dicts with the same keys) as a CSV file, whole or not at all; cells pass :func:`csv_cell`."""
-    if not rows:
-        msg = f"No rows to write to '{path}'."
-        raise MvfaInputError(msg)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=[csv_cell(name) for name in rows[0]])
-    writer.writeheader()
-    writer.writerows({csv_cell(key): csv_cell(value) for key, value in row.items()} for row in rows)
-    write_atomically(Path(path), lambda name: Path(name).write_text(buffer.getvalue()))
-    return Path(path)

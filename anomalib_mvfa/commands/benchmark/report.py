@@ -25,7 +25,8 @@ import torch.nn.functional as F  # noqa: N812
 from ...data.readers import DEFAULT_READER
 from ...reports.page import TileMap
 from ...reports.report import RunReport, make_tile
-from ...reports.results import finite_or_none, pick_gallery, write_rows
+from ...reports.results import finite_or_none, pick_gallery
+from ...utils import write_rows
 from .jobs import Job
 
 __all__ = ["GALLERY_SIZE", "write_benchmark_report"]

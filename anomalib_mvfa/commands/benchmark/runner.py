@@ -34,8 +34,7 @@ from anomalib.engine import Engine
 from ..._compat import winclip_without_pretrained_weights
 from ...metrics import undefined_auroc_reason
 from ...reports.recorder import TestRecorder
-from ...reports.results import write_rows
-from ...utils import write_atomically
+from ...utils import write_atomically, write_rows
 from ..options import preset_init_args
 from ..progress import on_terminal, overall_bar, say
 from .config import METRICS, BenchmarkConfig, load_class, weights_label

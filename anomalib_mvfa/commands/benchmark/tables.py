@@ -17,8 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ...reports.cells import Stat, column_label, format_cell
-from ...reports.results import write_rows
-from ...utils import write_atomically
+from ...utils import write_atomically, write_rows
 from .config import METRICS, RANDOM_WEIGHTS
 
 __all__ = ["describe_row", "summary_rows", "summary_table", "write_tables"]
