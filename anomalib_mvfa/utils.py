@@ -17,6 +17,7 @@ from anomalib.engine.plugins.checkpoint_io import AnomalibCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from .errors import MvfaInputError
+from .tensor_files import check_tensor_archive
 
 # First characters that make a spreadsheet read a CSV cell as a formula (OWASP, CSV injection).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
@@ -88,7 +89,8 @@ class AtomicCheckpointIO(AnomalibCheckpointIO):
 
     Local checkpoints are written to a temporary file beside the target, synced and renamed;
     other paths (``s3://`` and the like) are written as anomalib writes them. Loading is anomalib's
-    (``weights_only`` with the model's safe globals), and anomalib's Engine still recognises it.
+    (``weights_only`` with the model's safe globals) after the archive's entries are checked, as for
+    every torch file the package reads; anomalib's Engine still recognises it.
 
     Example:
         >>> trainer.strategy.checkpoint_io = AtomicCheckpointIO()  # doctest: +SKIP
@@ -101,6 +103,12 @@ class AtomicCheckpointIO(AnomalibCheckpointIO):
             save(checkpoint, path, storage_options)
             return
         write_atomically(path, lambda temporary: save(checkpoint, temporary, storage_options))
+
+    def load_checkpoint(self, path: str | Path, map_location: Any = None, weights_only: bool = True) -> dict[str, Any]:
+        """Check a local checkpoint's archive (:func:`~anomalib_mvfa.tensor_files.check_tensor_archive`); load it."""
+        if "://" not in str(path):
+            check_tensor_archive(path, "Checkpoint")  # before torch's reader sees a hostile archive
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
 
 
 def export_atomically(export_root: str | Path, export: Callable[[Path], Path]) -> Path:

@@ -26,6 +26,7 @@ from anomalib_mvfa.tensor_files import (
     load_tensors_safely,
     read_torchscript_tensors,
 )
+from anomalib_mvfa.utils import AtomicCheckpointIO
 
 INFLATED_BYTES = 1792 * 2**20  # one allocation of 1.75 GiB: above the 1.5 GiB the subprocess may add
 MEMORY_LIMIT = 3 * 2**29  # 1.5 GiB above the subprocess's baseline
@@ -209,3 +210,14 @@ def test_lightning_checkpoints_are_checked_before_torch_reads_them(tmp_path: Pat
         check_tensor_archive(path, "Checkpoint")
     with pytest.raises(UnsafeTensorFileError, match=r"Checkpoint '.*model\.ckpt' was refused: its entry name"):
         _load_checkpoint(argparse.Namespace(ckpt_path=str(path), feature_pipeline=None))
+
+
+def test_a_lightning_checkpoint_is_checked_before_lightning_reads_it(tmp_path: Path) -> None:
+    """``anomalib test|predict --ckpt_path``: Lightning loads through the run's checkpoint IO, which checks first."""
+    honest = tmp_path / "honest.ckpt"
+    torch.save({"state_dict": {"weight": torch.arange(3.0)}}, honest)
+    loaded = AtomicCheckpointIO().load_checkpoint(honest)
+    assert torch.equal(loaded["state_dict"]["weight"], torch.arange(3.0))
+    decoy = archive_file(tmp_path / "nul.ckpt", honest_entries(), renames={"w/data/0": b"w/data\x000"})
+    with pytest.raises(UnsafeTensorFileError, match=r"Checkpoint '.*nul\.ckpt' was refused: .*NUL"):
+        AtomicCheckpointIO().load_checkpoint(decoy)
