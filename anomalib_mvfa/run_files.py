@@ -164,15 +164,23 @@ def own_prediction_folder(trainer: Trainer) -> None:
     """Give a prediction run by anomalib's Engine a version folder of its own, ``latest`` a link to it.
 
     anomalib's Engine predicts in the folder ``latest`` points to (another run's), or makes ``latest``
-    a plain folder when there is none. A run folder the user chose (any other name) is kept, and so
-    is a ``latest`` that is a plain folder already (made by an earlier release).
+    a plain folder when there is none: that folder becomes the next version. A run folder the user
+    chose (any other name) is kept.
     """
     folder = Path(trainer.default_root_dir)
     latest = folder.parent / "latest"
-    if not ENGINE_RUN_FOLDER.fullmatch(folder.name) or (latest.is_dir() and not latest.is_symlink()):
+    if not ENGINE_RUN_FOLDER.fullmatch(folder.name) or not trainer.is_global_zero:
+        return  # a folder the user chose; the other processes take the first one's (share_run_folder)
+    if latest.is_dir() and not latest.is_symlink():
+        # the plain folder the Engine made for a first prediction (its config.yaml already in it), or one of
+        # an earlier release: it becomes the next version, and ``latest`` a link to it
+        versions = [int(path.name[1:]) for path in folder.parent.glob("v*") if re.fullmatch(r"v\d+", path.name)]
+        version = folder.parent / f"v{max(versions, default=-1) + 1}"
+        latest.rename(version)
+        latest.symlink_to(version.resolve(), target_is_directory=True)
+        set_default_root_dir(trainer, str(version.resolve()))
         return
-    if trainer.is_global_zero:  # the others take its folder (share_run_folder)
-        set_default_root_dir(trainer, str(create_versioned_dir(folder.parent)))
+    set_default_root_dir(trainer, str(create_versioned_dir(folder.parent)))
 
 
 def export_folder(checkpoint: str | Path | None, export_root: str | Path) -> Path:

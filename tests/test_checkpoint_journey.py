@@ -66,11 +66,17 @@ def test_test_predict_and_export_need_only_the_checkpoint(tmp_path, mvtec_root) 
     assert re.search(r"image_AUROC\s*│\s*\d\.\d+", tested)
     assert "backbone='tiny-random'" in tested  # the checkpoint's settings are said to be taken
     predicted_root = tmp_path / "predict"
-    run_anomalib(
-        "predict", *model_args, "--data", mvtec_root / "bottle" / "test" / "broken",
-        "--default_root_dir", predicted_root,
-    )  # fmt: skip
-    assert sorted(p.name for p in predicted_root.rglob("*.png"))
+    for _ in range(2):  # each prediction in a version folder of its own, latest a link to the newest
+        run_anomalib(
+            "predict", *model_args, "--data", mvtec_root / "bottle" / "test" / "broken",
+            "--default_root_dir", predicted_root,
+        )  # fmt: skip
+    latest = predicted_root / "Mvfa" / "latest"
+    assert latest.is_symlink()
+    assert latest.resolve().name == "v1"
+    for run in ("v0", "v1"):
+        assert (predicted_root / "Mvfa" / run / "predictions.csv").is_file()
+        assert sorted(p.name for p in (predicted_root / "Mvfa" / run).rglob("*.png"))
     run_anomalib("export", *model_args, "--export_type", "torch", "--export_root", tmp_path / "export")
     assert list((tmp_path / "export").rglob("model.pt"))
 
