@@ -68,16 +68,19 @@ def _calls(node: ast.AST, function: str) -> bool:
     return isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == function
 
 
+def assignment_targets(node: ast.AST) -> list[ast.expr]:
+    """What ``node`` assigns to (``a.b = ...``, ``a.b += ...``, ``a.b: T = ...``); nothing for other nodes."""
+    if isinstance(node, ast.Assign):
+        return node.targets
+    if isinstance(node, ast.AugAssign | ast.AnnAssign):
+        return [node.target]
+    return []
+
+
 def class_swaps(source: str) -> Iterator[str]:
     """Assignments of ``__class__`` (``x.__class__ = ...`` or ``setattr(x, "__class__", ...)``)."""
     for node in ast.walk(ast.parse(source)):
-        targets = (
-            node.targets
-            if isinstance(node, ast.Assign)
-            else [node.target]
-            if isinstance(node, ast.AugAssign | ast.AnnAssign)
-            else []
-        )
+        targets = assignment_targets(node)
         for target in targets:
             if isinstance(target, ast.Attribute) and target.attr == "__class__":
                 yield f"line {node.lineno}: {ast.unparse(target)} = ..."
@@ -113,13 +116,7 @@ def foreign_module_writes(
                 if _is_module(f"{origin}.{alias.name}"):
                     foreign[alias.asname or alias.name] = f"{origin}.{alias.name}"
     for node in ast.walk(tree):
-        targets = (
-            node.targets
-            if isinstance(node, ast.Assign)
-            else [node.target]
-            if isinstance(node, ast.AugAssign | ast.AnnAssign)
-            else []
-        )
+        targets = assignment_targets(node)
         for target in targets:
             root = target
             while isinstance(root, ast.Attribute):
