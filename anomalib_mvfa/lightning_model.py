@@ -113,6 +113,7 @@ from .support import (
     SupportSettings,
     TrainingSet,
 )
+from .tensor_files import check_tensor_archive
 from .torch_model import MvfaModel, Scores
 from .training import FitInputs, QuietFrozenClip, adapter_optimizers, epoch_summary, optimisation_step
 from .utils import ResumeCheckpoint, check_export_modules, export_atomically, quiet_export
@@ -145,11 +146,19 @@ def prepared_atomic_export(export: Callable[..., Path]) -> Callable[..., Path]:
 
 
 def remembering_checkpoint_path(load: classmethod) -> classmethod:
-    """Anomalib's ``load_from_checkpoint``, the model remembering the file as ``checkpoint_path`` (exports use it)."""
+    """Anomalib's ``load_from_checkpoint``, the model remembering the file as ``checkpoint_path`` (exports use it).
+
+    A local file's archive is checked first (:func:`~anomalib_mvfa.tensor_files.check_tensor_archive`),
+    so ``Mvfa.load_from_checkpoint`` and ``anomalib export --ckpt_path`` refuse a hostile archive
+    before torch's reader inflates it; tensors are read with ``weights_only=True`` unless asked otherwise.
+    """
     function = load.__func__
 
     @functools.wraps(function)
     def load_from_checkpoint(cls: type[Mvfa], checkpoint_path: str | Path, *args: Any, **kwargs: Any) -> Mvfa:
+        if isinstance(checkpoint_path, str | Path) and "://" not in str(checkpoint_path):
+            check_tensor_archive(checkpoint_path, "Checkpoint")
+        kwargs.setdefault("weights_only", True)
         model = function(cls, checkpoint_path, *args, **kwargs)
         model.checkpoint_path = Path(checkpoint_path)
         return model

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from anomalib.engine import Engine
 
+from anomalib_mvfa import Mvfa
 from anomalib_mvfa.commands.evaluate import _load_checkpoint
 from anomalib_mvfa.tensor_files import (
     UnsafeTensorFileError,
@@ -27,6 +29,8 @@ from anomalib_mvfa.tensor_files import (
     read_torchscript_tensors,
 )
 from anomalib_mvfa.utils import AtomicCheckpointIO
+
+from .test_lightning import TINY_MODEL
 
 INFLATED_BYTES = 1792 * 2**20  # one allocation of 1.75 GiB: above the 1.5 GiB the subprocess may add
 MEMORY_LIMIT = 3 * 2**29  # 1.5 GiB above the subprocess's baseline
@@ -221,3 +225,15 @@ def test_a_lightning_checkpoint_is_checked_before_lightning_reads_it(tmp_path: P
     decoy = archive_file(tmp_path / "nul.ckpt", honest_entries(), renames={"w/data/0": b"w/data\x000"})
     with pytest.raises(UnsafeTensorFileError, match=r"Checkpoint '.*nul\.ckpt' was refused: .*NUL"):
         AtomicCheckpointIO().load_checkpoint(decoy)
+
+
+def test_mvfa_load_from_checkpoint_and_export_check_the_archive_first(tmp_path: Path) -> None:
+    """``Mvfa.load_from_checkpoint`` and ``anomalib export --ckpt_path`` (which calls it) refuse a hostile archive."""
+    decoy = archive_file(tmp_path / "nul.ckpt", honest_entries(), renames={"w/data/0": b"w/data\x000"})
+    with pytest.raises(UnsafeTensorFileError, match=r"Checkpoint '.*nul\.ckpt' was refused: .*NUL"):
+        Mvfa.load_from_checkpoint(decoy)
+    with pytest.raises(UnsafeTensorFileError, match=r"Checkpoint '.*nul\.ckpt' was refused: .*NUL"):
+        Engine(default_root_dir=tmp_path, logger=False).export(
+            Mvfa(**TINY_MODEL), "torch", export_root=tmp_path / "export", ckpt_path=decoy
+        )
+    assert not (tmp_path / "export").exists()
