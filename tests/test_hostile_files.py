@@ -98,6 +98,34 @@ def rle_bomb_dicom(path: Path) -> Path:
     return path
 
 
+def deflated_bomb_dicom(path: Path, rows: int) -> Path:
+    """CT_small in the deflated transfer syntax declaring ``rows x rows`` 16-bit pixels, all zeros (a few MB)."""
+    from pydicom.filebase import DicomBytesIO  # noqa: PLC0415
+    from pydicom.filewriter import write_dataset, write_file_meta_info  # noqa: PLC0415
+    from pydicom.uid import DeflatedExplicitVRLittleEndian  # noqa: PLC0415
+
+    dataset = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
+    dataset.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    dataset.Rows = dataset.Columns = rows
+    del dataset.PixelData
+    meta, body = DicomBytesIO(), DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_file_meta_info(meta, dataset.file_meta)
+    write_dataset(body, dataset)
+    pixels = 2 * rows * rows
+    pixel_header = struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixels)  # explicit VR: tag, VR, 0, length
+    compressor = zlib.compressobj(1, zlib.DEFLATED, -zlib.MAX_WBITS)
+    with path.open("wb") as file:
+        file.write(b"\0" * 128 + b"DICM" + meta.getvalue())
+        file.write(compressor.compress(body.getvalue() + pixel_header))
+        chunk = bytes(2**24)
+        for _ in range(pixels // len(chunk)):
+            file.write(compressor.compress(chunk))
+        file.write(compressor.compress(bytes(pixels % len(chunk))) + compressor.flush())
+    return path
+
+
 def nifti_header_only(path: Path, header: nib.Nifti1Header, shape: tuple[int, ...], data: bytes) -> Path:
     header.set_data_shape(shape)
     header.set_data_dtype(np.uint8)
@@ -148,6 +176,8 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     long = nifti_header_only(folder / "long.nii", nib.Nifti2Header(), (2, 2, 2**33), bytes(16))
     zeros = zeros_nifti_gz(folder / "zeros.nii.gz", (1000, 1000, 900))
     huge = zeros_png(folder / "huge.png", 12000, 12000)
+    deflated = deflated_bomb_dicom(folder / "deflated.dcm", 30000)  # 1.7 GiB of pixels
+    assert deflated.stat().st_size < 2**23
     assert rle.stat().st_size < 10_000
     assert cube.stat().st_size == 480
     assert zeros.stat().st_size < 2**21  # a thousandfold inflation
@@ -160,7 +190,12 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         "cube read": ("read_image", f"{cube}#axial=0", None),
         "long listed": ("samples", str(long), None),
         "zeros read": ("read_image", f"{zeros}#axial=0", SMALL_BUDGET),
+        "zeros sagittal read": ("read_image", f"{zeros}#sagittal=999", SMALL_BUDGET),
+        "zeros mask read": ("read_mask", f"{zeros}#coronal=500", SMALL_BUDGET),
         "huge read": ("read_image", str(huge), SMALL_BUDGET),
+        "deflated listed": ("samples", str(deflated), SMALL_BUDGET),
+        "deflated small budget read": ("read_image", str(deflated), SMALL_BUDGET),
+        "deflated read": ("read_image", str(deflated), None),
         "huge mask read": ("read_mask", str(huge), SMALL_BUDGET),
     })  # fmt: skip
 
@@ -176,17 +211,33 @@ REFUSALS = {
     "cube read": r"cube\.nii' declares 32767 x 32767 x 32767 voxels",
     "long listed": r"NIfTI '.*long\.nii' declares 2 x 2 x 8589934592 voxels of uint8 = 34359738368 bytes of pixel "
     r"data but holds 16",
-    "zeros read": r"NIfTI '.*zeros\.nii\.gz' declares 1000 x 1000 x 900 voxels x 4 bytes \(one time point, decoded\) "
-    r"= 3\.4 GiB of decoded pixel data, more than the reader's max_decoded_bytes=67108864 \(64\.0 MiB\); raise it "
-    r"with ScanReader\(max_decoded_bytes=\.\.\.\) or --data\.reader\.max_decoded_bytes if the file is genuine\.",
     "huge read": r"Image '.*huge\.png' declares 12000 x 12000 pixels x 3 band\(s\) x 1 byte\(s\) \(PNG RGB\) = "
     r"412\.0 MiB of decoded pixel data, more than the reader's max_decoded_bytes=67108864",
     "huge mask read": r"huge\.png' declares 12000 x 12000 pixels",
+    "deflated small budget read": r"DICOM '.*deflated\.dcm' is deflated and inflates to more than 8\d\.\d MiB \(read "
+    r"so far\): more than the reader's max_decoded_bytes=67108864 \(64\.0 MiB\) allows for its pixel data and "
+    r"16\.0 MiB of other elements; raise it with ScanReader\(max_decoded_bytes=\.\.\.\) or "
+    r"--data\.reader\.max_decoded_bytes if the file is genuine\.",
+    "deflated read": r"DICOM '.*deflated\.dcm' is deflated and inflates to more than",
 }
 
 
-def test_dicom_declaring_2_31_frames_is_listed_as_one_sample(capped: dict[str, dict]) -> None:
-    listed = capped["frames listed"]
+def test_a_deflated_dicom_within_the_budget_is_read_as_pydicom_reads_it() -> None:
+    """pydicom's own deflated test file (``image_dfl.dcm``): listed and read as its pixel array says."""
+    from pydicom.pixels import pixel_array  # noqa: PLC0415
+
+    path = get_testdata_file("image_dfl.dcm")
+    stored = pixel_array(pydicom.dcmread(path)).astype(np.float64)
+    reader = ScanReader(intensity="percentile", max_decoded_bytes=2**22)
+    assert reader.samples(path) == [str(path)]
+    low, high = np.percentile(stored, (0.5, 99.5))
+    expected = np.clip((stored - low) / (high - low), 0, 1)
+    np.testing.assert_allclose(reader.read_image(path)[0].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["frames listed", "deflated listed"])
+def test_dicom_declaring_more_than_it_may_is_listed_as_one_sample(case: str, capped: dict[str, dict]) -> None:
+    listed = capped[case]
     assert listed.get("result") == 1, listed  # one sample, which the check before a run names
     assert listed["grown"] < HEADROOM
 
@@ -296,6 +347,76 @@ def test_real_nifti_files_of_nibabel_pass_the_layout_check() -> None:
     names = reader.samples(path)
     assert len(names) == nib.load(path).shape[2]
     assert reader.read_image(names[-1]).isfinite().all()
+
+
+def test_a_nifti_over_the_budget_is_read_a_slice_at_a_time_in_bounded_memory(capped: dict[str, dict]) -> None:
+    """0.9 GB of zeros in a 1 MB ``.nii.gz`` (3.4 GiB as float32) under a 64 MiB budget: slices, never the volume."""
+    for case in ("zeros read", "zeros sagittal read", "zeros mask read"):
+        assert capped[case].get("result") == "read", capped[case]
+        assert capped[case]["grown"] < 2**28, capped[case]  # a quarter of a GiB; the whole volume is 3.4 GiB
+
+
+OBLIQUE_AFFINE = np.array([[0, 0, -2.0, 10], [1.5, 0, 0, -3], [0, -1.0, 0, 4], [0, 0, 0, 1]])  # axes swapped, flipped
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_streamed_slices_are_nibabels_canonical_slices(suffix: str, tmp_path: Path) -> None:
+    """Every slice along every axis, read a slice at a time, is the slice of nibabel's ``as_closest_canonical``."""
+    from anomalib_mvfa.data import nifti  # noqa: PLC0415
+
+    data = np.arange(1, 6 * 7 * 5 + 1, dtype=np.uint8).reshape(6, 7, 5)  # every voxel its own value
+    path = tmp_path / f"oblique{suffix}"
+    nib.save(nib.Nifti1Image(data, OBLIQUE_AFFINE), path)
+    canonical = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+    budget = 7 * 6 * 4  # the largest slice as float32; the volume is 5 times that
+    assert nifti.is_streamed(path, max_decoded_bytes=budget)
+    reader = ScanReader(intensity="range", max_decoded_bytes=budget)
+    for axis, dim in nifti.SLICE_AXES.items():
+        for index in range(canonical.shape[dim]):
+            expected = np.take(canonical, index, axis=dim).T[::-1] / 255.0  # the superior side up
+            got = reader.read_image(f"{path}#{axis}={index}")[0].numpy()
+            np.testing.assert_allclose(got, expected, atol=1e-7, err_msg=f"{axis} {index}")
+
+
+def test_streamed_volume_is_scaled_by_the_percentiles_of_its_slices(tmp_path: Path) -> None:
+    """Every stored slice holds the same values (shuffled): the sampled slices' percentiles are the volume's.
+
+    The two smallest and the two largest values are equal, so that the 0.5th and 99.5th percentiles
+    fall on them in any number of copies (no interpolation between neighbours).
+    """
+    rng = np.random.default_rng(0)
+    values = np.sort(rng.normal(100, 30, size=8 * 9)).astype(np.float32)
+    values[1], values[-2] = values[0], values[-1]
+    data = np.stack([rng.permutation(values).reshape(8, 9) for _ in range(12)], axis=-1)
+    path = tmp_path / "shuffled.nii.gz"
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    low, high = np.percentile(data, (0.5, 99.5))  # of the whole volume
+    streamed = ScanReader(intensity="percentile", max_decoded_bytes=data.nbytes // 2)
+    for index in (0, 7, 11):
+        expected = np.clip((data[:, :, index].T[::-1] - low) / (high - low), 0, 1)
+        got = streamed.read_image(f"{path}#axial={index}")[0].numpy()
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("axis", ["sagittal", "coronal", "axial"])
+def test_streamed_volumes_find_empty_and_marked_slices_as_nibabel_sees_them(axis: str, tmp_path: Path) -> None:
+    from anomalib_mvfa.data import nifti  # noqa: PLC0415
+
+    data = np.full((6, 7, 5), -3, dtype=np.int16)
+    data[1:3, 2, 1] = 40  # background everywhere else
+    data[4, 5, 3] = 7
+    path = tmp_path / "sparse.nii.gz"
+    nib.save(nib.Nifti1Image(data, OBLIQUE_AFFINE), path)
+    canonical = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+    others = tuple(dim for dim in range(3) if dim != nifti.SLICE_AXES[axis])
+    budget = 7 * 6 * 4
+    expected_empty = np.flatnonzero((canonical == -3).all(axis=others)).tolist()
+    assert nifti.empty_slices(path, axis, max_decoded_bytes=budget) == expected_empty
+    assert len(expected_empty) < canonical.shape[nifti.SLICE_AXES[axis]]
+    names = ScanReader(slice_axis=axis, skip_empty_slices=True, max_decoded_bytes=budget).samples(path)
+    assert len(names) == canonical.shape[nifti.SLICE_AXES[axis]] - len(expected_empty)
+    expected_marked = (canonical != 0).any(axis=others)
+    np.testing.assert_array_equal(nifti.marked_slices(path, axis, max_decoded_bytes=budget), expected_marked)
 
 
 def test_max_decoded_bytes_must_be_positive() -> None:

@@ -153,11 +153,12 @@ def test_the_command_line_without_reader_options_reads_with_the_default_reader(k
 
 @pytest.mark.parametrize("kind", DATAMODULES)
 def test_max_decoded_bytes_from_the_command_line_refuses_larger_volumes(kind, scans, tmp_path) -> None:
-    datamodule = cli_datamodule(kind, scans, tmp_path, "--data.reader.max_decoded_bytes", "500")
-    assert datamodule.reader.max_decoded_bytes == 500
+    """The volumes are 8 x 6 x 3 float32 voxels: streamed above 576 bytes, refused below their largest slice."""
+    datamodule = cli_datamodule(kind, scans, tmp_path, "--data.reader.max_decoded_bytes", "150")
+    assert datamodule.reader.max_decoded_bytes == 150
     message = (
-        r"NIfTI '.*\.nii\.gz' declares 8 x 6 x 3 voxels x 4 bytes \(one time point, decoded\) = 576 bytes of decoded "
-        r"pixel data, more than the reader's max_decoded_bytes=500 \(500 bytes\)"
+        r"NIfTI '.*\.nii\.gz' declares 6 x 8 voxels x 4 bytes \(its largest slice, decoded\) = 192 bytes of decoded "
+        r"pixel data, more than the reader's max_decoded_bytes=150 \(150 bytes\)"
     )
     with pytest.raises(MvfaInputError, match=message):
         datamodule.setup()

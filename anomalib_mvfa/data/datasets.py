@@ -140,10 +140,7 @@ def file_sample_rows(
     if mask is not None:
         if file_format(path) == "nifti":
             nifti.check_label_volume(path, mask)
-            volume, _ = nifti.canonical_volume(mask, reader.time_point, reader.budget)
-            axis = nifti.SLICE_AXES[reader.slice_axis]
-            others = tuple(dim for dim in range(3) if dim != axis)
-            marked = (volume != 0).any(axis=others)
+            marked = nifti.marked_slices(mask, reader.slice_axis, reader.time_point, reader.budget)
             indices = [SampleName.parse(name).index for name in names]
             masks = [str(SampleName(mask, reader.slice_axis, index)) for index in indices]
             labels = [int(LabelName.ABNORMAL if marked[index] else LabelName.NORMAL) for index in indices]

@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -26,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MvfaInputError
-from .budget import check_budget, check_held
+from .budget import check_budget, check_held, default_max_decoded_bytes, human_bytes
 from .intensity import Intensity, dtype_range, scale_values
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
@@ -34,6 +35,10 @@ INSTALL_HINT = "pip install 'anomalib-mvfa[medical]'"
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Values larger than this are not read with the header: the pixel data's length is known without reading it
 DEFER_BYTES = 1024
+# A deflated file: the preamble and "DICM", then the group length element (tag, VR, length, value), then the meta
+DICOM_PREAMBLE_BYTES, META_GROUP_LENGTH_BYTES = 132, 12
+# Inflated bytes read at a time, and allowed beside the pixel data (the other elements) of a deflated data set
+INFLATE_CHUNK_BYTES, DEFLATED_HEADER_BYTES = 2**20, 2**24
 # RLE (PS3.5 G.3.1) repeats a byte at most 128 times for 2 bytes of data: no segment decodes to more than 64 x its size
 RLE_MOST_EXPANSION = 64
 # Bits per LUT entry a VOI LUT may declare (PS3.3 C.11.2.1.1)
@@ -59,13 +64,49 @@ def is_dicom_file(path: str | Path) -> bool:
         return False
 
 
-def _read(path: str | Path, *, pixels: bool, defer: bool = False) -> Any:
+def _read(path: str | Path, *, pixels: bool, defer: bool = False, max_decoded_bytes: int | None = None) -> Any:
+    """The data set as pydicom reads it; a deflated one measured against the budget first (:func:`_check_inflated`)."""
     pydicom = _pydicom()
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+    except Exception as error:
+        msg = f"DICOM '{path}' cannot be read: {error}"
+        raise MvfaInputError(msg) from error
+    if meta.get("TransferSyntaxUID") == pydicom.uid.DeflatedExplicitVRLittleEndian:
+        _check_inflated(path, meta, max_decoded_bytes)
     try:
         return pydicom.dcmread(path, stop_before_pixels=not pixels, defer_size=DEFER_BYTES if defer else None)
     except Exception as error:
         msg = f"DICOM '{path}' cannot be read: {error}"
         raise MvfaInputError(msg) from error
+
+
+def _check_inflated(path: str | Path, meta: Any, max_decoded_bytes: int | None) -> None:
+    """Inflate a deflated data set a chunk at a time, keeping nothing, and refuse it once it passes the budget.
+
+    pydicom inflates the whole data set after the file meta information at once, before any element
+    can be checked, so a few kilobytes could become gigabytes; the budget (plus
+    :data:`DEFLATED_HEADER_BYTES` for the elements other than the pixel data) bounds it first.
+    """
+    length = meta.get("FileMetaInformationGroupLength")
+    if length is None:
+        msg = f"DICOM '{path}' is deflated but has no FileMetaInformationGroupLength: its data set cannot be found."
+        raise MvfaInputError(msg)
+    budget = default_max_decoded_bytes() if max_decoded_bytes is None else max_decoded_bytes
+    inflater, inflated, pending = zlib.decompressobj(-zlib.MAX_WBITS), 0, b""
+    with open(path, "rb") as file:
+        file.seek(DICOM_PREAMBLE_BYTES + META_GROUP_LENGTH_BYTES + int(length))
+        while not inflater.eof and (pending := pending or file.read(INFLATE_CHUNK_BYTES)):
+            inflated += len(inflater.decompress(pending, INFLATE_CHUNK_BYTES))  # at most a chunk out
+            pending = inflater.unconsumed_tail
+            if inflated > budget + DEFLATED_HEADER_BYTES:
+                msg = (
+                    f"DICOM '{path}' is deflated and inflates to more than {human_bytes(inflated)} (read so far): "
+                    f"more than the reader's max_decoded_bytes={budget} ({human_bytes(budget)}) allows for its pixel "
+                    f"data and {human_bytes(DEFLATED_HEADER_BYTES)} of other elements; raise it with "
+                    "ScanReader(max_decoded_bytes=...) or --data.reader.max_decoded_bytes if the file is genuine."
+                )
+                raise MvfaInputError(msg)
 
 
 def _syntax(dataset: Any) -> Any:
@@ -170,10 +211,10 @@ def dicom_frame_count(path: str | Path, max_decoded_bytes: int | None = None) ->
 
     The layout is checked first (:func:`check_layout`): a file declaring more frames than it holds is refused.
     """
-    dataset = _read(path, pixels=True, defer=True)
+    dataset = _read(path, pixels=True, defer=True, max_decoded_bytes=max_decoded_bytes)
     syntax = _syntax(dataset)
     if syntax is not None and syntax.is_deflated:  # positions are in the inflated stream: read it whole
-        dataset = _read(path, pixels=True)
+        dataset = _read(path, pixels=True, max_decoded_bytes=max_decoded_bytes)
     return check_layout(dataset, path, max_decoded_bytes)
 
 
@@ -230,7 +271,7 @@ def _decode(dataset: Any, path: str | Path, frame: int, max_decoded_bytes: int |
 
 def read_dicom_stored(path: str | Path, frame: int = 0, max_decoded_bytes: int | None = None) -> np.ndarray:
     """One frame's stored values, decoded (a DICOM mask's labels)."""
-    return _decode(_read(path, pixels=True), path, frame, max_decoded_bytes)
+    return _decode(_read(path, pixels=True, max_decoded_bytes=max_decoded_bytes), path, frame, max_decoded_bytes)
 
 
 def _stored_range(dataset: Any) -> tuple[float, float]:
@@ -341,7 +382,7 @@ def read_dicom(
     """
     from pydicom.pixels import apply_color_lut, apply_modality_lut  # noqa: PLC0415
 
-    dataset = _read(path, pixels=True)
+    dataset = _read(path, pixels=True, max_decoded_bytes=max_decoded_bytes)
     stored = _decode(dataset, path, frame, max_decoded_bytes)
     photometric = str(dataset.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     intensity = intensity or Intensity()

@@ -8,6 +8,12 @@ Each slice is shown with the superior (axial: anterior) side up, as
 the window where it is set, otherwise the 0.5th to 99.5th percentile of the whole volume, so that
 every slice of a volume is scaled alike.
 
+A volume whose time point, decoded to float32, is within the reader's ``max_decoded_bytes`` is
+decoded whole and cached; a larger one is streamed: each slice is read through nibabel's array
+proxy (a ``.nii.gz`` is inflated as a stream, never whole), its percentiles are those of evenly
+spaced stored slices holding at most a quarter of the budget, and only its largest slice must fit
+the budget.
+
 :func:`write_volume` puts per-slice maps back into a volume of the source's shape, orientation,
 affine and header, written atomically, to be opened over the scan in 3D Slicer or ITK-SNAP.
 
@@ -19,6 +25,7 @@ Example:
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -26,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import MvfaInputError
-from .budget import check_budget, check_held
+from .budget import check_budget, check_held, default_max_decoded_bytes
 from .intensity import Intensity, dtype_range, percentile_range, scale_values
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
@@ -50,10 +57,10 @@ def is_nifti(path: str | Path) -> bool:
     return str(path).lower().endswith(NIFTI_SUFFIXES)
 
 
-def _load(path: str | Path) -> Any:
+def _load(path: str | Path, **options: Any) -> Any:
     nibabel = _nibabel()
     try:
-        return nibabel.load(path)
+        return nibabel.load(path, **options)
     except Exception as error:
         msg = f"NIfTI '{path}' cannot be read: {error}"
         raise MvfaInputError(msg) from error
@@ -87,12 +94,28 @@ def check_layout(path: str | Path, time_point: int = 0, max_decoded_bytes: int |
     if not str(path).lower().endswith(".gz"):  # nibabel tells compression by the name too
         held = max(Path(path).stat().st_size - int(offset), 0)
         check_held(path, "NIfTI", layout, int(np.prod(shape, dtype=object)) * dtype.itemsize, held)
-    # a read holds one time point as float32 (or wider stored values)
-    decoded_size = max(dtype.itemsize, np.dtype(np.float32).itemsize)
-    one_time_point = int(np.prod(shape[:3], dtype=object)) * decoded_size
-    decoded = f"{' x '.join(map(str, shape[:3]))} voxels x {decoded_size} bytes (one time point, decoded)"
-    check_budget(path, "NIfTI", decoded, one_time_point, max_decoded_bytes)
+    # a volume over the budget is streamed a slice at a time (module docstring): its largest slice must fit
+    _, *plane = sorted((*shape[:3], 1)[:3])
+    decoded = f"{plane[0]} x {plane[1]} voxels x {_decoded_itemsize(dtype)} bytes (its largest slice, decoded)"
+    check_budget(path, "NIfTI", decoded, plane[0] * plane[1] * _decoded_itemsize(dtype), max_decoded_bytes)
     return shape
+
+
+def _decoded_itemsize(dtype: np.dtype) -> int:
+    """Bytes a voxel takes once read: float32, or the stored type where it is wider."""
+    return max(dtype.itemsize, np.dtype(np.float32).itemsize)
+
+
+def is_streamed(path: str | Path, time_point: int = 0, max_decoded_bytes: int | None = None) -> bool:
+    """Whether one time point of the volume, decoded, is over ``max_decoded_bytes`` (read a slice at a time).
+
+    Example:
+        >>> is_streamed("brain.nii.gz", max_decoded_bytes=2**40)  # doctest: +SKIP
+        False
+    """
+    shape = check_layout(path, time_point, max_decoded_bytes)
+    size = int(np.prod(shape[:3], dtype=object)) * _decoded_itemsize(_load(path).header.get_data_dtype())
+    return size > (default_max_decoded_bytes() if max_decoded_bytes is None else max_decoded_bytes)
 
 
 def _check_time_point(path: str | Path, shape: tuple[int, ...], time_point: int) -> None:
@@ -142,10 +165,64 @@ def _canonical_volume(path: str, time_point: int, modified: int) -> tuple[np.nda
     data = np.asarray(proxy[..., time_point] if len(image.shape) == 4 else proxy[...], dtype=np.float32)
     while data.ndim < 3:
         data = data[..., None]
+    return np.ascontiguousarray(apply_orientation(data, _orientation(image))), _scaled_header(image)
+
+
+def _scaled_header(image: Any) -> Any:
+    """The image's header with the scaling nibabel moved into the data proxy on load put back."""
     header = image.header.copy()
-    # nibabel moves the scaling into the data proxy on load; keep it beside the header it came from
-    header.set_slope_inter(getattr(proxy, "slope", 1.0), getattr(proxy, "inter", 0.0))
-    return np.ascontiguousarray(apply_orientation(data, _orientation(image))), header
+    header.set_slope_inter(getattr(image.dataobj, "slope", 1.0), getattr(image.dataobj, "inter", 0.0))
+    return header
+
+
+def _stored_slices(image: Any, time_point: int) -> Iterator[np.ndarray]:
+    """The volume's stored slices along its last spatial axis, in file order, as float32 (one read each)."""
+    for index in range(image.shape[2]):
+        yield _stored_slice(image, time_point, 2, index)
+
+
+def _stored_slice(image: Any, time_point: int, stored_axis: int, index: int) -> np.ndarray:
+    """Slice ``index`` along stored axis ``stored_axis``, read through the array proxy as float32."""
+    slicer: list[Any] = [slice(None)] * len(image.shape)
+    slicer[stored_axis] = index
+    if len(image.shape) == 4:
+        slicer[3] = time_point
+    return np.asarray(image.dataobj[tuple(slicer)], dtype=np.float32)
+
+
+def _streamed_plane(path: str | Path, axis: str, index: int, time_point: int) -> tuple[np.ndarray, Any]:
+    """What ``np.take(canonical volume, index, axis)`` gives, read as one stored slice; the scaled header."""
+    image = _load(path)
+    orientation = _orientation(image)  # per stored axis: its canonical axis, and -1 where it runs backwards
+    stored = int(np.flatnonzero(orientation[:, 0] == SLICE_AXES[axis])[0])
+    size = int(image.shape[stored])
+    plane = _stored_slice(image, time_point, stored, index if orientation[stored, 1] > 0 else size - 1 - index)
+    rest = [number for number in range(3) if number != stored]
+    for position, number in enumerate(rest):
+        if orientation[number, 1] < 0:
+            plane = np.flip(plane, axis=position)
+    if orientation[rest[0], 0] > orientation[rest[1], 0]:
+        plane = plane.T
+    return np.ascontiguousarray(plane), _scaled_header(image)
+
+
+def _canonical_plane(
+    path: str | Path, axis: str, index: int, time_point: int, max_decoded_bytes: int | None
+) -> tuple[np.ndarray, Any]:
+    """Canonical slice ``index`` along ``axis`` (before :func:`to_display`), cached or streamed; the header."""
+    if is_streamed(path, time_point, max_decoded_bytes):
+        count = canonical_shape(path, time_point)[SLICE_AXES[axis]]
+        _check_index(path, axis, index, count)
+        return _streamed_plane(path, axis, index, time_point)
+    volume, header = canonical_volume(path, time_point, max_decoded_bytes)
+    _check_index(path, axis, index, volume.shape[SLICE_AXES[axis]])
+    return np.take(volume, index, axis=SLICE_AXES[axis]), header
+
+
+def _check_index(path: str | Path, axis: str, index: int, count: int) -> None:
+    if not 0 <= index < count:
+        msg = f"NIfTI '{path}' has {count} {axis} slices; slice {index} is not one of them."
+        raise MvfaInputError(msg)
 
 
 def canonical_volume(
@@ -161,10 +238,18 @@ def canonical_volume(
 
 @lru_cache(maxsize=CACHED_VOLUMES)
 def _volume_percentiles(
-    path: str, time_point: int, modified: int, percentiles: tuple[float, float]
+    path: str, time_point: int, modified: int, percentiles: tuple[float, float], budget: int
 ) -> tuple[float, float]:
-    volume, _ = _canonical_volume(path, time_point, modified)
-    return percentile_range(volume, percentiles)
+    """Percentiles of the whole volume, or of a streamed volume's evenly spaced stored slices (module docstring)."""
+    if not is_streamed(path, time_point, budget):
+        volume, _ = _canonical_volume(path, time_point, modified)
+        return percentile_range(volume, percentiles)
+    image = _load(path, keep_file_open=True)  # the slices are read in file order, a .nii.gz inflated once
+    count = int(image.shape[2])
+    slice_bytes = int(image.shape[0]) * int(image.shape[1]) * np.dtype(np.float32).itemsize
+    kept = set(np.linspace(0, count - 1, max(1, min(count, budget // 4 // slice_bytes))).round().astype(int).tolist())
+    sample = [values.ravel() for index, values in enumerate(_stored_slices(image, time_point)) if index in kept]
+    return percentile_range(np.concatenate(sample), percentiles)
 
 
 def to_display(plane: np.ndarray) -> np.ndarray:
@@ -175,11 +260,6 @@ def to_display(plane: np.ndarray) -> np.ndarray:
 def from_display(image: np.ndarray) -> np.ndarray:
     """Inverse of :func:`to_display`."""
     return image[::-1].T
-
-
-def canonical_slice(volume: np.ndarray, axis: str, index: int) -> np.ndarray:
-    """Slice ``index`` along ``axis`` of a canonical volume, as an image (:func:`to_display`)."""
-    return to_display(np.take(volume, index, axis=SLICE_AXES[axis]))
 
 
 def _file_window(header: Any) -> tuple[float, float] | None:
@@ -201,15 +281,13 @@ def read_nifti_slice(
         ValueError: If the file cannot be read, the time point or slice does not exist.
     """
     intensity = intensity or Intensity()
-    volume, header = canonical_volume(path, time_point, max_decoded_bytes)
-    count = volume.shape[SLICE_AXES[axis]]
-    if not 0 <= index < count:
-        msg = f"NIfTI '{path}' has {count} {axis} slices; slice {index} is not one of them."
-        raise MvfaInputError(msg)
-    plane = canonical_slice(volume, axis, index)
+    plane, header = _canonical_plane(path, axis, index, time_point, max_decoded_bytes)
+    plane = to_display(plane)
     stats = None
     if intensity.mode in {"auto", "percentile"}:
-        stats = _volume_percentiles(str(path), time_point, Path(path).stat().st_mtime_ns, intensity.percentiles)
+        budget = default_max_decoded_bytes() if max_decoded_bytes is None else max_decoded_bytes
+        modified = Path(path).stat().st_mtime_ns
+        stats = _volume_percentiles(str(path), time_point, modified, intensity.percentiles, budget)
     window = _file_window(header)
     stored = header.get_data_dtype()
     slope, intercept = header.get_slope_inter()
@@ -231,16 +309,46 @@ def read_nifti_mask_slice(
     path: str | Path, axis: str, index: int, time_point: int = 0, max_decoded_bytes: int | None = None
 ) -> np.ndarray:
     """One slice of a label volume as ``H x W`` uint8: every non-zero label is 1."""
-    volume, _ = canonical_volume(path, time_point, max_decoded_bytes)
-    return (canonical_slice(volume, axis, index) != 0).astype(np.uint8)
+    plane, _ = _canonical_plane(path, axis, index, time_point, max_decoded_bytes)
+    return (to_display(plane) != 0).astype(np.uint8)
 
 
 def empty_slices(path: str | Path, axis: str, time_point: int = 0, max_decoded_bytes: int | None = None) -> list[int]:
     """Slices in which every voxel holds the volume's smallest value (no tissue, only background)."""
-    volume, _ = canonical_volume(path, time_point, max_decoded_bytes)
-    lowest = volume.min()
-    other_axes = tuple(dim for dim in range(3) if dim != SLICE_AXES[axis])
-    return np.flatnonzero((volume == lowest).all(axis=other_axes)).tolist()
+    return np.flatnonzero(~_slices_holding_other_than(path, axis, time_point, max_decoded_bytes, None)).tolist()
+
+
+def marked_slices(path: str | Path, axis: str, time_point: int = 0, max_decoded_bytes: int | None = None) -> np.ndarray:
+    """Per slice along ``axis`` of a label volume: whether it holds a non-zero voxel.
+
+    Example:
+        >>> marked_slices("labels.nii.gz", "axial")  # doctest: +SKIP
+        array([False,  True,  True, False])
+    """
+    return _slices_holding_other_than(path, axis, time_point, max_decoded_bytes, 0.0)
+
+
+def _slices_holding_other_than(
+    path: str | Path, axis: str, time_point: int, max_decoded_bytes: int | None, value: float | None
+) -> np.ndarray:
+    """Per canonical slice along ``axis``: whether a voxel differs from ``value`` (``None``: the smallest)."""
+    target = SLICE_AXES[axis]
+    if not is_streamed(path, time_point, max_decoded_bytes):
+        volume, _ = canonical_volume(path, time_point, max_decoded_bytes)
+        value = volume.min() if value is None else value
+        return (volume != value).any(axis=tuple(dim for dim in range(3) if dim != target))
+    image = _load(path, keep_file_open=True)  # stored slices read in file order, a .nii.gz inflated once per pass
+    if value is None:
+        value = min(values.min() for values in _stored_slices(image, time_point))
+    orientation = _orientation(image)
+    stored = int(np.flatnonzero(orientation[:, 0] == target)[0])
+    if stored == 2:
+        holding = np.array([(values != value).any() for values in _stored_slices(image, time_point)])
+    else:
+        holding = np.zeros(int(image.shape[stored]), dtype=bool)
+        for values in _stored_slices(image, time_point):
+            holding |= (values != value).any(axis=1 - stored)
+    return holding if orientation[stored, 1] > 0 else holding[::-1]
 
 
 def check_label_volume(image_path: str | Path, mask_path: str | Path) -> None:
