@@ -419,6 +419,22 @@ def test_streamed_volumes_find_empty_and_marked_slices_as_nibabel_sees_them(axis
     np.testing.assert_array_equal(nifti.marked_slices(path, axis, max_decoded_bytes=budget), expected_marked)
 
 
+def test_pillows_own_pixel_limit_is_named_with_how_to_lift_it(tmp_path: Path, monkeypatch) -> None:
+    """Pillow refuses an image over twice ``MAX_IMAGE_PIXELS`` before the budget is asked: the message says so."""
+    from PIL import Image  # noqa: PLC0415
+
+    path = zeros_png(tmp_path / "wide.png", 100, 50)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 2000)  # 5000 pixels: over twice the limit
+    message = (
+        r"Image '.*wide\.png' cannot be decoded: Image size \(5000 pixels\) exceeds limit of 4000 pixels.* This limit "
+        r"is Pillow's \(twice PIL\.Image\.MAX_IMAGE_PIXELS\), apart from the reader's max_decoded_bytes"
+    )
+    with pytest.raises(MvfaInputError, match=message):
+        ScanReader().read_image(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    assert ScanReader().read_image(path).shape == (3, 50, 100)
+
+
 def test_max_decoded_bytes_must_be_positive() -> None:
     with pytest.raises(MvfaInputError, match=r"max_decoded_bytes must be above 0 \(or None for the default\), got 0"):
         ScanReader(max_decoded_bytes=0)

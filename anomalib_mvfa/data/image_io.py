@@ -45,6 +45,13 @@ _BITS_PER_SAMPLE, _SAMPLE_FORMAT, _MAX_SAMPLE_VALUE, _S_MAX_SAMPLE_VALUE = 258, 
 def _open(path: str | Path) -> Image.Image:
     try:
         return Image.open(path)
+    except Image.DecompressionBombError as error:  # Pillow's own limit, before the reader's budget is asked
+        msg = (
+            f"Image '{path}' cannot be decoded: {error} This limit is Pillow's (twice PIL.Image.MAX_IMAGE_PIXELS), "
+            "apart from the reader's max_decoded_bytes; for a genuine image set PIL.Image.MAX_IMAGE_PIXELS = None "
+            "before the run and the reader's budget (--data.reader.max_decoded_bytes) still bounds it."
+        )
+        raise MvfaInputError(msg) from error
     except Exception as error:
         msg = f"Image '{path}' cannot be decoded: {error}"
         raise MvfaInputError(msg) from error
