@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import collections
 import io
+import json
 import pickle
 import subprocess
 import sys
@@ -30,14 +31,15 @@ from anomalib_mvfa.tensor_files import (
 )
 from anomalib_mvfa.utils import AtomicCheckpointIO
 
+from .conftest import TINY_CONFIG
 from .test_lightning import TINY_MODEL
 
 INFLATED_BYTES = 1792 * 2**20  # one allocation of 1.75 GiB: above the 1.5 GiB the subprocess may add
 MEMORY_LIMIT = 3 * 2**29  # 1.5 GiB above the subprocess's baseline
 
 
-def pickled_tensor(numel: int, offset: int = 0, size: tuple = (), stride: tuple = ()) -> bytes:
-    """A torch pickle of ``{"weight": tensor}`` over storage ``"0"`` of ``numel`` float32 values."""
+def pickled_tensor(numel: int, offset: int = 0, size: tuple = (), stride: tuple = (), name: str = "weight") -> bytes:
+    """A torch pickle of ``{name: tensor}`` over storage ``"0"`` of ``numel`` float32 values."""
 
     class Storage:
         pass
@@ -53,7 +55,7 @@ def pickled_tensor(numel: int, offset: int = 0, size: tuple = (), stride: tuple 
 
     storage = Storage()
     buffer = io.BytesIO()
-    Pickler(buffer, protocol=2).dump({"weight": Tensor()})
+    Pickler(buffer, protocol=2).dump({name: Tensor()})
     return buffer.getvalue()
 
 
@@ -196,6 +198,19 @@ def test_tensor_records_reaching_outside_their_storage_are_refused(tmp_path: Pat
         read_torchscript_tensors(path, "Weights file")  # the TorchScript reader builds the views itself
     with pytest.raises(UnsafeTensorFileError, match=pattern):
         load_tensors_safely(path, "Weights file")
+
+
+def test_a_zero_stride_view_of_one_value_is_never_expanded(tmp_path: Path) -> None:
+    """A 2^17 x 2^17 view of one stored value (64 GiB if expanded) under a real key: refused by its shape."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_CONFIG))
+    tensor = pickled_tensor(1, size=(2**17, 2**17), stride=(0, 0), name="visual.conv1.weight")
+    path = archive_file(tmp_path / "stride0.pt", [("w/data.pkl", tensor), ("w/data/0", bytes(4)), honest_entries()[3]])
+    line = refusal_within_memory_limit(
+        f"__import__('anomalib_mvfa.backbone').backbone.load_clip({str(config)!r}, {str(path)!r}, 64)"
+    )
+    assert line.startswith(f"PretrainedWeightsError: Weights '{path}' do not fit backbone 'tiny': "), line
+    assert "visual.conv1.weight: file (131072, 131072), model (48, 3, 16, 16)" in line
 
 
 def test_torchscript_code_entries_may_stay_compressed(tmp_path: Path) -> None:
