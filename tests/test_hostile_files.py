@@ -197,6 +197,7 @@ def capped(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
         "deflated small budget read": ("read_image", str(deflated), SMALL_BUDGET),
         "deflated read": ("read_image", str(deflated), None),
         "huge mask read": ("read_mask", str(huge), SMALL_BUDGET),
+        "huge read within a large budget": ("read_image", str(huge), 2**31),
     })  # fmt: skip
 
 
@@ -214,6 +215,9 @@ REFUSALS = {
     "huge read": r"Image '.*huge\.png' declares 12000 x 12000 pixels x 3 band\(s\) x 1 byte\(s\) \(PNG RGB\) = "
     r"412\.0 MiB of decoded pixel data, more than the reader's max_decoded_bytes=67108864",
     "huge mask read": r"huge\.png' declares 12000 x 12000 pixels",
+    "huge read within a large budget": r"Reading '.*huge\.png' ran out of memory: its declared size was within the "
+    r"reader's max_decoded_bytes=2147483648 \(2\.0 GiB\), and a read holds up to about 13 bytes per decoded byte\. "
+    r"Lower --data\.reader\.max_decoded_bytes",
     "deflated small budget read": r"DICOM '.*deflated\.dcm' is deflated and inflates to more than 8\d\.\d MiB \(read "
     r"so far\): more than the reader's max_decoded_bytes=67108864 \(64\.0 MiB\) allows for its pixel data and "
     r"16\.0 MiB of other elements; raise it with ScanReader\(max_decoded_bytes=\.\.\.\) or "

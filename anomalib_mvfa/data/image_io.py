@@ -150,10 +150,10 @@ def _decoded(
         except EOFError as error:
             msg = f"Image '{path}' has no page {page}: it has {page_count(path)}."
             raise MvfaInputError(msg) from error
-        except MvfaInputError:
-            raise
+        except (MvfaInputError, MemoryError):
+            raise  # a MemoryError is named by the reader, with the budget
         except Exception as error:
-            msg = f"Image '{path}' cannot be decoded: {error}"
+            msg = f"Image '{path}' cannot be decoded: {error or type(error).__name__}"
             raise MvfaInputError(msg) from error
         stored = np.dtype(np.uint8) if converted is not oriented else _stored_type(image, array)
         declared = _declared_range(path, image)

@@ -90,6 +90,10 @@ def _stretch(values: np.ndarray, low: float, high: float) -> np.ndarray:
     """``low`` to 0, ``high`` to 1, clipped; a constant image (``high <= low``) becomes 0."""
     if not high > low:
         return np.zeros(values.shape, dtype=np.float32)
+    if values.dtype != np.float64:  # the caller's own float32 copy: changed in place
+        values -= np.float32(low)
+        values /= np.float32(high - low)
+        return np.clip(values, 0.0, 1.0, out=values)
     return np.clip((values - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
@@ -127,7 +131,10 @@ def scale_values(
     Returns:
         float32 array of the shape of ``values``; NaN becomes 0.
     """
-    values = np.nan_to_num(values.astype(np.float64, copy=False), nan=0.0, posinf=np.inf, neginf=-np.inf)
+    # a copy this function owns, changed in place: float32 holds 8- and 16-bit values exactly, wider types need float64
+    exact_in_float32 = values.dtype.itemsize <= 2 or values.dtype == np.float32
+    values = values.astype(np.float32 if exact_in_float32 else np.float64)
+    np.nan_to_num(values, copy=False, nan=0.0, posinf=np.inf, neginf=-np.inf)
     mode = intensity.mode
     if mode == "auto":
         if file_window is not None:

@@ -28,7 +28,7 @@ import torch
 
 from ..errors import MvfaInputError
 from . import dicom, image_io, nifti
-from .budget import default_max_decoded_bytes
+from .budget import default_max_decoded_bytes, human_bytes
 from .intensity import Intensity
 
 logger = logging.getLogger(__name__)
@@ -121,11 +121,11 @@ class ScanReader:
         non_image_files: DICOM files without pixel data (reports, presentation states):
             ``"skip"`` (with a warning naming them) or ``"error"``.
         max_decoded_bytes: The most bytes of decoded pixel data one file may declare (DICOM rows x
-            columns x frames x samples x bytes, NIfTI voxels of one time point x 4 bytes, PNG/TIFF
-            pixels x bands x bytes); a file above it is refused, naming it, before anything is
-            allocated for it (:mod:`~anomalib_mvfa.data.budget`). ``None`` (the default) is a
-            thirty-second of the physical memory: a read holds several floating-point copies of
-            the data, so a file at the limit needs about half the memory.
+            columns x frames x samples x bytes, NIfTI voxels of its largest slice x 4 bytes (a larger
+            volume is streamed), PNG/TIFF pixels x bands x bytes); a file above it is refused, naming
+            it, before anything is allocated for it (:mod:`~anomalib_mvfa.data.budget`). ``None`` (the
+            default) is a sixty-fourth of the physical memory: a read holds several float32 copies of
+            the data, so a file at the limit needs about a fifth of the memory.
             ``--data.reader.max_decoded_bytes 4000000000`` on the command line.
 
     Example:
@@ -240,8 +240,17 @@ class ScanReader:
         Raises:
             ValueError: If it cannot be read, naming the file and why.
         """
-        values = self._values(name)
-        return torch.from_numpy(np.ascontiguousarray(values)).permute(2, 0, 1).contiguous()
+        try:
+            values = self._values(name)
+            return torch.from_numpy(np.ascontiguousarray(values)).permute(2, 0, 1).contiguous()
+        except MemoryError as error:  # within the budget, but more than this process may take
+            msg = (
+                f"Reading '{name}' ran out of memory: its declared size was within the reader's "
+                f"max_decoded_bytes={self.budget} ({human_bytes(self.budget)}), and a read holds up to about 13 bytes "
+                "per decoded byte. Lower --data.reader.max_decoded_bytes (ScanReader(max_decoded_bytes=...)) so that "
+                "such files are refused before they are read, or give the process more memory."
+            )
+            raise MvfaInputError(msg) from error
 
     def image_size(self, name: str | Path) -> tuple[int, int]:
         """``(height, width)`` of a sample, from the header where the format allows."""
