@@ -62,7 +62,7 @@ ARCHITECTURE_KEYS = ("backbone", "image_size", "feature_layers")
 # Settings of the torch model: a change rebuilds it.
 TORCH_MODEL_KEYS = (
     *ARCHITECTURE_KEYS, "pretrained", "feature_pipeline", "image_score_from_map", "memory_bank_ratio",
-    "search_precision", "seed",
+    "search_precision", "inference_precision", "seed",
 )  # fmt: skip
 # Settings a checkpoint was made with: given explicitly, another value is refused (others: the given one wins).
 FIXED_KEYS = ARCHITECTURE_KEYS
@@ -203,6 +203,7 @@ def torch_model_from(settings: Mapping[str, Any]) -> MvfaModel:
             feature_layers=settings["feature_layers"], image_score_from_map=settings["image_score_from_map"],
             memory_bank_ratio=settings["memory_bank_ratio"], search_precision=settings["search_precision"],
             feature_pipeline=resolve_feature_pipeline(settings["feature_pipeline"]),
+            inference_precision=settings.get("inference_precision", "float32"),  # not in checkpoints before 0.3
         )  # fmt: skip
 
 

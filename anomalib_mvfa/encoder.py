@@ -138,6 +138,10 @@ class AdaptedTokens:
             raise MvfaInputError(msg)
         return [torch.cat([cls[:, None], layer], dim=1) for cls, layer in zip(classes, patches, strict=True)]
 
+    def float(self) -> AdaptedTokens:
+        """The tokens as float32 (after an encoder run under reduced-precision autocast)."""
+        return AdaptedTokens(*([layer.float() for layer in part] for part in self.parts()))
+
     def parts(self) -> tuple[list[torch.Tensor], ...]:
         """The four per-layer lists, in the order of the constructor's arguments."""
         return self.segmentation, self.detection, self.segmentation_class, self.detection_class

@@ -116,7 +116,13 @@ from .support import (
 from .tensor_files import check_tensor_archive
 from .torch_model import MvfaModel, Scores
 from .training import FitInputs, QuietFrozenClip, adapter_optimizers, epoch_summary, optimisation_step
-from .utils import ResumeCheckpoint, check_export_modules, export_atomically, quiet_export
+from .utils import (
+    ResumeCheckpoint,
+    calibrate_on_normal_images,
+    check_export_modules,
+    export_atomically,
+    quiet_export,
+)
 from .visualization import MvfaVisualizer
 
 __all__ = ["Mvfa", "checkpoint_feature_pipeline"]
@@ -138,6 +144,8 @@ def prepared_atomic_export(export: Callable[..., Path]) -> Callable[..., Path]:
         check_export_modules(export.__name__)
         export_root = export_folder(getattr(self, "checkpoint_path", None), export_root)
         self.prepare()
+        if export.__name__ == "to_openvino":
+            kwargs = calibrate_on_normal_images(kwargs)  # anomalib would calibrate on the validation split
         with quiet_export():
             return export_atomically(export_root, lambda root: export(self, root, *args, **kwargs))
 
@@ -184,17 +192,16 @@ class Mvfa(AnomalibModule):
         few_shot_source: Folder of normal support images instead of the training split.
         epochs: Training epochs over the augmented support set (the paper: 50). ``0`` trains nothing.
         batch_size: Support images per optimisation step (the paper: 1).
-        seg_learning_rate: Adam learning rate of the segmentation adapters (default 1e-3, zero-shot 1e-4).
-        det_learning_rate: Adam learning rate of the detection adapters (same defaults).
+        seg_learning_rate, det_learning_rate: Adam learning rates of the two adapter sets (1e-3, zero-shot 1e-4).
         detection_loss: ``"authors"`` (BCE-with-logits on a probability, as published) or ``"bce"`` (corrected).
         seed: Seed of the support selection, the synthetic anomalies and the shuffling.
         adapter_checkpoint: Adapters to start from (authors' layout), read later; a restored checkpoint's win.
         image_score_from_map: Image score = maximum of the fused anomaly map.
         cache_prefix: Compute the frozen blocks before the first adapter once per support image (same result).
         memory_bank_ratio: Share of support tokens kept in the memory banks (coreset); ``1.0``: the paper's search.
-        search_precision: ``"float32"`` (exact) or ``"bfloat16"`` (neighbours chosen in bfloat16, distances exact).
-        pre_processor: Pre-processor, or ``True`` for the feature pipeline's (bicubic resize, exported alike).
-        post_processor: Post-processor, or ``True`` for anomalib's default.
+        search_precision, inference_precision: ``"float32"`` or ``"bfloat16"``: the neighbours chosen in bfloat16
+            (distances exact); the image encoder under bfloat16 autocast when scoring (``MvfaModel``).
+        pre_processor, post_processor: ``True``: the feature pipeline's (bicubic resize, exported alike); anomalib's.
         evaluator: Evaluator, or ``True`` for image/pixel AUROC and F1 (one-class AUROCs are NaN with a reason).
         visualizer: Visualizer, or ``True`` for anomalib's, keeping the folders below the dataset root.
 
@@ -226,13 +233,14 @@ class Mvfa(AnomalibModule):
         cache_prefix: bool = True,
         memory_bank_ratio: float = 1.0,
         search_precision: str = "float32",
+        inference_precision: str = "float32",
         pre_processor: nn.Module | bool = True,
         post_processor: nn.Module | bool = True,
         evaluator: Evaluator | bool = True,
         visualizer: Visualizer | bool = True,
     ) -> None:
         check_arguments(k_shot, epochs, batch_size, abnormal_source, class_name)
-        check_memory_bank_settings(memory_bank_ratio, search_precision)
+        check_memory_bank_settings(memory_bank_ratio, search_precision, inference_precision)
         pipeline = resolve_feature_pipeline(feature_pipeline)
         if pre_processor is True:
             statistics = image_statistics(backbone)  # the "clip" pipeline's mean and std

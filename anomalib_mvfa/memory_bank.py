@@ -46,8 +46,10 @@ NEAREST_NEIGHBOUR_CHUNK = 8192
 SEARCH_PRECISIONS = ("float32", "bfloat16")
 
 
-def check_memory_bank_settings(memory_bank_ratio: float, search_precision: str) -> None:
-    """Refuse a coreset ratio outside ``(0, 1]`` or an unknown search precision.
+def check_memory_bank_settings(
+    memory_bank_ratio: float, search_precision: str, inference_precision: str = "float32"
+) -> None:
+    """Refuse a coreset ratio outside ``(0, 1]`` or an unknown search or inference precision.
 
     Example:
         >>> check_memory_bank_settings(0.1, "bfloat16")
@@ -61,6 +63,9 @@ def check_memory_bank_settings(memory_bank_ratio: float, search_precision: str) 
         raise MvfaInputError(msg)
     if search_precision not in SEARCH_PRECISIONS:
         msg = f"search_precision must be one of {SEARCH_PRECISIONS}, got {search_precision!r}."
+        raise MvfaInputError(msg)
+    if inference_precision not in SEARCH_PRECISIONS:
+        msg = f"inference_precision must be one of {SEARCH_PRECISIONS}, got {inference_precision!r}."
         raise MvfaInputError(msg)
 
 

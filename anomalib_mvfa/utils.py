@@ -19,6 +19,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from .errors import MvfaInputError
 from .tensor_files import check_tensor_archive
 
+logger = logging.getLogger(__name__)
+
 # First characters that make a spreadsheet read a CSV cell as a formula (OWASP, CSV injection).
 _FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
 
@@ -157,6 +159,62 @@ def check_export_modules(export: str) -> None:
             "pip install 'anomalib-mvfa[export]'."
         )
         raise ModuleNotFoundError(msg, name=missing[0])
+
+
+class NormalImagesCalibration:
+    """A datamodule whose validation loader is another's training loader: its normal images only.
+
+    anomalib's INT8 post-training quantisation (``compression_type=int8_ptq``) calibrates on
+    ``datamodule.val_dataloader()``, which for most datamodules holds test images (``val_split_mode``
+    ``from_test``). Mvfa's export hands it this wrapper instead, so calibration sees the training
+    split (normal images, what the memory bank was built from) and never a test image.
+
+    Example:
+        >>> calibration = NormalImagesCalibration(datamodule)  # doctest: +SKIP
+        >>> calibration.val_dataloader() is not None  # doctest: +SKIP
+        True
+    """
+
+    def __init__(self, datamodule: Any) -> None:
+        self.datamodule = datamodule
+
+    def setup(self, stage: str | None = None) -> None:
+        """Set the wrapped datamodule up."""
+        self.datamodule.setup(stage)
+
+    @property
+    def train_batch_size(self) -> int:
+        """The wrapped datamodule's training batch size (anomalib sets it to a static input's batch)."""
+        return self.datamodule.train_batch_size
+
+    @train_batch_size.setter
+    def train_batch_size(self, value: int) -> None:
+        self.datamodule.train_batch_size = value
+
+    def val_dataloader(self) -> Any:
+        """The wrapped datamodule's training loader: normal images only."""
+        return self.datamodule.train_dataloader()
+
+    def __getattr__(self, name: str) -> Any:
+        """Anything else (``task``, ``name``) from the wrapped datamodule."""
+        return getattr(self.__dict__["datamodule"], name)
+
+
+def calibrate_on_normal_images(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``to_openvino``'s keyword arguments with an INT8 PTQ datamodule wrapped in :class:`NormalImagesCalibration`.
+
+    Example:
+        >>> calibrate_on_normal_images({"compression_type": None})
+        {'compression_type': None}
+    """
+    compression = kwargs.get("compression_type")
+    datamodule = kwargs.get("datamodule")
+    if datamodule is None or str(getattr(compression, "value", compression)).lower() != "int8_ptq":
+        return kwargs
+    if not isinstance(datamodule, NormalImagesCalibration):
+        logger.info("INT8 calibration uses the training split of the datamodule (normal images), never test images.")
+        datamodule = NormalImagesCalibration(datamodule)
+    return {**kwargs, "datamodule": datamodule}
 
 
 @contextmanager

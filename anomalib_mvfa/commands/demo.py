@@ -25,7 +25,7 @@ from skimage import data as skimage_data
 
 from ..backbone import PretrainedWeightsError
 from ..lightning_model import Mvfa
-from .options import backbone_settings
+from .options import backbone_arguments
 from .options import demo as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 
 logger = logging.getLogger(__name__)
@@ -89,21 +89,43 @@ def generate_dataset(root: str | Path, seed: int = 0, n_train: int = 16, n_test:
     return folder
 
 
+def demo_model(args: argparse.Namespace, pretrained: str | None = "openai") -> Mvfa:
+    """``Mvfa`` of the command line's backbone, K, epochs and seed, prompting for histology crops.
+
+    Example:
+        >>> model = demo_model(argparse.Namespace(backbone="tiny-random", pretrained=None, image_size=None,
+        ...     feature_layers=None, feature_pipeline=None, k_shot=2, epochs=0, seed=0))  # doctest: +SKIP
+    """
+    return Mvfa(
+        **backbone_arguments(args, pretrained, image_size=224),
+        k_shot=args.k_shot,
+        class_name="histopathological image",
+        epochs=args.epochs,
+        seed=args.seed,
+    )
+
+
+def demo_datamodule(folder: Path, seed: int, batch_size: int = 8) -> Folder:
+    """The ``Folder`` datamodule of anomalib over a dataset written by :func:`generate_dataset`."""
+    return Folder(
+        name="mvfa_demo",
+        root=folder,
+        normal_dir="train/good",
+        normal_test_dir="test/good",
+        abnormal_dir="test/defect",
+        mask_dir="ground_truth/defect",
+        train_batch_size=batch_size,
+        eval_batch_size=batch_size,
+        num_workers=0,
+        seed=seed,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Generate the dataset, train and test MVFA, print the metrics; return an exit code."""
     try:
-        pretrained, image_size, feature_layers = backbone_settings(args, pretrained="openai", image_size=224)
-        model = Mvfa(
-            backbone=args.backbone,
-            pretrained=pretrained,
-            image_size=image_size,
-            feature_layers=feature_layers,
-            feature_pipeline=args.feature_pipeline,
-            k_shot=args.k_shot,
-            class_name="histopathological image",
-            epochs=args.epochs,
-            seed=args.seed,
-        )
+        model = demo_model(args)
+        pretrained = model.hparams["pretrained"]
         model.build_model()  # loads the weights now: without them the demo stops before writing anything
     except (PretrainedWeightsError, ValueError) as error:
         print(f"anomalib-mvfa: error: {error}", file=sys.stderr)
@@ -116,18 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     folder = generate_dataset(args.root, seed=args.seed)
     print(f"demo dataset: {folder} (normal and defective histology crops, masks in ground_truth/defect)")
-    datamodule = Folder(
-        name="mvfa_demo",
-        root=folder,
-        normal_dir="train/good",
-        normal_test_dir="test/good",
-        abnormal_dir="test/defect",
-        mask_dir="ground_truth/defect",
-        train_batch_size=8,
-        eval_batch_size=8,
-        num_workers=0,
-        seed=args.seed,
-    )
+    datamodule = demo_datamodule(folder, args.seed)
     engine = Engine(default_root_dir=args.results, accelerator="auto", devices=1)
     engine.fit(model, datamodule=datamodule)
     results = engine.test(model, datamodule=datamodule, verbose=False)[0]

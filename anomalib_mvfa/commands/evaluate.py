@@ -53,7 +53,7 @@ from ..reports.report import RunReport, make_tile
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps
 from ..tensor_files import check_tensor_archive
 from ..utils import write_atomically, write_rows
-from .options import backbone_settings
+from .options import backbone_arguments
 from .options import evaluate as add_arguments  # noqa: F401  (the command's arguments, kept importable here)
 from .progress import job_bar, on_terminal, overall_bar, say
 from .run_folder import shared_run_folder
@@ -323,14 +323,9 @@ def _datamodule(args: argparse.Namespace, category: str, seed: int) -> MedicalAD
 def _model(args: argparse.Namespace, category: str, seed: int) -> Mvfa:
     if args.ckpt_path:
         return _load_checkpoint(args)
-    pretrained, image_size, feature_layers = backbone_settings(args, pretrained="openai", image_size=240)
     adapters = args.adapter_checkpoint.format(category=category) if args.adapter_checkpoint else None
     return Mvfa(
-        backbone=args.backbone,
-        pretrained=pretrained,
-        image_size=image_size,
-        feature_layers=feature_layers,
-        feature_pipeline=args.feature_pipeline,
+        **backbone_arguments(args, pretrained="openai", image_size=240),
         k_shot=0 if args.setting == "zero-shot" else args.k_shot,
         epochs=args.epochs,
         batch_size=args.train_batch_size,

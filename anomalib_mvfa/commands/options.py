@@ -118,6 +118,21 @@ def backbone_settings(
     return tag, size, list(layers)
 
 
+def backbone_arguments(args: argparse.Namespace, pretrained: str | None, image_size: int) -> dict[str, Any]:
+    """``Mvfa``'s backbone, pretrained, image_size, feature_layers and feature_pipeline of a command's run.
+
+    Example:
+        >>> backbone_arguments(argparse.Namespace(backbone="tiny-random", pretrained=None, image_size=None,
+        ...     feature_layers=None, feature_pipeline=None), "openai", 224)["image_size"]
+        64
+    """
+    tag, size, layers = backbone_settings(args, pretrained, image_size)
+    return {
+        "backbone": args.backbone, "pretrained": tag, "image_size": size, "feature_layers": layers,
+        "feature_pipeline": args.feature_pipeline,
+    }  # fmt: skip
+
+
 def preset_init_args(init_args: dict[str, Any]) -> dict[str, Any]:
     """A model entry's ``init_args`` completed with its backbone's preset; the values it sets win.
 
@@ -189,6 +204,21 @@ def speed(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--seed", type=int, default=0)
     add_option(parser, "--device", default="cpu", help="cpu, cuda or cuda:N")
     add_option(parser, "--amp", choices=("bfloat16", "float16"), default=None, help="autocast dtype on a GPU")
+    add_option(
+        parser,
+        "--deploy",
+        action="store_true",
+        help="instead: every deployment path (torch float32, bf16 autocast, torch.compile, ONNX Runtime, OpenVINO "
+        "f32/default/INT8) side by side, with its fidelity against torch float32",
+    )
+    add_option(parser, "--held-out", type=int, default=8, help="--deploy: normal and as many defective images")
+    add_option(
+        parser,
+        "--paths",
+        default=None,
+        help="--deploy: comma-separated paths to measure, of: torch float32, torch bf16 autocast, torch.compile, "
+        "onnxruntime, openvino f32, openvino default, openvino int8 (torch float32 always runs first); default all",
+    )
 
 
 def benchmark(parser: argparse.ArgumentParser) -> None:

@@ -226,7 +226,11 @@ def _measure_training(
 
 
 def run(args: argparse.Namespace) -> int:
-    """Measure and print the ratios; return an exit code."""
+    """Measure and print the ratios (``--deploy``: the deployment paths, :mod:`.deploy`); return an exit code."""
+    if args.deploy:
+        from .deploy import run as run_deploy  # noqa: PLC0415
+
+        return run_deploy(args)
     torch.manual_seed(args.seed)
     device = torch.device(args.device)
     pretrained, size, layers = backbone_settings(args, pretrained="none", image_size=224)

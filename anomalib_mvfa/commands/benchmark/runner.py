@@ -106,14 +106,15 @@ class PeakMemory:
         self._stop = threading.Event()
 
     @staticmethod
-    def _resident_mb() -> float:
+    def resident_mb() -> float:
+        """Resident memory of this process now, in MB."""
         with Path("/proc/self/statm").open() as file:
             pages = int(file.read().split()[1])
         return pages * 4096 / 2**20
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.peak_mb = max(self.peak_mb, self._resident_mb())
+            self.peak_mb = max(self.peak_mb, self.resident_mb())
             self._stop.wait(self.interval_s)
 
     def __enter__(self) -> PeakMemory:
