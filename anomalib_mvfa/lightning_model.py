@@ -192,16 +192,18 @@ class Mvfa(AnomalibModule):
         few_shot_source: Folder of normal support images instead of the training split.
         epochs: Training epochs over the augmented support set (the paper: 50). ``0`` trains nothing.
         batch_size: Support images per optimisation step (the paper: 1).
-        seg_learning_rate, det_learning_rate: Adam learning rates of the two adapter sets (1e-3, zero-shot 1e-4).
+        seg_learning_rate: Adam learning rate of the segmentation adapters (default 1e-3, zero-shot 1e-4).
+        det_learning_rate: Adam learning rate of the detection adapters (same defaults).
         detection_loss: ``"authors"`` (BCE-with-logits on a probability, as published) or ``"bce"`` (corrected).
         seed: Seed of the support selection, the synthetic anomalies and the shuffling.
         adapter_checkpoint: Adapters to start from (authors' layout), read later; a restored checkpoint's win.
         image_score_from_map: Image score = maximum of the fused anomaly map.
         cache_prefix: Compute the frozen blocks before the first adapter once per support image (same result).
         memory_bank_ratio: Share of support tokens kept in the memory banks (coreset); ``1.0``: the paper's search.
-        search_precision, inference_precision: ``"float32"`` or ``"bfloat16"``: the neighbours chosen in bfloat16
-            (distances exact); the image encoder under bfloat16 autocast when scoring (``MvfaModel``).
-        pre_processor, post_processor: ``True``: the feature pipeline's (bicubic resize, exported alike); anomalib's.
+        search_precision: ``"float32"`` (exact) or ``"bfloat16"`` (neighbours chosen in bfloat16, distances exact).
+        inference_precision: ``"float32"`` or ``"bfloat16"`` (the image encoder under bfloat16 autocast when scoring).
+        pre_processor: Pre-processor, or ``True`` for the feature pipeline's (bicubic resize, exported alike).
+        post_processor: Post-processor, or ``True`` for anomalib's default.
         evaluator: Evaluator, or ``True`` for image/pixel AUROC and F1 (one-class AUROCs are NaN with a reason).
         visualizer: Visualizer, or ``True`` for anomalib's, keeping the folders below the dataset root.
 
@@ -306,11 +308,7 @@ class Mvfa(AnomalibModule):
 
     @property
     def learning_type(self) -> LearningType:
-        """ONE_CLASS while adapters train (``epochs > 0``), else FEW_SHOT or ZERO_SHOT.
-
-        anomalib's ``Engine.fit``/``train`` only validate ZERO_SHOT and FEW_SHOT models (no argument fits them), and
-        MVFA trains in both settings: ONE_CLASS is the one way to have the Engine run ``trainer.fit``.
-        """
+        """ONE_CLASS while adapters train (``epochs > 0``), else FEW_SHOT or ZERO_SHOT (the module's notes say why)."""
         if self.trains_adapters:
             return LearningType.ONE_CLASS
         return LearningType.FEW_SHOT if self.k_shot else LearningType.ZERO_SHOT
