@@ -1,0 +1,110 @@
+"""Study-level results: study scores, labels, thresholds and AUROC against independent computations."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score, roc_auc_score
+
+from anomalib_mvfa.commands import main
+from anomalib_mvfa.errors import MvfaInputError
+from anomalib_mvfa.studies import fit_study_threshold, study_auroc, study_results
+
+from .dicom_series import write_ct_series, write_png_masks
+from .test_evaluation import TINY
+
+
+def _random_studies(seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    studies, labels = [], []
+    for index in range(12):
+        slices = int(rng.integers(1, 9))
+        studies += [f"study{index}"] * slices
+        labels += list(rng.integers(0, 2, slices) * (index % 2))  # odd studies hold abnormal slices
+    return studies, rng.normal(size=len(studies)), np.array(labels)
+
+
+@pytest.mark.parametrize(("method", "k"), [("max", 3), ("top_k_mean", 3), ("mean", 3), ("top_k_mean", 1)])
+def test_study_scores_and_labels_against_an_independent_computation(method, k) -> None:
+    studies, scores, labels = _random_studies(0)
+    results = study_results(studies, scores, labels, names=[f"s{i}" for i in range(len(scores))], method=method, k=k)
+    names = sorted(set(studies), key=studies.index)
+    assert [result.study for result in results] == names
+    for result in results:
+        mine = np.array([study == result.study for study in studies])
+        values = np.sort(scores[mine])[::-1]
+        expected = {"max": values[0], "mean": values.mean(), "top_k_mean": values[:k].mean()}[method]
+        assert result.score == pytest.approx(expected, abs=1e-12)
+        assert result.slices == mine.sum()
+        assert result.label == int(labels[mine].max())
+        assert result.top_name == f"s{np.flatnonzero(mine)[np.argmax(scores[mine])]}"
+    expected_auroc = roc_auc_score([result.label for result in results], [result.score for result in results])
+    assert study_auroc(results) == pytest.approx(expected_auroc, abs=1e-6)  # float32, as torchmetrics computes it
+
+
+def test_the_study_threshold_is_the_f1_optimum_and_decides_studies() -> None:
+    studies, scores, labels = _random_studies(1)
+    results = study_results(studies, scores, labels)
+    threshold = fit_study_threshold(results)
+    truth = [result.label for result in results]
+    study_scores = np.array([result.score for result in results])
+    best = max(f1_score(truth, study_scores > candidate) for candidate in [*study_scores, study_scores.min() - 1])
+    assert f1_score(truth, study_scores > threshold) == pytest.approx(best)
+    decided = study_results(studies, scores, labels, threshold=threshold)
+    assert [result.decision for result in decided] == [int(score > threshold) for score in study_scores]
+    assert study_auroc(study_results(["a", "a"], [0.1, 0.2], [0, 0])) is None  # one class only
+
+
+def test_bad_study_settings_are_refused() -> None:
+    with pytest.raises(MvfaInputError, match="study_score"):
+        study_results(["a"], [0.1], method="median")
+    with pytest.raises(MvfaInputError, match="k "):
+        study_results(["a"], [0.1], method="top_k_mean", k=0)
+
+
+def _series_category(root: Path) -> Path:
+    rng = np.random.default_rng(7)
+    base = root / "CT_AD"
+    for split in ("valid", "test"):
+        for index in range(2):
+            write_ct_series(base / split / "good" / "img", rng, slices=3)
+            series = write_ct_series(base / split / "Ungood" / "img", rng, slices=3, lesions=(index,))
+            write_png_masks(series, base / split / "Ungood" / "anomaly_mask")
+    return root
+
+
+def test_evaluate_reports_study_auroc_of_dicom_series(tmp_path) -> None:
+    root = _series_category(tmp_path / "data")
+    code = main([
+        "evaluate", "--root", str(root), "--categories", "CT", "--k-shot", "1", "--epochs", "0", *TINY,
+        "--feature-pipeline", "clip", "--output", str(tmp_path / "out"), "--study-score", "top_k_mean",
+        "--study-k", "2",
+    ])  # fmt: skip
+    assert code == 0
+    latest = tmp_path / "out" / "latest"
+    table = (latest / "few-shot_1shot.md").read_text()
+    assert "| dataset | ours AC | ours AS | ours study | authors AC | authors AS | authors study |" in table
+    with (latest / "few-shot_1shot_images.csv").open() as file:
+        images = list(csv.DictReader(file))
+    with (latest / "few-shot_1shot_studies.csv").open() as file:
+        studies = list(csv.DictReader(file))
+    with (latest / "few-shot_1shot_runs.csv").open() as file:
+        (run,) = list(csv.DictReader(file))
+    assert len(images) == 12
+    assert len(studies) == 4
+    # independent: top-2 mean of each series' slice scores, AUROC with scikit-learn
+    expected = {}
+    for study in {row["study"] for row in images}:
+        values = sorted((float(row["score_ours"]) for row in images if row["study"] == study), reverse=True)
+        labels = [int(row["label"]) for row in images if row["study"] == study]
+        expected[study] = (np.mean(values[:2]), max(labels))
+    for row in studies:
+        assert float(row["score_ours"]) == pytest.approx(expected[row["study"]][0], rel=1e-6)
+        assert int(row["label"]) == expected[row["study"]][1]
+        assert int(row["decision_ours"]) == int(float(row["score_ours"]) > float(row["threshold_ours"]))
+    auroc = roc_auc_score([label for _, label in expected.values()], [score for score, _ in expected.values()])
+    assert float(run["ours_study"]) == pytest.approx(100 * auroc, abs=1e-6)
+    assert f"{100 * auroc:.2f}" in next(line for line in table.splitlines() if line.startswith("| CT"))
