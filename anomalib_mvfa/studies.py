@@ -15,7 +15,7 @@ the F1-optimal threshold, as anomalib fits image thresholds), never on the test 
 Example:
     >>> results = study_results(["a", "a", "b"], [0.1, 0.9, 0.3], labels=[0, 1, 0])
     >>> [(result.study, result.score, result.label, result.top_slice) for result in results]
-    [('a', 0.9, 1, 1), ('b', 0.3, 0, 0)]
+    [('a', 0.9, 1, 1), ('b', 0.3, 0, 2)]
     >>> study_auroc(results)
     1.0
 """

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import logging
 from types import SimpleNamespace
 
@@ -11,8 +12,10 @@ import pydicom
 import pytest
 import torch
 
-from anomalib_mvfa.data import MedicalFolder, VolumeMapWriter
+from anomalib_mvfa import Mvfa
+from anomalib_mvfa.data import MedicalFolder, ScanPredictDataset, VolumeMapWriter
 
+from .conftest import cpu_engine
 from .dicom_series import write_ct_series, write_png_masks
 
 
@@ -152,3 +155,27 @@ def test_a_dicom_segmentation_in_the_mask_folder_gives_the_masks_of_its_png_copi
         assert "#sop=" in item.mask_path
         assert int(item.gt_label) == int(item.gt_mask.any())  # a slice without a marked pixel is normal
     assert [int(read["seg_masks"][str(path)].gt_label) for path in abnormal.files] == [0, 1, 1, 0]
+
+
+def test_a_prediction_on_a_series_folder_writes_dicom_results_and_study_rows(tiny_config, tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    first = write_ct_series(tmp_path / "scans" / "a", rng, slices=3, lesions=(1,))
+    second = write_ct_series(tmp_path / "scans" / "b", rng, slices=4)
+    model = Mvfa(
+        backbone=str(tiny_config), pretrained=None, image_size=64, feature_layers=(1, 2, 4), epochs=0, k_shot=0,
+        class_name="CT",
+    )  # fmt: skip
+    writer = VolumeMapWriter(tmp_path / "dicom")
+    cpu_engine(tmp_path / "run", [writer]).predict(model, dataset=ScanPredictDataset(tmp_path / "scans"))
+    assert not writer.not_written
+    assert sorted(path.name for path in writer.written) == sorted(
+        f"{series.uid}_{kind}.dcm" for series in (first, second) for kind in ("seg", "anomaly_map")
+    )
+    (table,) = (tmp_path / "run").rglob("predictions.csv")
+    with table.open() as file:
+        rows = {row["file"]: row for row in csv.DictReader(file)}
+    for series in (first, second):
+        for index, path in enumerate(series.files):
+            assert (rows[str(path)]["study"], int(rows[str(path)]["slice"])) == (series.uid, index)
+        written = pydicom.dcmread(tmp_path / "dicom" / f"{series.uid}_anomaly_map.dcm")
+        assert written.pixel_array.shape == (len(series.files), *series.masks[0].shape)

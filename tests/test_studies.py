@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import f1_score, roc_auc_score
 
 from anomalib_mvfa.commands import main
+from anomalib_mvfa.commands.benchmark.runner import study_auroc_of_rows
 from anomalib_mvfa.errors import MvfaInputError
 from anomalib_mvfa.studies import fit_study_threshold, study_auroc, study_results
 
@@ -86,7 +89,7 @@ def test_evaluate_reports_study_auroc_of_dicom_series(tmp_path) -> None:
     assert code == 0
     latest = tmp_path / "out" / "latest"
     table = (latest / "few-shot_1shot.md").read_text()
-    assert "| dataset | ours AC | ours AS | ours study | authors AC | authors AS | authors study |" in table
+    assert "| dataset | ours AC | ours AS | ours study_AUROC | authors AC | authors AS | authors study_AUROC |" in table
     with (latest / "few-shot_1shot_images.csv").open() as file:
         images = list(csv.DictReader(file))
     with (latest / "few-shot_1shot_studies.csv").open() as file:
@@ -106,5 +109,31 @@ def test_evaluate_reports_study_auroc_of_dicom_series(tmp_path) -> None:
         assert int(row["label"]) == expected[row["study"]][1]
         assert int(row["decision_ours"]) == int(float(row["score_ours"]) > float(row["threshold_ours"]))
     auroc = roc_auc_score([label for _, label in expected.values()], [score for score, _ in expected.values()])
-    assert float(run["ours_study"]) == pytest.approx(100 * auroc, abs=1e-6)
+    assert float(run["ours_study_AUROC"]) == pytest.approx(100 * auroc, abs=1e-6)
     assert f"{100 * auroc:.2f}" in next(line for line in table.splitlines() if line.startswith("| CT"))
+    page = (latest / "few-shot_1shot_report.html").read_text()
+    assert "Studies: one row per test volume" in page
+    assert all(row["study"] in page and Path(row["top_slice_ours"]).name in page for row in studies)
+
+
+def test_benchmark_rows_get_their_study_and_the_study_auroc() -> None:
+    studies, scores, labels = _random_studies(2)
+    names = [f"scan{i}.dcm" for i in range(len(studies))]
+    slices = list(range(len(studies)))
+    samples = pd.DataFrame({"image_path": names, "study": studies, "slice": slices})
+    datamodule = SimpleNamespace(test_data=SimpleNamespace(samples=samples))
+    rows = [
+        {"file": name, "score": float(score), "label": int(label)}
+        for name, score, label in zip(names, scores, labels, strict=True)
+    ]
+    auroc, reason = study_auroc_of_rows(rows, datamodule)
+    assert reason is None
+    assert [(row["study"], row["slice"]) for row in rows] == list(zip(studies, slices, strict=True))
+    owner = np.array(studies)
+    highest = {study: scores[owner == study].max() for study in set(studies)}
+    truth = {study: labels[owner == study].max() for study in set(studies)}
+    assert auroc == pytest.approx(roc_auc_score(list(truth.values()), [highest[s] for s in truth]), abs=1e-6)
+    # 2D images only: no study AUROC, and no reason either (not applicable)
+    flat = pd.DataFrame({"image_path": names, "study": names, "slice": [0] * len(names)})
+    flat_module = SimpleNamespace(test_data=SimpleNamespace(samples=flat))
+    assert study_auroc_of_rows(rows, flat_module) == (None, None)

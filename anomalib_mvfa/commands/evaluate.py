@@ -63,8 +63,8 @@ from .run_folder import shared_run_folder
 logger = logging.getLogger(__name__)
 
 FUSIONS = ("ours", "authors")
-# AC: image AUROC; AS: pixel AUROC; study: AUROC of the study scores of volumes (anomalib_mvfa.studies)
-METRICS = ("AC", "AS", "study")
+# AC: image AUROC; AS: pixel AUROC; study_AUROC: AUROC of the study scores of volumes (anomalib_mvfa.studies)
+METRICS = ("AC", "AS", "study_AUROC")
 
 
 @dataclass
@@ -252,8 +252,8 @@ def markdown_table(summary: list[dict[str, object]], title: str, undefined: set[
 
 def shown_metrics(summary: list[dict[str, object]], undefined: set[tuple[str, str]]) -> tuple[str, ...]:
     """AC and AS, and the study AUROC where some run had volumes (a value, or a reason it is undefined)."""
-    studies = any(row.get(f"{fusion}_study_mean") is not None for row in summary for fusion in FUSIONS)
-    studies = studies or any(metric == "study" for _, metric in undefined)
+    studies = any(row.get(f"{fusion}_study_AUROC_mean") is not None for row in summary for fusion in FUSIONS)
+    studies = studies or any(metric == "study_AUROC" for _, metric in undefined)
     return METRICS if studies else METRICS[:2]
 
 
@@ -413,11 +413,11 @@ def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: To
         reason = study_auroc_reason(studies["ours"])
         if reason is not None:
             rank_zero_only(logger.warning)("%s, seed %d: %s.", category, seed, reason)
-            totals.undefined.setdefault((category, "study"), []).append(f"{category} seed {seed}: {reason}")
+            totals.undefined.setdefault((category, "study_AUROC"), []).append(f"{category} seed {seed}: {reason}")
             reasons.append(reason)
         for fusion in FUSIONS:
             value = study_auroc(studies[fusion])
-            metrics[fusion]["study"] = None if value is None else 100 * value
+            metrics[fusion]["study_AUROC"] = None if value is None else 100 * value
     row: dict[str, object] = {"category": category, "seed": seed}
     for fusion in FUSIONS:
         for metric in METRICS:
@@ -600,6 +600,10 @@ def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> 
     if totals.pixels:
         write_rows(output / f"{stem}_pixels.csv", totals.pixels)
     tables = {"AUROC % (mean ± std over seeds)": _report_rows(summary)}
+    if totals.studies:
+        tables["Studies: one row per test volume (ours; score of its slices, decision at the study threshold)"] = [
+            study_report_row(row) for row in totals.studies
+        ]
     notes = [note, THRESHOLD_NOTE]
     warning = "Random CLIP weights: the numbers mean nothing." if totals.random_weights else None
     page = totals.report.write(output, f"{stem}_report.html", title, tables, notes, warning)
@@ -627,6 +631,28 @@ def _report_rows(summary: list[dict[str, object]]) -> list[dict[str, object]]:
                 row[f"{fusion} {metric}"] = None if mean is None else Stat(mean, std, percent=True)
         rows.append(row)
     return rows
+
+
+def study_report_row(row: dict[str, object]) -> dict[str, object]:
+    """A volume's row of the report page's study table.
+
+    Example:
+        >>> row = {"category": "CT", "seed": 0, "study": "1.2.3", "slices": 40, "label": 1, "score_ours": 2.5,
+        ...        "threshold_ours": 1.0, "decision_ours": 1, "top_slice_ours": "ct/IM0031.dcm"}
+        >>> study_report_row(row)["decision"], study_report_row(row)["highest slice"]
+        ('abnormal', 'IM0031.dcm')
+    """
+    decision = row.get("decision_ours")
+    return {
+        "category": row["category"],
+        "seed": row["seed"],
+        "study": row["study"],
+        "slices": row["slices"],
+        "label": "abnormal" if row.get("label") else "normal",
+        "score": row["score_ours"],
+        "decision": None if decision is None else ("abnormal" if decision else "normal"),
+        "highest slice": Path(str(row.get("top_slice_ours") or "")).name,
+    }
 
 
 def _write_tables(output: Path, stem: str, rows: list[dict[str, object]], markdown: str) -> None:
