@@ -90,6 +90,7 @@ def test_evaluate_reports_study_auroc_of_dicom_series(tmp_path) -> None:
     latest = tmp_path / "out" / "latest"
     table = (latest / "few-shot_1shot.md").read_text()
     assert "| dataset | ours AC | ours AS | ours study_AUROC | authors AC | authors AS | authors study_AUROC |" in table
+    assert "study_AUROC: AUROC of the study scores (top_k_mean, k=2 of the slice scores)" in table
     with (latest / "few-shot_1shot_images.csv").open() as file:
         images = list(csv.DictReader(file))
     with (latest / "few-shot_1shot_studies.csv").open() as file:

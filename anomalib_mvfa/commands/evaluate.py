@@ -586,6 +586,13 @@ def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> 
         "authors: min-max of each branch over the test set, then 0.5/0.5 (max of the map for AC where masks "
         "exist); uses test-set statistics, for comparison with the paper only. '-': not applicable (no masks).\n"
     )
+    if totals.studies:
+        method = f"top_k_mean, k={args.study_k}" if args.study_score == "top_k_mean" else args.study_score
+        note += (
+            f"study_AUROC: AUROC of the study scores ({method} of the slice scores) of the test split's volumes "
+            "(NIfTI files, DICOM series), a study abnormal when any of its slices is; study decisions use a threshold "
+            "fitted on the validation split's volumes.\n"
+        )
     if totals.undefined:
         reasons = [reason for group in totals.undefined.values() for reason in group]
         note += "Empty cells and means over fewer seeds: undefined metrics, left out. " + "; ".join(reasons) + ".\n"
