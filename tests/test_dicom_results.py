@@ -179,3 +179,53 @@ def test_a_prediction_on_a_series_folder_writes_dicom_results_and_study_rows(tin
             assert (rows[str(path)]["study"], int(rows[str(path)]["slice"])) == (series.uid, index)
         written = pydicom.dcmread(tmp_path / "dicom" / f"{series.uid}_anomaly_map.dcm")
         assert written.pixel_array.shape == (len(series.files), *series.masks[0].shape)
+
+
+def test_an_enhanced_multi_frame_image_gets_results_frame_by_frame(tmp_path) -> None:
+    series = write_ct_series(tmp_path / "single", np.random.default_rng(7), slices=3)
+    enhanced = hd.legacy.LegacyConvertedEnhancedCTImage(
+        [pydicom.dcmread(path) for path in series.files], series_instance_uid=series.uid, series_number=1,
+        sop_instance_uid=hd.UID(), instance_number=1,
+    )  # fmt: skip
+    (tmp_path / "multi").mkdir()
+    enhanced.save_as(tmp_path / "multi" / "enhanced.dcm")
+    dataset = ScanPredictDataset(tmp_path / "multi")
+    assert sorted(dataset.identities.values()) == [(series.uid, index) for index in range(3)]
+    names = list(dataset.identities)
+    maps = np.random.default_rng(8).random((3, *series.masks[0].shape)).astype(np.float32)
+    writer = VolumeMapWriter(tmp_path / "out")
+    _predict(writer, _trainer(tmp_path), names, maps, (maps > 0.7).astype(np.uint8))
+    assert not writer.not_written
+    source = pydicom.dcmread(tmp_path / "multi" / "enhanced.dcm")
+    source_positions = [
+        [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+        for frame in source.PerFrameFunctionalGroupsSequence
+    ]
+    for path in writer.written:
+        written = pydicom.dcmread(path)
+        for frame in written.PerFrameFunctionalGroupsSequence:
+            reference = frame.DerivationImageSequence[0].SourceImageSequence[0]
+            assert reference.ReferencedSOPInstanceUID == source.SOPInstanceUID
+            position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+            assert np.allclose(position, source_positions[int(reference.ReferencedFrameNumber) - 1], atol=1e-4)
+    pm = pydicom.dcmread(tmp_path / "out" / f"{series.uid}_anomaly_map.dcm")
+    for frame, values in zip(pm.PerFrameFunctionalGroupsSequence, pm.pixel_array, strict=True):
+        number = int(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedFrameNumber)
+        assert np.allclose(values, maps[number - 1], rtol=0, atol=1e-6)
+
+
+def test_a_multi_frame_image_without_frame_positions_is_named(tmp_path) -> None:
+    series = write_ct_series(tmp_path / "single", np.random.default_rng(9), slices=3)
+    dataset = pydicom.dcmread(series.files[0])
+    dataset.NumberOfFrames = 3
+    dataset.PixelData = np.stack([pydicom.dcmread(path).pixel_array for path in series.files]).tobytes()
+    (tmp_path / "multi").mkdir()
+    dataset.save_as(tmp_path / "multi" / "legacy.dcm")
+    names = [f"{tmp_path / 'multi' / 'legacy.dcm'}#frame={index:03d}" for index in range(3)]
+    maps = np.zeros((3, *series.masks[0].shape), np.float32)
+    writer = VolumeMapWriter(tmp_path / "out")
+    _predict(writer, _trainer(tmp_path), names, maps, maps.astype(np.uint8))
+    assert not writer.written
+    (reason,) = writer.not_written.values()
+    assert "legacy.dcm" in reason
+    assert "PerFrameFunctionalGroupsSequence" in reason

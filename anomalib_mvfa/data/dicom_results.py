@@ -171,6 +171,14 @@ def write_series_results(
     """
     sources = [dicom.read_header(path) for path in files]
     uid = str(sources[0].get("SeriesInstanceUID", ""))
+    multi_frame = len(sources) == 1 and int(sources[0].get("NumberOfFrames", 1) or 1) > 1
+    if multi_frame and "PerFrameFunctionalGroupsSequence" not in sources[0]:
+        msg = (
+            f"DICOM '{files[0]}' is a multi-frame file without per-frame positions (no "
+            "PerFrameFunctionalGroupsSequence, as enhanced multi-frame images have): a Segmentation or Parametric "
+            "Map cannot place its frames."
+        )
+        raise MvfaInputError(msg)
     stem = stem or uid
     output_dir = Path(output_dir)
     written = []
