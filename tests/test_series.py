@@ -12,6 +12,7 @@ from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanPredictDataset, Sca
 from anomalib_mvfa.errors import MvfaInputError
 
 from .dicom_series import write_ct_series, write_png_masks
+from .test_scan_folders import write_volume_pair
 
 
 def _anatomical(samples, uid: str) -> list[str]:
@@ -120,3 +121,16 @@ def test_a_multi_frame_file_takes_its_series_uid_as_study(tmp_path) -> None:
     dataset.save_as(tmp_path / "multi" / "enhanced.dcm")
     predicted = ScanPredictDataset(tmp_path / "multi")
     assert sorted(predicted.identities.values()) == [(series.uid, index) for index in range(3)]
+
+
+def test_a_nifti_volume_is_a_study_of_its_slices(tmp_path) -> None:
+    rng = np.random.default_rng(6)
+    for index in range(2):
+        write_volume_pair(tmp_path / "normal", f"normal{index}", rng, False, None)
+    write_volume_pair(tmp_path / "abnormal", "case0", rng, True, tmp_path / "masks")
+    datamodule = MedicalFolder(root=tmp_path, normal_dir="normal", abnormal_dir="abnormal", mask_dir="masks", seed=0)
+    datamodule.setup()
+    for split in ("train_data", "test_data"):
+        samples = getattr(datamodule, split).samples
+        assert (samples.study == samples.source_file).all()
+        assert [int(name.rsplit("=", 1)[1]) for name in samples.image_path] == list(samples["slice"])
