@@ -134,3 +134,15 @@ def test_a_nifti_volume_is_a_study_of_its_slices(tmp_path) -> None:
         samples = getattr(datamodule, split).samples
         assert (samples.study == samples.source_file).all()
         assert [int(name.rsplit("=", 1)[1]) for name in samples.image_path] == list(samples["slice"])
+
+
+def test_projection_images_sharing_a_series_stay_images_of_their_own(tmp_path, caplog) -> None:
+    series = write_ct_series(tmp_path / "xray", np.random.default_rng(8), slices=3)
+    for path in series.files:  # radiographs state neither a position nor an orientation
+        dataset = pydicom.dcmread(path)
+        del dataset.ImagePositionPatient, dataset.ImageOrientationPatient
+        dataset.save_as(path)
+    with caplog.at_level(logging.WARNING):
+        predicted = ScanPredictDataset(tmp_path / "xray")
+    assert {identity.study for identity in predicted.identities.values()} == {str(path) for path in series.files}
+    assert not [record for record in caplog.records if series.uid in record.getMessage()]

@@ -10,7 +10,9 @@ missing file), the series is ordered by ``InstanceNumber`` instead, with a warni
 
 Every file then has a *study*, the volume it belongs to (the series UID), and a *slice*, its index
 in anatomical order; a multi-frame file is a volume of its own frames, with its series UID as study.
-Files outside any series (2D images, DICOM files without a series UID) are studies of their own.
+Files outside any series (2D images, DICOM files without a series UID) are studies of their own, and
+so are projection images (radiographs: a series none of whose files states a position or an
+orientation is no volume).
 
 Example:
     >>> from anomalib_mvfa.data.series import series_identities
@@ -176,8 +178,8 @@ def _position_problem(headers: Sequence[SliceHeader]) -> tuple[list[SliceHeader]
 def order_series(uid: str, headers: Sequence[SliceHeader]) -> list[SliceHeader]:
     """The files of one series in anatomical order (module docstring); warns, naming the series, on a fallback."""
     ordered, problem = _position_problem(headers)
-    if ordered is not None:
-        return ordered
+    if ordered is not None or len(headers) == 1:
+        return ordered or list(headers)
     folder = headers[0].path.parent
     numbers = [header.instance for header in headers]
     if None not in numbers and len(set(numbers)) == len(numbers):
@@ -200,6 +202,8 @@ def group_series(headers: Iterable[SliceHeader]) -> dict[str, list[SliceHeader]]
             groups[header.series_uid].append(header)
     series = {}
     for uid, members in groups.items():
+        if all(header.position is None and header.orientation is None for header in members):
+            continue  # projection images (radiographs): no geometry, no volume
         check_consistent(uid, members)
         series[uid] = order_series(uid, members)
     return series
