@@ -97,13 +97,19 @@ def test_files_that_cannot_be_written_are_named_with_the_reason(tmp_path, caplog
     del lone.SeriesInstanceUID
     lone.SOPInstanceUID = lone.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
     lone.save_as(tmp_path / "lone.dcm")
-    names = [*map(str, series.files), str(tmp_path / "lone.dcm")]
-    maps = np.zeros((4, *series.masks[0].shape), np.float32)
+    flat = pydicom.dcmread(series.files[1])  # a radiograph of its own series: no plane
+    del flat.ImagePositionPatient, flat.ImageOrientationPatient
+    flat.SeriesInstanceUID = pydicom.uid.generate_uid()
+    flat.SOPInstanceUID = flat.file_meta.MediaStorageSOPInstanceUID = pydicom.uid.generate_uid()
+    flat.save_as(tmp_path / "flat.dcm")
+    names = [*map(str, series.files), str(tmp_path / "lone.dcm"), str(tmp_path / "flat.dcm")]
+    maps = np.zeros((5, *series.masks[0].shape), np.float32)
     writer = VolumeMapWriter(tmp_path / "out")
     with caplog.at_level(logging.WARNING):
         _predict(writer, _trainer(tmp_path), names, maps, maps.astype(np.uint8))
-    assert list(writer.not_written) == [str(tmp_path / "lone.dcm")]
+    assert sorted(writer.not_written) == [str(tmp_path / "flat.dcm"), str(tmp_path / "lone.dcm")]
     assert "SeriesInstanceUID" in writer.not_written[str(tmp_path / "lone.dcm")]
+    assert "ImagePositionPatient" in writer.not_written[str(tmp_path / "flat.dcm")]
     assert any("lone.dcm" in record.getMessage() for record in caplog.records)
     assert len(writer.written) == 2  # the series is written all the same
 

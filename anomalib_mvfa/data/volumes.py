@@ -207,7 +207,7 @@ def dicom_volumes(files: dict[str, dict[int, Any]]) -> tuple[dict[str, list[tupl
 
     Single-frame files are grouped by series (:func:`~anomalib_mvfa.data.series.group_series`); a
     multi-frame file is a volume of its frames. Returns the volumes and ``{file or series: reason}``
-    for the files that belong to none (no series UID, a series that mixes geometries).
+    for the files that belong to none (no series UID, no geometry, a series that mixes geometries).
     """
     headers = {header.path: header for header in dicom_headers(files)}
     reasons = {name: "its header cannot be read" for name in files if Path(name) not in headers}
@@ -218,10 +218,16 @@ def dicom_volumes(files: dict[str, dict[int, Any]]) -> tuple[dict[str, list[tupl
         return volumes, {**reasons, "series": str(error)}
     for uid, ordered in series.items():
         volumes[uid] = [(header.path, 0) for header in ordered]
+    grouped = {header.path for ordered in series.values() for header in ordered}
     for path, header in headers.items():
         if header.series_uid is None:
             reasons[str(path)] = "it has no SeriesInstanceUID, which a DICOM result must reference"
         elif header.frames > 1:
             key = header.series_uid if header.series_uid not in volumes else f"{header.series_uid}_{path.stem}"
             volumes[key] = [(path, frame) for frame in sorted(files[str(path)])]
+        elif path not in grouped:
+            reasons[str(path)] = (
+                "it states no ImagePositionPatient or ImageOrientationPatient (a projection image?): a Segmentation "
+                "and a Parametric Map need the plane of every frame"
+            )
     return volumes, reasons
