@@ -48,6 +48,9 @@ from .series import dicom_headers, group_series
 
 logger = logging.getLogger(__name__)
 
+# Files or series that get no DICOM results named one by one in the log; the rest are counted
+LISTED_REASONS = 10
+
 
 class VolumeMapWriter(Callback):
     """Write the anomaly maps (and predicted masks) of NIfTI slices as volumes (module docstring).
@@ -188,8 +191,14 @@ class VolumeMapWriter(Callback):
         if series:
             logger.info("Wrote the DICOM results of %d series to '%s'.", series, output_dir)
         self.not_written.update(reasons)
-        for name, reason in reasons.items():
+        for name, reason in list(reasons.items())[:LISTED_REASONS]:
             logger.warning("VolumeMapWriter: no DICOM results for '%s': %s", name, reason)
+        if len(reasons) > LISTED_REASONS:
+            logger.warning(
+                "VolumeMapWriter: and no DICOM results for %d more file(s) or series (VolumeMapWriter.not_written "
+                "names each with its reason).",
+                len(reasons) - LISTED_REASONS,
+            )
 
     def on_test_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         """Write the volumes."""
