@@ -13,6 +13,8 @@ from sklearn.metrics import f1_score, roc_auc_score
 
 from anomalib_mvfa.commands import main
 from anomalib_mvfa.commands.benchmark.runner import study_auroc_of_rows
+from anomalib_mvfa.commands.evaluate import ResizedItems, score_test_split, split_study_results
+from anomalib_mvfa.data import MedicalAD
 from anomalib_mvfa.errors import MvfaInputError
 from anomalib_mvfa.studies import fit_study_threshold, study_auroc, study_results
 
@@ -138,3 +140,48 @@ def test_benchmark_rows_get_their_study_and_the_study_auroc() -> None:
     flat = pd.DataFrame({"image_path": names, "study": names, "slice": [0] * len(names)})
     flat_module = SimpleNamespace(test_data=SimpleNamespace(samples=flat))
     assert study_auroc_of_rows(rows, flat_module) == (None, None)
+
+
+class _MeanScorer:
+    """A stand-in model whose score of an image is its mean intensity (and whose map is the image)."""
+
+    image_size = 64
+
+    def eval(self) -> None:
+        """Nothing to switch."""
+
+    def score_images(self, images):
+        grey = images.mean(dim=1)
+        score = grey.flatten(1).mean(dim=1)
+        branches = SimpleNamespace(zero_shot_score=score, zero_shot_map=grey, few_shot_score=None, few_shot_map=None)
+        return SimpleNamespace(branches=branches, pred_score=score, anomaly_map=grey)
+
+
+def test_the_study_threshold_of_evaluate_is_fitted_on_the_validation_studies(tmp_path) -> None:
+    root = _series_category(tmp_path / "data")
+    datamodule = MedicalAD(root=root, category="CT", num_workers=0)
+    datamodule.setup()
+    model = _MeanScorer()
+    args = SimpleNamespace(study_score="max", study_k=3, batch_size=4)
+    scores = score_test_split(model, datamodule, 4)
+    studies = split_study_results(args, model, datamodule, scores)
+
+    def fitted(split):  # independent: each item's mean, the highest of each series, F1 over thresholds
+        dataset = ResizedItems(getattr(datamodule, f"{split}_data"), 64)
+        items = [dataset[index] for index in range(len(dataset))]
+        table = getattr(datamodule, f"{split}_data").samples
+        by_study = {}
+        for item, study in zip(items, table.study, strict=True):
+            score, label = float(item.image.mean()), int(item.gt_label)
+            best, truth = by_study.get(study, (-np.inf, 0))
+            by_study[study] = (max(best, score), max(truth, label))
+        values = np.array([score for score, _ in by_study.values()])
+        truth = [label for _, label in by_study.values()]
+        f1 = [f1_score(truth, values > candidate) for candidate in np.sort(values)]
+        return float(np.sort(values)[int(np.argmax(f1))])
+
+    assert studies["threshold"] == pytest.approx(fitted("val"), rel=1e-5)
+    assert fitted("val") != pytest.approx(fitted("test"), rel=1e-5)  # the test split would give another one
+    assert [result.decision for result in studies["ours"]] == [
+        int(result.score > studies["threshold"]) for result in studies["ours"]
+    ]

@@ -408,7 +408,7 @@ def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: To
     for reason in reasons:  # logged, and named under the table
         rank_zero_only(logger.warning)("%s, seed %d: %s.", category, seed, reason)
         totals.undefined.setdefault((category, reason.split()[0]), []).append(f"{category} seed {seed}: {reason}")
-    studies = _study_results(args, model, datamodule, scores)
+    studies = split_study_results(args, model, datamodule, scores)
     if studies is not None:
         reason = study_auroc_reason(studies["ours"])
         if reason is not None:
@@ -431,7 +431,7 @@ def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: To
             _record_studies(studies, category, seed, totals)
 
 
-def _study_results(
+def split_study_results(
     args: argparse.Namespace, model: Mvfa, datamodule: MedicalAD, scores: SplitScores
 ) -> dict[str, Any] | None:
     """Study results of the test split under both fusions (and the study threshold); ``None`` without volumes.
