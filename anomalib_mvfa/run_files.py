@@ -18,8 +18,9 @@
   (:func:`export_folder`);
 - a prediction through anomalib's Engine gets a run folder of its own (``v<N>``, with ``latest`` a link
   to it, as training makes), not the ``latest`` folder of another run (:func:`own_prediction_folder`),
-  and leaves :data:`PREDICTIONS_TABLE` there: one row per image with its file, score, decision and the
-  file of its anomaly map picture.
+  and leaves :data:`PREDICTIONS_TABLE` there: one row per image with its file, its study (the volume
+  it is a slice of: a NIfTI file, a DICOM series) and slice, score, decision and the file of its
+  anomaly map picture.
 
 Exports are atomic too: ``Mvfa.to_torch``, ``to_onnx`` and ``to_openvino`` run through
 :func:`~anomalib_mvfa.utils.export_atomically`.
@@ -44,6 +45,7 @@ from lightning.pytorch import Callback, Trainer
 from lightning.pytorch.trainer.states import TrainerFn
 
 from ._compat import set_default_root_dir
+from .data.datasets import sample_identity
 from .distributed import share_run_folder
 from .support import ADAPTER_FILE, SUPPORT_RECORD
 from .utils import AtomicCheckpointIO, write_atomically, write_rows
@@ -73,6 +75,7 @@ class RunFiles(Callback):
 
     def __init__(self) -> None:
         self.predictions: list[dict[str, Any]] = []
+        self._identities: dict[str, Any] | None = None  # study and slice of each prediction sample
         self.finished_run = False  # this fit resumes a run that trained all its epochs
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: Mvfa, checkpoint: dict[str, Any]) -> None:
@@ -90,6 +93,7 @@ class RunFiles(Callback):
         if stage == TrainerFn.PREDICTING:
             own_prediction_folder(trainer)
             self.predictions = []
+            self._identities = None
         share_run_folder(trainer)
         pictures = getattr(pl_module.visualizer, "output_dir", None)  # set by an earlier run of this model
         if pictures is not None and ENGINE_RUN_FOLDER.fullmatch(Path(pictures).parent.name):
@@ -143,10 +147,16 @@ class RunFiles(Callback):
             return
         visualizer = pl_module.visualizer
         labels = outputs.pred_label if outputs.pred_label is not None else [None] * len(names)
+        if self._identities is None:
+            self._identities = prediction_identities(trainer)
         for name, score, label in zip(names, outputs.pred_score.tolist(), labels, strict=True):
             picture = visualizer.image_file(trainer, str(name)) if hasattr(visualizer, "image_file") else ""
             decision = "" if label is None else int(label)
-            self.predictions.append({"file": str(name), "score": score, "decision": decision, "map_file": picture})
+            study, index = self._identities.get(str(name)) or sample_identity(name)
+            self.predictions.append(
+                {"file": str(name), "study": study, "slice": index, "score": score, "decision": decision,
+                 "map_file": picture}
+            )  # fmt: skip
 
     def on_predict_end(self, trainer: Trainer, pl_module: Mvfa) -> None:
         """Write the predictions table of this process's images (each process its own under DDP)."""
@@ -158,6 +168,16 @@ class RunFiles(Callback):
         rows, self.predictions = self.predictions, []
         write_rows(path, rows)
         logger.info("Mvfa predictions of %d image(s) written to %s", len(rows), path)
+
+
+def prediction_identities(trainer: Trainer) -> dict[str, Any]:
+    """The study and slice of each sample of the trainer's prediction datasets that know them (``ScanFolder``'s)."""
+    loaders = trainer.predict_dataloaders
+    loaders = loaders if isinstance(loaders, list | tuple) else [loaders]
+    identities: dict[str, Any] = {}
+    for loader in loaders:
+        identities.update(getattr(getattr(loader, "dataset", None), "identities", None) or {})
+    return identities
 
 
 def own_prediction_folder(trainer: Trainer) -> None:

@@ -162,7 +162,9 @@ def test_volume_map_writer_counts_scans_and_names_skipped_dicom(tmp_path, caplog
         writer.on_predict_epoch_end(trainer, None)
     assert sorted(path.name for path in writer.written) == ["case0_anomaly_map.nii.gz", "case0_pred_mask.nii.gz"]
     assert "Wrote the anomaly maps and predicted masks of 1 scan(s)" in caplog.text
-    assert "the 1 DICOM file(s) scored here get no volume" in caplog.text
+    # the DICOM file has no series UID: no DICOM result can reference it, and the writer says so by name
+    assert list(writer.not_written) == [str(dicom_file)]
+    assert f"no DICOM results for '{dicom_file}': it has no SeriesInstanceUID" in caplog.text
 
 
 def test_each_prediction_gets_its_own_run_folder_with_a_table_of_its_images(tiny_config, mvtec_root, tmp_path) -> None:

@@ -35,6 +35,7 @@ import statistics
 import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from anomalib.engine import Engine
@@ -51,6 +52,7 @@ from ..reports.cells import Stat
 from ..reports.page import TileMap
 from ..reports.report import RunReport, make_tile
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps
+from ..studies import fit_study_threshold, has_volumes, study_auroc, study_auroc_reason, study_results
 from ..tensor_files import check_tensor_archive
 from ..utils import write_atomically, write_rows
 from .options import backbone_arguments
@@ -61,6 +63,8 @@ from .run_folder import shared_run_folder
 logger = logging.getLogger(__name__)
 
 FUSIONS = ("ours", "authors")
+# AC: image AUROC; AS: pixel AUROC; study_AUROC: AUROC of the study scores of volumes (anomalib_mvfa.studies)
+METRICS = ("AC", "AS", "study_AUROC")
 
 
 @dataclass
@@ -163,24 +167,24 @@ class ResizedItems(Dataset):
 
 
 @torch.no_grad()
-def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8) -> SplitScores:
-    """Score the datamodule's test split with the model's own scoring (:meth:`MvfaModel.score`).
+def score_test_split(model: Mvfa, datamodule: MedicalAD, batch_size: int = 8, split: str = "test") -> SplitScores:
+    """Score the datamodule's test split (or ``split="val"``) with the model's own scoring (:meth:`MvfaModel.score`).
 
     The datamodule and its test dataset are read, not changed (set up first if they are not yet).
     In a process group (DDP), each process scores its unrepeated share of the images, as Lightning's
     test loop of ``Mvfa`` does (:func:`~anomalib_mvfa.distributed.process_share`), and all of them are
     gathered, in order, before anything is normalised: every process returns the whole split's scores.
     """
-    if getattr(datamodule, "test_data", None) is None:
+    if getattr(datamodule, f"{split}_data", None) is None:
         datamodule.setup()
-    test_data = datamodule.test_data
+    test_data = getattr(datamodule, f"{split}_data")
     whole = DataLoader(
         ResizedItems(test_data, model.image_size), batch_size=batch_size, shuffle=False, collate_fn=test_data.collate_fn
     )
     loader, indices = process_share(whole)
     model.eval()
     columns: dict[str, list[torch.Tensor]] = {}
-    for batch in job_bar(loader, len(loader), "scoring the test split"):
+    for batch in job_bar(loader, len(loader), f"scoring the {split} split"):
         scores = model.score_images(batch.image)
         branches = scores.branches
         values = {
@@ -231,7 +235,7 @@ def markdown_table(summary: list[dict[str, object]], title: str, undefined: set[
     ``undefined``) and ``-`` where it does not apply (AS without masks).
     """
     undefined = undefined or set()
-    columns = [f"{fusion} {metric}" for fusion in FUSIONS for metric in ("AC", "AS")]
+    columns = [f"{fusion} {metric}" for fusion in FUSIONS for metric in shown_metrics(summary, undefined)]
     lines = [f"### {title}", "", "| dataset | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
     for row in summary:
         cells = []
@@ -244,6 +248,13 @@ def markdown_table(summary: list[dict[str, object]], title: str, undefined: set[
                 cells.append(f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}"))
         lines.append(f"| {row['category']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def shown_metrics(summary: list[dict[str, object]], undefined: set[tuple[str, str]]) -> tuple[str, ...]:
+    """AC and AS, and the study AUROC where some run had volumes (a value, or a reason it is undefined)."""
+    studies = any(row.get(f"{fusion}_study_AUROC_mean") is not None for row in summary for fusion in FUSIONS)
+    studies = studies or any(metric == "study_AUROC" for _, metric in undefined)
+    return METRICS if studies else METRICS[:2]
 
 
 def _categories(args: argparse.Namespace) -> list[str]:
@@ -359,6 +370,7 @@ class Totals:
 
     rows: list[dict[str, object]] = field(default_factory=list)  # one per run: AC and AS of both fusions
     images: list[dict[str, object]] = field(default_factory=list)  # one per test image of every run
+    studies: list[dict[str, object]] = field(default_factory=list)  # one per test volume of every run
     pixels: list[dict[str, object]] = field(default_factory=list)  # one per run with masks
     pipelines: set[str] = field(default_factory=set)
     k_shots: set[int] = field(default_factory=set)
@@ -391,15 +403,75 @@ def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: To
     for reason in reasons:  # logged, and named under the table
         rank_zero_only(logger.warning)("%s, seed %d: %s.", category, seed, reason)
         totals.undefined.setdefault((category, reason.split()[0]), []).append(f"{category} seed {seed}: {reason}")
+    studies = split_study_results(args, model, datamodule, scores)
+    if studies is not None:
+        reason = study_auroc_reason(studies["ours"])
+        if reason is not None:
+            rank_zero_only(logger.warning)("%s, seed %d: %s.", category, seed, reason)
+            totals.undefined.setdefault((category, "study_AUROC"), []).append(f"{category} seed {seed}: {reason}")
+            reasons.append(reason)
+        for fusion in FUSIONS:
+            value = study_auroc(studies[fusion])
+            metrics[fusion]["study_AUROC"] = None if value is None else 100 * value
     row: dict[str, object] = {"category": category, "seed": seed}
     for fusion in FUSIONS:
-        for metric in ("AC", "AS"):
+        for metric in METRICS:
             row[f"{fusion}_{metric}"] = metrics[fusion].get(metric)
     totals.rows.append(row)
     values = ", ".join(f"{key} {value:.2f}" for key, value in row.items() if isinstance(value, float))
     _say("   " + values + "".join(f"; {reason}" for reason in reasons))
     if rank_zero_only.rank == 0:
         _record_run(datamodule, scores, _thresholds(model), category, seed, output, totals, first=seed == args.seeds[0])
+        if studies is not None:
+            _record_studies(studies, category, seed, totals)
+
+
+def split_study_results(
+    args: argparse.Namespace, model: Mvfa, datamodule: MedicalAD, scores: SplitScores
+) -> dict[str, Any] | None:
+    """Study results of the test split under both fusions (and the study threshold); ``None`` without volumes.
+
+    The study threshold (of the model's own scores) is fitted on the validation split's studies,
+    scored here for that; the authors' fusion has no threshold (it normalises with the test set).
+    """
+    samples = datamodule.test_data.samples
+    if "study" not in samples or not has_volumes(list(samples["study"])):
+        return None
+    files = [str(path) for path in samples.image_path]
+    method, k = args.study_score, args.study_k
+    val_data = getattr(datamodule, "val_data", None)
+    threshold = None
+    if val_data is not None and "study" in val_data.samples:
+        validation = score_test_split(model, datamodule, args.batch_size, split="val")
+        val_studies = list(val_data.samples["study"])
+        fitted = study_results(val_studies, validation.score, validation.labels, None, method, k)
+        threshold = fit_study_threshold(fitted)
+    studies = list(samples["study"])
+    return {
+        "ours": study_results(studies, scores.score, scores.labels, files, method, k, threshold),
+        "authors": study_results(studies, authors_fusion(scores)[0], scores.labels, files, method, k),
+        "threshold": threshold,
+    }
+
+
+def _record_studies(studies: dict[str, Any], category: str, seed: int, totals: Totals) -> None:
+    """One row per test volume: its slices, label, scores under both fusions, threshold and decision."""
+    threshold = studies["threshold"]
+    for ours, authors in zip(studies["ours"], studies["authors"], strict=True):
+        totals.studies.append(
+            {
+                "category": category,
+                "seed": seed,
+                "study": ours.study,
+                "slices": ours.slices,
+                "label": ours.label,
+                "score_ours": ours.score,
+                "threshold_ours": threshold,
+                "decision_ours": ours.decision,
+                "top_slice_ours": ours.top_name,
+                "score_authors": authors.score,
+            }
+        )
 
 
 def _record_run(
@@ -416,6 +488,8 @@ def _record_run(
     samples = datamodule.test_data.samples
     files = [str(path) for path in samples.image_path]
     masks_on_disk = [str(path) if isinstance(path, str) else "" for path in samples.get("mask_path", [""] * len(files))]
+    studies = [str(study) for study in samples.get("study", files)]
+    slices = [int(index) for index in samples.get("slice", [0] * len(files))]
     image_threshold, pixel_threshold = thresholds
     authors_score, authors_map = authors_fusion(scores)
     map_paths = save_maps(scores.anomaly_map, files, output / "maps" / category / f"seed{seed}")
@@ -424,6 +498,8 @@ def _record_run(
         totals.images.append(
             {
                 "file": file,
+                "study": studies[index],
+                "slice": slices[index],
                 "category": category,
                 "seed": seed,
                 "label": int(scores.labels[index]),
@@ -505,6 +581,13 @@ def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> 
         "authors: min-max of each branch over the test set, then 0.5/0.5 (max of the map for AC where masks "
         "exist); uses test-set statistics, for comparison with the paper only. '-': not applicable (no masks).\n"
     )
+    if totals.studies:
+        method = f"top_k_mean, k={args.study_k}" if args.study_score == "top_k_mean" else args.study_score
+        note += (
+            f"study_AUROC: AUROC of the study scores ({method} of the slice scores) of the test split's volumes "
+            "(NIfTI files, DICOM series), a study abnormal when any of its slices is; study decisions use a threshold "
+            "fitted on the validation split's volumes.\n"
+        )
     if totals.undefined:
         reasons = [reason for group in totals.undefined.values() for reason in group]
         note += "Empty cells and means over fewer seeds: undefined metrics, left out. " + "; ".join(reasons) + ".\n"
@@ -514,9 +597,15 @@ def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> 
     stem = "_".join(f"few-shot_{k}shot" if k else "zero-shot" for k in sorted(totals.k_shots))
     _write_tables(output, stem, totals.rows, table + "\n" + note)
     write_rows(output / f"{stem}_images.csv", totals.images)
+    if totals.studies:
+        write_rows(output / f"{stem}_studies.csv", totals.studies)
     if totals.pixels:
         write_rows(output / f"{stem}_pixels.csv", totals.pixels)
     tables = {"AUROC % (mean ± std over seeds)": _report_rows(summary)}
+    if totals.studies:
+        tables["Studies: one row per test volume (ours; score of its slices, decision at the study threshold)"] = [
+            study_report_row(row) for row in totals.studies
+        ]
     notes = [note, THRESHOLD_NOTE]
     warning = "Random CLIP weights: the numbers mean nothing." if totals.random_weights else None
     page = totals.report.write(output, f"{stem}_report.html", title, tables, notes, warning)
@@ -535,14 +624,37 @@ THRESHOLD_NOTE = (
 def _report_rows(summary: list[dict[str, object]]) -> list[dict[str, object]]:
     """The summary as the page's table: one row per category, ``mean ± std`` cells."""
     rows = []
+    metrics = shown_metrics(summary, set())
     for entry in summary:
         row: dict[str, object] = {"category": entry["category"], "seeds": entry["seeds"]}
         for fusion in FUSIONS:
-            for metric in ("AC", "AS"):
+            for metric in metrics:
                 mean, std = entry.get(f"{fusion}_{metric}_mean"), entry.get(f"{fusion}_{metric}_std")
                 row[f"{fusion} {metric}"] = None if mean is None else Stat(mean, std, percent=True)
         rows.append(row)
     return rows
+
+
+def study_report_row(row: dict[str, object]) -> dict[str, object]:
+    """A volume's row of the report page's study table.
+
+    Example:
+        >>> row = {"category": "CT", "seed": 0, "study": "1.2.3", "slices": 40, "label": 1, "score_ours": 2.5,
+        ...        "threshold_ours": 1.0, "decision_ours": 1, "top_slice_ours": "ct/IM0031.dcm"}
+        >>> study_report_row(row)["decision"], study_report_row(row)["highest slice"]
+        ('abnormal', 'IM0031.dcm')
+    """
+    decision = row.get("decision_ours")
+    return {
+        "category": row["category"],
+        "seed": row["seed"],
+        "study": row["study"],
+        "slices": row["slices"],
+        "label": "abnormal" if row.get("label") else "normal",
+        "score": row["score_ours"],
+        "decision": None if decision is None else ("abnormal" if decision else "normal"),
+        "highest slice": Path(str(row.get("top_slice_ours") or "")).name,
+    }
 
 
 def _write_tables(output: Path, stem: str, rows: list[dict[str, object]], markdown: str) -> None:

@@ -29,6 +29,7 @@ __all__ = [
     "BACKBONE_PRESETS",
     "COMMAND_ARGUMENTS",
     "add_option",
+    "add_study_arguments",
     "backbone_settings",
     "benchmark",
     "configs",
@@ -171,6 +172,19 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
     add_option(parser, "--strategy", default="auto", help="Lightning strategy; ddp for several devices")
     add_option(parser, "--num-nodes", type=int, default=1, help="nodes of a multi-node run")
     add_option(parser, "--output", default="results/evaluation", help=RUN_FOLDER_HELP)
+    add_study_arguments(parser)
+
+
+def add_study_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--study-score`` and ``--study-k``: how the slice scores of a volume become its study score."""
+    add_option(
+        parser,
+        "--study-score",
+        choices=("max", "top_k_mean", "mean"),
+        default="max",
+        help="study score of a volume (NIfTI file, DICOM series) from its slice scores",
+    )
+    add_option(parser, "--study-k", type=int, default=3, help="slices --study-score top_k_mean averages")
 
 
 # the run folders of evaluate and benchmark (see anomalib_mvfa.commands.run_folder)

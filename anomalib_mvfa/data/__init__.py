@@ -5,7 +5,9 @@
 - :class:`MedicalAD`: MVFA's medical benchmark layout.
 - :class:`MedicalFolder`: anomalib's ``Folder`` layout for any folder of scans.
 - :class:`ScanFolder`, :class:`ScanPredictDataset`: unlabelled scans for prediction.
-- :class:`VolumeMapWriter`: anomaly maps of NIfTI volumes written back as volumes.
+- :class:`VolumeMapWriter`: anomaly maps of NIfTI volumes written back as volumes, and of DICOM series as a
+  DICOM Segmentation and Parametric Map (:mod:`~anomalib_mvfa.data.dicom_results`).
+- :mod:`~anomalib_mvfa.data.series`: single-frame DICOM files grouped into series, in anatomical order.
 
 Example:
     >>> from anomalib_mvfa.data import MedicalAD, MedicalFolder

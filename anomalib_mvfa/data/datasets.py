@@ -31,7 +31,10 @@ from torchvision.tv_tensors import Mask
 from .._compat import read_predict_dataset_as
 from ..errors import MvfaFileNotFoundError, MvfaInputError
 from . import nifti
+from .dicom import read_header
+from .dicom_results import is_segmentation, segmentation_index
 from .readers import DEFAULT_READER, SampleName, ScanReader, file_format, list_scan_files
+from .series import Identity, series_identities
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +121,15 @@ class ScanDataset(AnomalibDataset):
 
 
 def mask_index(mask_folders: Sequence[Path]) -> dict[str, Path]:
-    """Mask files by :func:`file_key`; each also under its key without a mask ending (``_mask``...)."""
+    """Mask files by :func:`file_key`; each also under its key without a mask ending (``_mask``...).
+
+    DICOM Segmentations are left out: they are paired by the images they reference (:func:`find_mask`).
+    """
     masks: dict[str, Path] = {}
     for folder in mask_folders:
         for path in list_scan_files(folder):
+            if file_format(path) == "dicom" and is_segmentation(path):
+                continue
             masks.setdefault(file_key(path), path)
     for key, path in list(masks.items()):
         for ending in MASK_NAME_ENDINGS[1:]:
@@ -130,14 +138,65 @@ def mask_index(mask_folders: Sequence[Path]) -> dict[str, Path]:
     return masks
 
 
+def segmentation_masks(mask_folders: Sequence[Path]) -> dict[str, Path]:
+    """``{SOP Instance UID: Segmentation}`` of the DICOM Segmentations in ``mask_folders``."""
+    return segmentation_index(path for folder in mask_folders for path in list_scan_files(folder))
+
+
+def find_mask(path: Path, masks: dict[str, Path], references: dict[str, Path]) -> Path | str | None:
+    """The mask of an abnormal file: by name (:func:`mask_index`), else the Segmentation that references it.
+
+    A Segmentation's mask is named ``seg.dcm#sop=<the image's SOP Instance UID>``.
+    """
+    mask = masks.get(file_key(path))
+    if mask is None and references and file_format(path) == "dicom":
+        uid = str(read_header(path).get("SOPInstanceUID", ""))
+        if uid in references:
+            return str(SampleName(references[uid], reference=uid))
+    return mask
+
+
+def file_identities(reader: ScanReader, files: Sequence[Path]) -> dict[Path, Identity]:
+    """The study and slice of the files of ``files`` in a DICOM series (none when ``reader.group_series`` is off)."""
+    return series_identities(files, reader.budget) if reader.group_series else {}
+
+
+def sample_identity(name: str | Path, identity: Identity | None = None) -> Identity:
+    """The study and slice of one sample: its file's series identity, else its file and its frame or slice index.
+
+    Example:
+        >>> sample_identity("brain.nii.gz#axial=080")
+        Identity(study='brain.nii.gz', slice=80)
+    """
+    sample = SampleName.parse(name)
+    if identity is None:
+        return Identity(str(sample.file), sample.index)
+    return Identity(identity.study, identity.slice + sample.index)
+
+
 def file_sample_rows(
-    reader: ScanReader, path: Path, label: LabelName, split: str, mask: Path | None, root: Path
+    reader: ScanReader,
+    path: Path,
+    label: LabelName,
+    split: str,
+    mask: Path | str | None,
+    root: Path,
+    identity: Identity | None = None,
 ) -> list[dict[str, Any]]:
-    """Rows of one file: one per sample, with the mask sample and the label each slice's mask gives."""
+    """Rows of one file: one per sample, with the mask sample and the label each slice's mask gives.
+
+    ``identity`` is the file's place in its DICOM series (:func:`file_identities`): each row's
+    ``study`` and ``slice``.
+    """
     names = reader.samples(path)
     masks = [""] * len(names)
     labels = [int(label)] * len(names)
-    if mask is not None:
+    if isinstance(mask, str) and SampleName.parse(mask).reference is not None:
+        # a DICOM Segmentation's mask of this image: the slice is abnormal where it marks a pixel, as NIfTI slices
+        masks = [mask]
+        labels = [int(LabelName.ABNORMAL if reader.read_mask(mask).any() else LabelName.NORMAL)]
+    elif mask is not None:
+        mask = Path(mask)
         if file_format(path) == "nifti":
             nifti.check_label_volume(path, mask)
             marked = nifti.marked_slices(mask, reader.slice_axis, reader.time_point, reader.budget)
@@ -159,6 +218,8 @@ def file_sample_rows(
             "mask_path": mask_name,
             "label_index": sample_label,
             "source_file": str(path),
+            "study": sample_identity(name, identity).study,
+            "slice": sample_identity(name, identity).slice,
         }
         for name, mask_name, sample_label in zip(names, masks, labels, strict=True)
     ]
@@ -207,6 +268,7 @@ def make_folder_samples(
         raise MvfaInputError(msg)
     mask_folders = _folders(root_path, mask_dir)
     masks = mask_index(mask_folders)
+    references = segmentation_masks(mask_folders)
     rows: list[dict[str, Any]] = []
     for folders, label, split in groups:
         for folder in folders:
@@ -216,18 +278,38 @@ def make_folder_samples(
             if not files:
                 msg = f"Folder '{folder}' holds no readable file (images, DICOM or NIfTI)."
                 raise MvfaInputError(msg)
+            identities = file_identities(reader, files)
             for path in files:
-                mask = masks.get(file_key(path)) if label == LabelName.ABNORMAL else None
-                if label == LabelName.ABNORMAL and masks and mask is None:
+                mask = find_mask(path, masks, references) if label == LabelName.ABNORMAL else None
+                if label == LabelName.ABNORMAL and (masks or references) and mask is None:
                     msg = f"Abnormal file '{path}' has no mask in {mask_dir}: expected '{file_key(path)}.<suffix>'."
                     raise MvfaInputError(msg)
-                rows.extend(file_sample_rows(reader, path, label, split, mask, root_path or folder))
+                identity = identities.get(path)
+                rows.extend(file_sample_rows(reader, path, label, split, mask, root_path or folder, identity))
     if not rows:
         msg = f"No image in the folders {[str(folder) for folders, _, _ in groups for folder in folders]}."
         raise MvfaInputError(msg)
     samples = pd.DataFrame(rows)
+    check_studies_in_one_folder(samples)
     samples.attrs["task"] = "segmentation" if (samples.mask_path != "").any() else "classification"
     return samples
+
+
+def check_studies_in_one_folder(samples: pd.DataFrame) -> None:
+    """Refuse a DICOM series whose files lie in several folders (normal and abnormal): it would be two studies.
+
+    Raises:
+        MvfaInputError: Naming the series and its folders.
+    """
+    folders = samples.groupby("study")["source_file"].agg(lambda files: sorted({str(Path(f).parent) for f in files}))
+    for study, parents in folders.items():
+        if len(parents) > 1:
+            msg = (
+                f"DICOM series '{study}' has files in {len(parents)} folders ({', '.join(parents)}): a series is one "
+                "study and must lie in one folder. Move its files together, or read every file as an image of its "
+                "own with --data.reader.group_series false."
+            )
+            raise MvfaInputError(msg)
 
 
 class MedicalFolderDataset(ScanDataset):
@@ -275,23 +357,26 @@ def split_by_source_file(datamodule: Any, split_step: Callable[[], None]) -> Non
     """Run one of anomalib's split steps on whole files, then give each split its files' samples.
 
     anomalib splits samples at random; with several samples per file (slices of a volume,
-    frames of a DICOM) that would put neighbouring slices of one scan into training and test.
-    Here every dataset of ``datamodule`` is reduced to one row per source file (labelled
-    abnormal when any of its samples is), ``split_step`` runs, and the rows come back.
+    frames of a DICOM) or per study (the files of a DICOM series) that would put neighbouring
+    slices of one scan into training and test. Here every dataset of ``datamodule`` is reduced to
+    one row per study (its ``study`` column, else its source file; labelled abnormal when any of
+    its samples is), ``split_step`` runs, and the rows come back.
     """
     names = ("train_data", "val_data", "test_data")
     datasets = [getattr(datamodule, name, None) for name in names]
     tables = [dataset.samples for dataset in datasets if isinstance(dataset, ScanDataset)]
-    if not tables or all(table.source_file.is_unique for table in tables):
+    key = "study" if tables and all("study" in table for table in tables) else "source_file"
+    if not tables or all(table[key].is_unique for table in tables):
         split_step()
         return
     every_sample = pd.concat(tables, ignore_index=True)
     task = tables[0].attrs.get("task", "classification")
     for dataset in datasets:
         if isinstance(dataset, ScanDataset):
-            by_file = dataset.samples.groupby("source_file", as_index=False).agg(
-                {"path": "first", "split": "first", "label": "first", "label_index": "max", "mask_path": "first"}
-            )
+            columns = {"path": "first", "split": "first", "label": "first", "label_index": "max", "mask_path": "first"}
+            if key == "study":
+                columns["source_file"] = "first"
+            by_file = dataset.samples.groupby(key, as_index=False).agg(columns)
             by_file["image_path"] = by_file["source_file"]
             by_file.attrs["task"] = task
             dataset.samples = by_file
@@ -300,8 +385,8 @@ def split_by_source_file(datamodule: Any, split_step: Callable[[], None]) -> Non
         dataset = getattr(datamodule, name, None)
         if not isinstance(dataset, ScanDataset):
             continue
-        files = set(dataset.samples.source_file)
-        expanded = every_sample[every_sample.source_file.isin(files)].reset_index(drop=True)
+        files = set(dataset.samples[key])
+        expanded = every_sample[every_sample[key].isin(files)].reset_index(drop=True)
         expanded.attrs["task"] = task
         dataset.samples = expanded
 
@@ -327,7 +412,12 @@ class ScanPredictDataset(PredictDataset):
             raise MvfaInputError(msg)
         self.transform = transform
         self.reader = reader or DEFAULT_READER
-        self.image_filenames = [name for file in files for name in self.reader.samples(file)]
+        identities = file_identities(self.reader, files)
+        self.identities: dict[str, Identity] = {}
+        for file in files:
+            for name in self.reader.samples(file):
+                self.identities[name] = sample_identity(name, identities.get(file))
+        self.image_filenames = list(self.identities)
         if not self.image_filenames:
             msg = f"'{path}' holds no image with the reader settings {self.reader}: every slice or frame was left out."
             raise MvfaInputError(msg)

@@ -218,6 +218,11 @@ def dicom_frame_count(path: str | Path, max_decoded_bytes: int | None = None) ->
     return check_layout(dataset, path, max_decoded_bytes)
 
 
+def read_header(path: str | Path, max_decoded_bytes: int | None = None) -> Any:
+    """The data set without its pixel data (``stop_before_pixels``), errors naming the file."""
+    return _read(path, pixels=False, max_decoded_bytes=max_decoded_bytes)
+
+
 def dicom_size(path: str | Path) -> tuple[int, int]:
     """``(rows, columns)`` from the header."""
     dataset = _read(path, pixels=False)

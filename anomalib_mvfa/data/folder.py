@@ -2,8 +2,9 @@ r"""Datamodules for any folder of scans: :class:`MedicalFolder` (labelled) and :
 
 :class:`MedicalFolder` takes the arguments of anomalib's ``Folder`` and reads every file with
 :class:`~anomalib_mvfa.data.readers.ScanReader`: 8- and 16-bit PNG/TIFF in every image mode,
-DICOM (one sample per frame) and NIfTI (one sample per slice). anomalib's random splits are made
-on whole files, so the slices of one volume stay in one split.
+DICOM (one sample per frame; the single-frame files of a series are one volume in anatomical order,
+:mod:`~anomalib_mvfa.data.series`) and NIfTI (one sample per slice). anomalib's random splits are made
+on whole studies (a NIfTI file, a DICOM series), so the slices of one volume stay in one split.
 
 Example:
     >>> from anomalib_mvfa.data import MedicalFolder, ScanReader

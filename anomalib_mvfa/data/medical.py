@@ -40,7 +40,15 @@ from torchvision.transforms.v2 import Transform
 
 from ..errors import MvfaInputError
 from ..prompting import prompt_class_name
-from .datasets import ScanDataset, file_key, file_sample_rows, mask_index
+from .datasets import (
+    ScanDataset,
+    check_studies_in_one_folder,
+    file_identities,
+    file_sample_rows,
+    find_mask,
+    mask_index,
+    segmentation_masks,
+)
 from .readers import DEFAULT_READER, ScanReader, file_format, resolve_reader
 
 logger = logging.getLogger(__name__)
@@ -108,9 +116,12 @@ def make_medical_samples(
         label_folder = layout_folder(base, label)
         mask_folder = layout_folder(label_folder, "anomaly_mask")
         masks = mask_index([mask_folder]) if mask_folder.is_dir() else {}
-        for path in _image_files(layout_folder(label_folder, "img")):
-            mask = masks.get(file_key(path)) if label_index == LabelName.ABNORMAL else None
-            for row in file_sample_rows(reader, path, label_index, split, mask, base):
+        references = segmentation_masks([mask_folder]) if mask_folder.is_dir() else {}
+        files = _image_files(layout_folder(label_folder, "img"))
+        identities = file_identities(reader, files)
+        for path in files:
+            mask = find_mask(path, masks, references) if label_index == LabelName.ABNORMAL else None
+            for row in file_sample_rows(reader, path, label_index, split, mask, base, identities.get(path)):
                 # a slice of an abnormal volume whose label-volume slice is empty is a normal sample
                 row_label = "Ungood" if row["label_index"] == LabelName.ABNORMAL else "good"
                 rows.append({**row, "label": row_label, "category": category})
@@ -118,6 +129,7 @@ def make_medical_samples(
         msg = f"Split '{base}' holds no image: expected images in {base}/good/img and {base}/Ungood/img."
         raise MvfaInputError(msg)
     _check_masks(rows, category, base, reader)
+    check_studies_in_one_folder(pd.DataFrame(rows))
     normal = sum(row["label_index"] == LabelName.NORMAL for row in rows)
     with_masks = sum(bool(row["mask_path"]) for row in rows)
     logger.info(

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 SCAN_SUFFIXES = (*image_io.PLAIN_SUFFIXES, *dicom.DICOM_SUFFIXES, *nifti.NIFTI_SUFFIXES)
 NON_IMAGE_CHOICES = ("skip", "error")
 _PART = re.compile(r"^(?P<file>.+)#(?P<part>frame|axial|coronal|sagittal)=(?P<index>\d+)$")
+# The mask a DICOM Segmentation holds for one source image: ``seg.dcm#sop=<SOP Instance UID>``
+_REFERENCE = re.compile(r"^(?P<file>.+)#sop=(?P<uid>[0-9.]+)$")
 # A mask that is not binary counts pixels at or above this share of its value range as abnormal.
 MASK_THRESHOLD = 0.5
 # Most distinct values a mask may hold to be read as a label map (0 and a few labels).
@@ -44,23 +46,35 @@ MAX_LABELS = 16
 
 @dataclass(frozen=True)
 class SampleName:
-    """A file and, for files of several images, which one (``part`` and ``index``)."""
+    """A file and, for files of several images, which one (``part`` and ``index``).
+
+    A DICOM Segmentation's mask of one source image is named by that image's SOP Instance UID
+    (``reference``): ``seg.dcm#sop=1.2.826...``.
+    """
 
     file: Path
     part: str | None = None
     index: int = 0
+    reference: str | None = None
 
     @classmethod
     def parse(cls, name: str | Path) -> SampleName:
-        """Split ``"scan.dcm#frame=3"``; a name that is an existing file is taken whole."""
+        """Split ``"scan.dcm#frame=3"`` or ``"seg.dcm#sop=1.2.3"``; a name that is an existing file is taken whole."""
         text = str(name)
+        if Path(text).exists():
+            return cls(Path(text))
+        reference = _REFERENCE.match(text)
+        if reference is not None:
+            return cls(Path(reference["file"]), reference=reference["uid"])
         match = _PART.match(text)
-        if match is None or Path(text).exists():
+        if match is None:
             return cls(Path(text))
         return cls(Path(match["file"]), match["part"], int(match["index"]))
 
     def __str__(self) -> str:
         """The name as samples tables hold it."""
+        if self.reference is not None:
+            return f"{self.file}#sop={self.reference}"
         return str(self.file) if self.part is None else f"{self.file}#{self.part}={self.index:03d}"
 
     @property
@@ -127,6 +141,10 @@ class ScanReader:
             default) is a sixty-fourth of the physical memory: a read holds several float32 copies of
             the data, so a file at the limit needs about a fifth of the memory.
             ``--data.reader.max_decoded_bytes 4000000000`` on the command line.
+        group_series: Group single-frame DICOM files by ``SeriesInstanceUID`` into volumes in
+            anatomical order (:mod:`~anomalib_mvfa.data.series`): every slice stays a sample, and
+            a series is one study (splits, study scores, DICOM results). ``False`` reads every
+            file as an image of its own.
 
     Example:
         >>> reader = ScanReader(slice_axis="coronal", skip_empty_slices=True)
@@ -142,6 +160,7 @@ class ScanReader:
     skip_empty_slices: bool = False
     non_image_files: str = "skip"
     max_decoded_bytes: int | None = None
+    group_series: bool = True
     _intensity: Intensity = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -278,6 +297,10 @@ def _mask_fractions(
     kind = file_format(sample.file)
     if kind == "nifti" and sample.part in nifti.SLICE_AXES:
         return nifti.read_nifti_mask_slice(sample.file, sample.part, sample.index, time_point, max_decoded_bytes)
+    if kind == "dicom" and sample.reference is not None:
+        from .dicom_results import read_segmentation_mask  # noqa: PLC0415 - highdicom, only for Segmentations
+
+        return read_segmentation_mask(sample.file, sample.reference)
     if kind == "dicom":
         values = dicom.read_dicom_stored(sample.file, sample.index, max_decoded_bytes)
         return (values.reshape(values.shape[0], values.shape[1], -1) != 0).any(axis=-1).astype(np.uint8)
@@ -290,7 +313,8 @@ def _mask_fractions(
 def read_mask(name: str | Path, time_point: int = 0, max_decoded_bytes: int | None = None) -> torch.Tensor:
     """Read a mask sample as an ``H x W`` uint8 tensor of 0 and 1.
 
-    NIfTI label volumes and DICOM masks: every non-zero value is 1. Image files: every channel
+    NIfTI label volumes and DICOM masks: every non-zero value is 1; a DICOM Segmentation's mask of one
+    source image (``seg.dcm#sop=<SOP Instance UID>``): every segment. Image files: every channel
     that varies counts, alpha included (an annotation drawn in green, blue or alpha alone is read);
     a mask holding 0 and one other value marks the pixels of that value abnormal, whatever it is
     (1, 255, 65535); a label map (a few small integer labels, all below half of the value range,

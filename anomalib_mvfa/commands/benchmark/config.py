@@ -23,15 +23,33 @@ from ...errors import MvfaInputError
 __all__ = [
     "METRICS",
     "RANDOM_WEIGHTS",
+    "STUDY_METRIC",
     "BenchmarkConfig",
     "check_class_paths",
     "class_name",
     "load_class",
+    "shown_metrics",
     "weights_label",
 ]
 
 # the figures of every row, averaged over seeds in the tables
 METRICS = ("image_AUROC", "pixel_AUROC", "image_F1Score", "fit_seconds", "images_per_second", "peak_memory_mb")
+# AUROC of the study scores (the highest slice score) of volumes (NIfTI files, DICOM series): a column of the
+# tables only where some job's test split held volumes (shown_metrics)
+STUDY_METRIC = "study_AUROC"
+
+
+def shown_metrics(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """:data:`METRICS`, with :data:`STUDY_METRIC` after the pixel AUROC where a row has it or says why it is undefined.
+
+    Example:
+        >>> shown_metrics([{"study_AUROC": None}])[:3], shown_metrics([{"study_AUROC": 0.9}])[:3]
+        (('image_AUROC', 'pixel_AUROC', 'image_F1Score'), ('image_AUROC', 'pixel_AUROC', 'study_AUROC'))
+    """
+    studies = any(row.get(STUDY_METRIC) not in (None, "") or STUDY_METRIC in str(row.get("undefined")) for row in rows)
+    return (*METRICS[:2], STUDY_METRIC, *METRICS[2:]) if studies else METRICS
+
+
 # the weights label of rows whose accuracy means nothing
 RANDOM_WEIGHTS = "random (accuracy not meaningful)"
 

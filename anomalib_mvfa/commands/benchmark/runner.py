@@ -34,10 +34,11 @@ from anomalib.engine import Engine
 from ..._compat import winclip_without_pretrained_weights
 from ...metrics import undefined_auroc_reason
 from ...reports.recorder import TestRecorder
+from ...studies import has_volumes, study_auroc, study_auroc_reason, study_results
 from ...utils import write_atomically, write_rows
 from ..options import preset_init_args
 from ..progress import on_terminal, overall_bar, say
-from .config import METRICS, BenchmarkConfig, load_class, weights_label
+from .config import METRICS, STUDY_METRIC, BenchmarkConfig, load_class, shown_metrics, weights_label
 from .jobs import Job
 
 __all__ = [
@@ -179,6 +180,8 @@ def run_job(job: Job, config: BenchmarkConfig) -> dict[str, Any]:
         test_seconds = time.perf_counter() - started
     pipeline = getattr(model, "feature_pipeline", None)
     accuracy, undefined = _defined_aurocs(results, datamodule)
+    accuracy[STUDY_METRIC], reason = study_auroc_of_rows(recorder.rows, datamodule)
+    undefined += [reason] if reason else []
     pixels = {"scores": recorder.pixel_scores, "targets": recorder.pixel_targets, "summary": recorder.pixel_summary()}
     recorder.save_maps()
     write_rows(job.images_file, recorder.rows)
@@ -221,6 +224,30 @@ def _defined_aurocs(results: dict[str, Any], datamodule: Any) -> tuple[dict[str,
     return values, reasons
 
 
+def study_auroc_of_rows(rows: list[dict[str, Any]], datamodule: Any) -> tuple[float | None, str | None]:
+    """AUROC of the study scores (highest slice score) of the test rows, and why it is undefined.
+
+    Each row gains its ``study`` and ``slice`` (from the test split's samples table, the file itself
+    where there is none). ``(None, None)`` where no study holds several slices (2D images only: the
+    image AUROC says it all).
+    """
+    samples = getattr(getattr(datamodule, "test_data", None), "samples", None)
+    identities = {}
+    if samples is not None and "study" in samples:
+        columns = (samples[column] for column in ("image_path", "study", "slice"))
+        identities = {str(name): (str(study), int(index)) for name, study, index in zip(*columns, strict=True)}
+    for row in rows:
+        row["study"], row["slice"] = identities.get(str(row["file"]), (str(row["file"]), 0))
+    studies = [str(row["study"]) for row in rows]
+    if not has_volumes(studies):
+        return None, None
+    results = study_results(studies, [row["score"] for row in rows], [row["label"] for row in rows])
+    reason = study_auroc_reason(results)
+    if reason is not None:
+        return None, reason.replace("study AUROC", "study_AUROC")
+    return study_auroc(results), None
+
+
 def _bind_device(device: int | None) -> None:
     """Job process initialiser: see only GPU ``device`` (``None``: no GPU binding)."""
     if device is not None:
@@ -231,7 +258,7 @@ def _print_metrics(row: dict[str, Any]) -> None:
     if row.get("error"):
         say(f"    FAILED: {row['error']}")
         return
-    say("    " + ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row[m] is not None))
+    say("    " + ", ".join(f"{m} {row[m]:.4g}" for m in shown_metrics([row]) if row[m] is not None))
 
 
 class JobFailedError(RuntimeError):
@@ -256,6 +283,7 @@ def failed_row(job: Job, config: BenchmarkConfig, error: BaseException) -> dict[
         "category": job.category,
         "seed": job.seed,
         **dict.fromkeys(METRICS),
+        STUDY_METRIC: None,
         "weights": weights_label(preset_init_args(job.model.get("init_args") or {}), config.random_weights),
         "undefined": "",
         "error": " ".join(reason.split()),

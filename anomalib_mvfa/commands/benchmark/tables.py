@@ -18,7 +18,7 @@ from typing import Any
 
 from ...reports.cells import Stat, column_label, format_cell
 from ...utils import write_atomically, write_rows
-from .config import METRICS, RANDOM_WEIGHTS
+from .config import METRICS, RANDOM_WEIGHTS, shown_metrics  # noqa: F401 - METRICS: the module example
 
 __all__ = ["describe_row", "summary_rows", "summary_table", "write_tables"]
 
@@ -38,11 +38,12 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for row in rows:
         groups.setdefault((row["model"], row["data"], row["category"], row["weights"]), []).append(row)
     summary = []
+    metrics = shown_metrics(rows)
     for (model, data, category, weights), group in groups.items():
         cells: dict[str, Any] = {"model": model, "data": data, "category": str(category)}
         cells["seeds"] = sum(not row.get("error") for row in group)
-        for metric in METRICS:
-            values = [float(row[metric]) for row in group if row[metric] not in (None, "")]
+        for metric in metrics:
+            values = [float(row[metric]) for row in group if row.get(metric) not in (None, "")]
             if not values:
                 undefined = any(metric in str(row.get("undefined", "")) for row in group)
                 cells[metric] = "" if undefined else None
@@ -56,7 +57,7 @@ def summary_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table: one line per model, data and category, mean ± std over seeds."""
-    header = ["model", "data", "category", "seeds", *METRICS, "weights"]
+    header = ["model", "data", "category", "seeds", *shown_metrics(rows), "weights"]
     lines = ["| " + " | ".join(map(column_label, header)) + " |", "|---" * len(header) + "|"]
     lines += ["| " + " | ".join(format_cell(key, cells[key]) for key in header) + " |" for cells in summary_rows(rows)]
     reasons = sorted({reason for row in rows for reason in str(row.get("undefined") or "").split("; ") if reason})
