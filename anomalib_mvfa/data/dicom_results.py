@@ -38,6 +38,7 @@ import numpy as np
 from ..errors import MvfaInputError
 from ..utils import write_atomically
 from . import dicom
+from .formats import file_format
 
 MANUFACTURER = "anomalib-mvfa"
 MODEL_NAME = "MVFA"
@@ -219,8 +220,6 @@ def segmentation_index(files: Iterable[str | Path]) -> dict[str, Path]:
     Raises:
         MvfaInputError: If two Segmentations reference the same image, naming both.
     """
-    from .readers import file_format  # noqa: PLC0415 - readers imports this module lazily
-
     index: dict[str, Path] = {}
     for path in files:
         if file_format(path) != "dicom" or not is_segmentation(path):

@@ -29,6 +29,7 @@ import torch
 from ..errors import MvfaInputError
 from . import dicom, image_io, nifti
 from .budget import default_max_decoded_bytes, human_bytes
+from .formats import file_format
 from .intensity import Intensity
 
 logger = logging.getLogger(__name__)
@@ -84,20 +85,6 @@ class SampleName:
         if self.part is not None:
             name = f"{name}_{self.part}{self.index:03d}"
         return name if name.lower().endswith(image_io.DISPLAY_SUFFIXES) else f"{name}.png"
-
-
-def file_format(path: str | Path) -> str | None:
-    """``"image"``, ``"dicom"``, ``"nifti"``, or ``None`` for a file of none of them."""
-    lower = str(path).lower()
-    if lower.endswith(nifti.NIFTI_SUFFIXES):
-        return "nifti"
-    if lower.endswith(dicom.DICOM_SUFFIXES):
-        return "dicom"
-    if lower.endswith(image_io.PLAIN_SUFFIXES):
-        return "image"
-    if not Path(path).suffix or Path(path).suffix.lower() in {".ima", ".img"}:
-        return "dicom" if dicom.is_dicom_file(path) else None
-    return None
 
 
 def list_scan_files(

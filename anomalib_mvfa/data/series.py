@@ -34,6 +34,7 @@ import numpy as np
 
 from ..errors import MvfaInputError
 from . import dicom
+from .formats import file_format
 
 logger = logging.getLogger(__name__)
 
@@ -211,8 +212,6 @@ def group_series(headers: Iterable[SliceHeader]) -> dict[str, list[SliceHeader]]
 
 def dicom_headers(files: Iterable[str | Path], max_decoded_bytes: int | None = None) -> list[SliceHeader]:
     """Headers of the DICOM files among ``files``; files that cannot be read are left to the checks before a run."""
-    from .readers import file_format  # noqa: PLC0415 - readers imports this module
-
     headers = []
     for path in files:
         if file_format(path) != "dicom":
