@@ -282,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="mvfa-deploy-") as temporary:
         root = Path(temporary)
         model, datamodule = fitted_model(args, root)
-        size = model.model.image_size
+        size = model.image_size
         held = held_out_set(root / "held_out", size, args.held_out, args.seed + 1)
         held.images = held.images.to(device)
         model = model.to(device)
