@@ -15,7 +15,12 @@ Example:
 
 from __future__ import annotations
 
-__all__ = ["MvfaFileNotFoundError", "MvfaInputError", "MvfaTrainingDivergedError"]
+import importlib
+from types import ModuleType
+
+__all__ = ["MvfaFileNotFoundError", "MvfaInputError", "MvfaTrainingDivergedError", "medical_extra"]
+
+MEDICAL_INSTALL_HINT = "pip install 'anomalib-mvfa[medical]'"
 
 
 class MvfaInputError(ValueError):
@@ -28,3 +33,17 @@ class MvfaFileNotFoundError(MvfaInputError, FileNotFoundError):
 
 class MvfaTrainingDivergedError(MvfaInputError, FloatingPointError):
     """The training loss became NaN or infinite: the settings or the images do not suit each other."""
+
+
+def medical_extra(module: str, purpose: str) -> ModuleType:
+    """Import ``module``, a dependency of the ``[medical]`` extra; missing, an ImportError says what needs it.
+
+    Example:
+        >>> medical_extra("json", "Reading reports").__name__
+        'json'
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        msg = f"{purpose} needs {module}: {MEDICAL_INSTALL_HINT}."
+        raise ImportError(msg) from error

@@ -11,6 +11,7 @@ import logging
 import re
 import shutil
 import struct
+import sys
 import zlib
 from pathlib import Path
 
@@ -789,3 +790,14 @@ def test_the_image_formats_anomalib_lists_are_read_as_pil_reads_them(suffix: str
     expected = np.asarray(Image.open(path).convert("RGB"), dtype=np.float64) / 255
     assert file_format(path) == "image"
     np.testing.assert_allclose(read_hwc(ScanReader(), path), expected, atol=TOLERANCE)
+
+
+@pytest.mark.parametrize(
+    ("module", "name", "purpose"),
+    [("nibabel", "scan.nii.gz#axial=0", "Reading NIfTI files"), ("pydicom", "scan.dcm", "Reading DICOM files")],
+)
+def test_a_missing_medical_extra_is_named_with_how_to_install_it(module, name, purpose, tmp_path, monkeypatch) -> None:
+    (tmp_path / name.split("#")[0]).write_bytes(b"")
+    monkeypatch.setitem(sys.modules, module, None)  # "import <module>" now fails as when it is not installed
+    with pytest.raises(ImportError, match=rf"^{purpose} needs {module}: pip install 'anomalib-mvfa\[medical\]'\.$"):
+        ScanReader().read_image(tmp_path / name)

@@ -26,12 +26,12 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MvfaInputError
+from ..errors import MEDICAL_INSTALL_HINT, MvfaInputError, medical_extra
 from .budget import check_budget, check_held, default_max_decoded_bytes, human_bytes
 from .intensity import Intensity, dtype_range, scale_values
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
-INSTALL_HINT = "pip install 'anomalib-mvfa[medical]'"
+INSTALL_HINT = MEDICAL_INSTALL_HINT
 PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 # Values larger than this are not read with the header: the pixel data's length is known without reading it
 DEFER_BYTES = 1024
@@ -46,12 +46,7 @@ VOI_LUT_BITS = (8, 16)
 
 
 def _pydicom() -> Any:
-    try:
-        import pydicom  # noqa: PLC0415
-    except ImportError as error:
-        msg = f"Reading DICOM files needs pydicom: {INSTALL_HINT}."
-        raise ImportError(msg) from error
-    return pydicom
+    return medical_extra("pydicom", "Reading DICOM files")
 
 
 def is_dicom_file(path: str | Path) -> bool:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MvfaInputError
+from ..errors import MvfaInputError, medical_extra
 from ..utils import write_atomically
 from . import dicom
 from .formats import file_format
@@ -44,16 +44,10 @@ MANUFACTURER = "anomalib-mvfa"
 MODEL_NAME = "MVFA"
 SEGMENT_LABEL = "anomaly"
 SEGMENTATION_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
-INSTALL_HINT = "pip install 'anomalib-mvfa[medical]'"
 
 
 def _highdicom() -> Any:
-    try:
-        import highdicom  # noqa: PLC0415
-    except ImportError as error:
-        msg = f"Writing DICOM Segmentations and Parametric Maps needs highdicom: {INSTALL_HINT}."
-        raise ImportError(msg) from error
-    return highdicom
+    return medical_extra("highdicom", "Writing DICOM Segmentations and Parametric Maps")
 
 
 @contextmanager

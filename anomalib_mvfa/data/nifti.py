@@ -32,24 +32,18 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MvfaInputError
+from ..errors import MvfaInputError, medical_extra
 from .budget import check_budget, check_held, default_max_decoded_bytes
 from .intensity import Intensity, dtype_range, percentile_range, scale_values
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_AXES = {"sagittal": 0, "coronal": 1, "axial": 2}
-INSTALL_HINT = "pip install 'anomalib-mvfa[medical]'"
 # How many decoded volumes each process (data-loading worker) keeps
 CACHED_VOLUMES = 2
 
 
 def _nibabel() -> Any:
-    try:
-        import nibabel  # noqa: PLC0415
-    except ImportError as error:
-        msg = f"Reading NIfTI files needs nibabel: {INSTALL_HINT}."
-        raise ImportError(msg) from error
-    return nibabel
+    return medical_extra("nibabel", "Reading NIfTI files")
 
 
 def is_nifti(path: str | Path) -> bool:
