@@ -24,6 +24,7 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 from anomalib_mvfa import Mvfa
 from anomalib_mvfa.commands.benchmark import build_model
 from anomalib_mvfa.data import MedicalAD, MedicalFolder, ScanFolder, ScanReader, VolumeMapWriter
+from anomalib_mvfa.errors import MvfaInputError
 
 from .conftest import TINY_IMAGE_SIZE, cpu_engine, folder_datamodule, write_dataset
 from .test_lightning import TINY_CLI, run_anomalib
@@ -275,6 +276,21 @@ def test_prediction_on_a_folder_of_16_bit_pngs_scores_them_as_their_8_bit_copies
         assert images.mean() < 0.9, f"{name}: images read saturated"
     assert torch.allclose(scores["eight"], scores["sixteen"], atol=1e-3)
     assert scores["eight"].std() > 0
+
+
+def test_prediction_on_a_folder_whose_scans_anomalib_leaves_out_stops_naming_scan_folder(tmp_path) -> None:
+    """anomalib lists ``--data <folder>`` with image suffixes only: DICOM and NIfTI beside the images are refused."""
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(2):
+        Image.fromarray(rng.integers(0, 255, (32, 32), dtype=np.uint8)).save(folder / f"{index}.png")
+    write_dicom(folder / "series" / "IM0001", [_ct_slice(rng, lesion=False)[0]])  # no suffix, in a sub-folder
+    model = Mvfa(**TINY, k_shot=0)
+    with pytest.raises(MvfaInputError, match="left out 1 DICOM or NIfTI") as raised:
+        cpu_engine(tmp_path / "predict").predict(model, data_path=folder)
+    assert "IM0001" in str(raised.value)
+    assert f"--data anomalib_mvfa.data.ScanFolder --data.root {folder}" in str(raised.value)
 
 
 def test_bad_folders_are_refused_naming_the_file(tmp_path) -> None:

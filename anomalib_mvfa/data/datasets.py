@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -431,6 +432,37 @@ class ScanPredictDataset(PredictDataset):
         return ImageItem(image=image, image_path=str(name))
 
 
+def refuse_left_out_scans(image_filenames: Sequence[str | Path]) -> None:
+    """Refuse a prediction folder whose DICOM or NIfTI files anomalib's own listing left out.
+
+    ``anomalib predict --data <folder>`` lists the folder with anomalib's image suffixes before any
+    part of this package runs: DICOM and NIfTI files beside the images would be skipped silently.
+    The folder the listed files share is listed again with this package's formats (not when one
+    file is listed: it may have been named alone).
+
+    Raises:
+        MvfaInputError: Naming the folder, the files left out and ``ScanFolder``, which reads them.
+
+    Example:
+        >>> refuse_left_out_scans([])  # nothing listed: nothing to compare
+    """
+    paths = [Path(name) for name in image_filenames]
+    if len(paths) < 2:  # nothing listed, or one file that may have been named alone
+        return
+    folder = Path(os.path.commonpath([str(path.parent) for path in paths]))
+    listed = {path.resolve() for path in paths}
+    left_out = [path for path in folder.rglob("*") if path.is_file() and path.resolve() not in listed]
+    scans = sorted(path for path in left_out if file_format(path) in {"dicom", "nifti"})
+    if scans:
+        shown = ", ".join(str(path) for path in scans[:3]) + (" ..." if len(scans) > 3 else "")
+        msg = (
+            f"anomalib's prediction listing of '{folder}' left out {len(scans)} DICOM or NIfTI file(s) ({shown}): "
+            f"it lists images only. Predict with this package's datamodule instead, which reads every format: "
+            f"--data anomalib_mvfa.data.ScanFolder --data.root {folder}"
+        )
+        raise MvfaInputError(msg)
+
+
 def adopt_prediction_datasets(dataloaders: Any) -> int:
     """Read anomalib's own prediction datasets (``--data <folder>``) with this package's reader.
 
@@ -453,6 +485,7 @@ def adopt_prediction_datasets(dataloaders: Any) -> int:
     for loader in dataloaders:
         dataset = getattr(loader, "dataset", None)
         if type(dataset) is PredictDataset:
+            refuse_left_out_scans(dataset.image_filenames)
             read_predict_dataset_as(dataset, ScanPredictDataset)
             dataset.reader = DEFAULT_READER
             adopted += 1
