@@ -169,7 +169,8 @@ def score_against_memory_banks(
 
     Per feature layer, each patch's nearest-neighbour distance is turned into a map by ``to_map``
     (``B x L x 1`` patch values to ``B x 1 x H x W``). The anomaly map sums the segmentation tokens'
-    maps; the score sums the means of the detection tokens' maps.
+    maps; the score sums the means of the detection tokens' maps. ``to_map`` must be linear (MVFA's
+    bilinear upsampling is): the summed distances of the layers are mapped once.
 
     Example:
         >>> tokens = AdaptedTokens([torch.randn(2, 4, 8)], [torch.randn(2, 4, 8)])
@@ -180,14 +181,13 @@ def score_against_memory_banks(
         (torch.Size([2, 2, 2]), torch.Size([2]))
     """
 
-    def distance_map(layer: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
-        return to_map(nearest_neighbour_distance(layer, memory, precision)[..., None])[:, 0]
+    def summed_distance_map(layers: list[torch.Tensor], banks: torch.Tensor) -> torch.Tensor:
+        # the maps of the layers summed = the map of the summed distances: ``to_map`` upsamples linearly
+        distances = [
+            nearest_neighbour_distance(layer, bank, precision) for layer, bank in zip(layers, banks, strict=True)
+        ]
+        return to_map(torch.stack(distances).sum(dim=0)[..., None])[:, 0]
 
-    anomaly_map = sum(
-        distance_map(layer, memory) for layer, memory in zip(tokens.segmentation, seg_memory_bank, strict=True)
-    )
-    score = sum(
-        distance_map(layer, memory).mean(dim=(-2, -1))
-        for layer, memory in zip(tokens.detection, det_memory_bank, strict=True)
-    )
+    anomaly_map = summed_distance_map(tokens.segmentation, seg_memory_bank)
+    score = summed_distance_map(tokens.detection, det_memory_bank).mean(dim=(-2, -1))
     return anomaly_map, score

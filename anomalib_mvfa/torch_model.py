@@ -329,11 +329,20 @@ class MvfaModel(DynamicBufferMixin, nn.Module):
         return F.interpolate(grid, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
 
     def zero_shot_branch(self, tokens: AdaptedTokens) -> tuple[torch.Tensor, torch.Tensor]:
-        """Zero-shot anomaly map (``B x H x W``) and score (``B``), summed over feature layers."""
-        anomaly_map = sum(
-            torch.softmax(self.to_map(self.text_logits(layer)), dim=1)[:, 1] for layer in tokens.segmentation
-        )
-        score = sum(torch.softmax(self.text_logits(layer), dim=-1)[..., 1].mean(dim=-1) for layer in tokens.detection)
+        """Zero-shot anomaly map (``B x H x W``) and score (``B``), summed over feature layers.
+
+        MVFA's abnormal probability of upsampled logits, ``softmax(up(l))[1]``, equals
+        ``sigmoid(up(l_abnormal - l_normal))`` because bilinear upsampling is linear: one channel a
+        layer is upsampled, every layer in one call.
+        """
+
+        def abnormal_margin(layer: torch.Tensor) -> torch.Tensor:
+            logits = self.text_logits(layer)
+            return logits[..., 1] - logits[..., 0]
+
+        margins = torch.stack([abnormal_margin(layer) for layer in tokens.segmentation], dim=-1)
+        anomaly_map = torch.sigmoid(self.to_map(margins)).sum(dim=1)
+        score = sum(torch.sigmoid(abnormal_margin(layer)).mean(dim=-1) for layer in tokens.detection)
         return anomaly_map, score
 
     def few_shot_branch(
