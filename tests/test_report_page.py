@@ -2,25 +2,32 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import re
 from html.parser import HTMLParser
 from pathlib import Path
 
+import matplotlib as mpl
+import nibabel as nib
 import numpy as np
 import pytest
 from matplotlib.figure import Figure
 from PIL import Image
 
+from anomalib_mvfa.data import ScanReader
 from anomalib_mvfa.reports.page import (
+    THUMBNAIL_PIXELS,
     GalleryTile,
     ReportSection,
+    SliceThumbnail,
     TileMap,
     _score_text,
     colour_limits,
     render_tile,
     write_report,
 )
+from anomalib_mvfa.reports.report import slice_thumbnail
 
 from .browser import IMAGES_SCRIPT, TABLES_SCRIPT, broken_images, open_page
 
@@ -210,6 +217,7 @@ def _replace_tile(report: dict[str, object], **changes: object) -> None:
         ("RGBA image", r"tile 'scan_000\.png': image must be H x W x 3, got shape \(32, 32, 4\)"),
         ("small mask", r"tile 'scan_000\.png': mask shape \(16, 16\) differs from the image's \(32, 32\)"),
         ("small map", r"tile 'scan_000\.png': anomaly map 'ours' has shape \(16, 32\), which differs"),
+        ("small slice map", r"table 'Studies': image 'a\.dcm': anomaly map 'ours' has shape \(16, 32\), which differs"),
     ],
 )
 def test_bad_inputs_name_the_problem_and_write_nothing(tmp_path: Path, case: str, expected: str) -> None:
@@ -226,6 +234,11 @@ def test_bad_inputs_name_the_problem_and_write_nothing(tmp_path: Path, case: str
         _replace_tile(report, image=np.zeros((SIZE, SIZE, 4)))
     elif case == "small mask":
         _replace_tile(report, mask=np.zeros((16, 16), dtype=bool))
+    elif case == "small slice map":
+        view = TileMap("ours", np.zeros((16, SIZE)), 1.0, None, None)
+        report["tables"]["Studies"] = [
+            {"study": "1.2", "highest slice": SliceThumbnail("a.dcm", np.zeros((SIZE, SIZE, 3)), view)}
+        ]
     else:
         report["sections"][0].tiles[0].maps[0].anomaly_map = np.zeros((16, SIZE))
 
@@ -440,3 +453,147 @@ def test_models_of_one_named_scale_share_their_colours() -> None:
     ]
     tile = GalleryTile("false negative", "a.png", 1, np.zeros((SIZE, SIZE, 3)), None, maps)
     assert colour_limits([tile]) == {("normalised", ""): (-1.0, 3.0), ("score", "ours"): (7.0, 7.0)}
+
+
+class SliceCells(HTMLParser):
+    """The study table's picture cells (``<td class="slice">``): image data, alt text, caption and all text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cells: list[dict[str, object]] = []
+        self._open = False
+        self._in_caption = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if tag == "td":
+            self._open = attributes.get("class") == "slice"
+            if self._open:
+                self.cells.append({"png": None, "alt": None, "caption": "", "text": ""})
+        elif tag == "img" and self._open:
+            source = attributes.get("src") or ""
+            assert source.startswith("data:image/png;base64,"), source[:40]
+            self.cells[-1]["png"] = base64.b64decode(source.split(",", 1)[1])
+            self.cells[-1]["alt"] = attributes.get("alt")
+        self._in_caption = self._open and (tag == "figcaption" or self._in_caption)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "td":
+            self._open = False
+        if tag == "figcaption":
+            self._in_caption = False
+
+    def handle_data(self, data: str) -> None:
+        if self._open:
+            self.cells[-1]["text"] += data
+            if self._in_caption:
+                self.cells[-1]["caption"] += data
+
+
+def slice_cells(page: Path) -> list[dict[str, object]]:
+    parser = SliceCells()
+    parser.feed(page.read_text(encoding="utf-8"))
+    return parser.cells
+
+
+def decoded(png: bytes) -> np.ndarray:
+    """A PNG as ``H x W x 3`` floats in [0, 1]."""
+    with Image.open(io.BytesIO(png)) as image:
+        return np.asarray(image.convert("RGB"), dtype=np.float64) / 255
+
+
+def resized_slice(reader: ScanReader, name: str, size: int = THUMBNAIL_PIXELS) -> np.ndarray:
+    """A sample read with ``reader``, resized with PIL (not the package's code) to ``size`` square, in [0, 1]."""
+    image = reader.read_image(name).permute(1, 2, 0).numpy()
+    channels = [Image.fromarray(image[..., c].astype(np.float32), mode="F") for c in range(3)]
+    return np.stack([np.asarray(c.resize((size, size), Image.Resampling.BICUBIC)) for c in channels], -1).clip(0, 1)
+
+
+def write_volume(path: Path, slices: int = 6) -> Path:
+    """A NIfTI volume of 48 x 40 axial slices, each with a bright square at a place of its own on a ramp."""
+    data = np.tile(np.linspace(0, 300, 48)[:, None, None], (1, 40, slices)).astype(np.float32)
+    for index in range(slices):
+        data[4 + 6 * index : 14 + 6 * index, 5 + 4 * index : 15 + 4 * index, index] = 1000
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    return path
+
+
+def study_row(study: str, highest: object) -> dict[str, object]:
+    return {"category": "CT", "seed": 0, "study": study, "score": 2.5, "highest slice": highest}
+
+
+def test_the_study_table_shows_each_highest_slice_read_by_the_reader(tmp_path: Path) -> None:
+    """Each row's picture is its slice: within 0.01 (mean, of [0, 1]) of the slice the reader gives, resized.
+
+    The 0.01 allows for two bicubic resizes (torch's in the package, PIL's here) and 8-bit rounding (measured
+    0.001); every other slice of the volume is more than 0.05 away (measured 0.066 and more). With a map, every
+    pixel away from the map's edge is within 0.02 (measured 0.006) of half the slice plus half the map's jet
+    colour (matplotlib's alpha 0.5), computed here from the colour map; with another slice under it, 0.03 or more.
+    """
+    volume = write_volume(tmp_path / "vol.nii.gz")
+    reader = ScanReader()
+    names = reader.samples(volume)
+    assert names[3] == f"{volume}#axial=003"
+    values = np.zeros((32, 32))
+    values[:, 16:] = 4.0  # left half 0, right half 4: two colours of the map's scale
+    view = TileMap("ours", values, 2.0, 1.0, 1, "z-score", None)
+    rows = [
+        study_row("vol", slice_thumbnail(names[3], reader, name="vol.nii.gz#axial=003")),
+        study_row("vol", slice_thumbnail(names[1], reader, view, name="vol.nii.gz#axial=001")),
+    ]
+    page = write_report(tmp_path / "out" / "report.html", "studies", {"Studies": rows}, [])
+    assert sorted(path.name for path in page.parent.iterdir()) == ["report.html"]  # embedded, as the gallery
+    alone, overlaid = slice_cells(page)
+
+    assert alone["caption"] == "vol.nii.gz#axial=003"
+    assert alone["alt"] == "vol.nii.gz#axial=003"
+    shown = decoded(alone["png"])
+    assert shown.shape == (THUMBNAIL_PIXELS, THUMBNAIL_PIXELS, 3)
+    errors = [np.abs(shown - resized_slice(reader, name)).mean() for name in names]
+    assert errors[3] < 0.01, errors
+    assert min(error for index, error in enumerate(errors) if index != 3) > 0.05, errors
+
+    assert overlaid["caption"] == "vol.nii.gz#axial=001"
+    assert overlaid["alt"] == "vol.nii.gz#axial=001 with the anomaly map of ours over it"
+    jet = mpl.colormaps["jet"]
+    colour = np.zeros((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS, 3))
+    colour[:, : THUMBNAIL_PIXELS // 2] = jet(0.0)[:3]
+    colour[:, THUMBNAIL_PIXELS // 2 :] = jet(1.0)[:3]
+    away = np.r_[0 : THUMBNAIL_PIXELS // 2 - 8, THUMBNAIL_PIXELS // 2 + 8 : THUMBNAIL_PIXELS]  # not the map's edge
+    differences = [
+        np.abs(decoded(overlaid["png"]) - (0.5 * resized_slice(reader, name) + 0.5 * colour))[:, away] for name in names
+    ]
+    assert differences[1].max() < 0.02, differences[1].max()
+    assert min(difference.mean() for index, difference in enumerate(differences) if index != 1) > 0.02
+
+
+def test_a_slice_that_cannot_be_read_is_named_with_the_reason(tmp_path: Path) -> None:
+    missing = tmp_path / "gone.nii.gz"
+    rows = [study_row("vol", slice_thumbnail(f"{missing}#axial=2", ScanReader(), name="gone.nii.gz#axial=2"))]
+    page = write_report(tmp_path / "report.html", "studies", {"Studies": rows}, [])
+    (cell,) = slice_cells(page)
+    assert cell["png"] is None
+    assert cell["text"].startswith("gone.nii.gz#axial=2 (not shown: ")
+    assert cell["text"].endswith("NIfTI 'gone.nii.gz' cannot be read: No such file or no access: 'gone.nii.gz')")
+
+
+def test_study_ids_and_slice_names_are_escaped(tmp_path: Path) -> None:
+    name = "x<i>&\"y'.png"
+    Image.fromarray(np.full((20, 20), 200, np.uint8)).save(tmp_path / name)
+    study = "<b>1&2</b>"
+    rows = [
+        study_row(study, slice_thumbnail(str(tmp_path / name), ScanReader(), name=name)),
+        study_row(study, slice_thumbnail(str(tmp_path / f"gone{name}"), ScanReader(), name=f"gone{name}")),
+    ]
+    page = write_report(tmp_path / "out" / "report.html", "studies", {"Studies": rows}, [])
+    text = page.read_text(encoding="utf-8")
+    for raw in (study, name, "<i>"):
+        assert raw not in text
+    assert "&lt;b&gt;1&amp;2&lt;/b&gt;" in text
+    assert "x&lt;i&gt;&amp;&quot;y&#x27;.png" in text
+    shown, gone = slice_cells(page)
+    assert (shown["caption"], shown["alt"]) == (name, name)
+    assert decoded(shown["png"]).mean() == pytest.approx(200 / 255, abs=0.01)
+    assert gone["png"] is None
+    assert gone["text"].startswith(f"gone{name} (not shown: Image '")  # the reason names the path, escaped too
+    assert [row[2] for row in parse_page(page).tables[0]["rows"]] == [study, study]

@@ -14,12 +14,13 @@ from sklearn.metrics import f1_score, roc_auc_score
 from anomalib_mvfa.commands import main
 from anomalib_mvfa.commands.benchmark.runner import study_auroc_of_rows
 from anomalib_mvfa.commands.evaluate import ResizedItems, score_test_split, split_study_results
-from anomalib_mvfa.data import MedicalAD
+from anomalib_mvfa.data import MedicalAD, ScanReader
 from anomalib_mvfa.errors import MvfaInputError
 from anomalib_mvfa.studies import fit_study_threshold, study_auroc, study_results
 
 from .dicom_series import write_ct_series, write_png_masks
 from .test_evaluation import TINY
+from .test_report_page import decoded, resized_slice, slice_cells
 
 
 def _random_studies(seed: int) -> tuple[list[str], np.ndarray, np.ndarray]:
@@ -117,6 +118,20 @@ def test_evaluate_reports_study_auroc_of_dicom_series(tmp_path) -> None:
     page = (latest / "few-shot_1shot_report.html").read_text()
     assert "Studies: one row per test volume" in page
     assert all(row["study"] in page and Path(row["top_slice_ours"]).name in page for row in studies)
+    # each study's row shows its highest slice: the picture is half that slice (read here with the run's reader,
+    # MedicalAD's default) under the map, so less that half it is the map alone, the smoothest of all test slices'
+    cells = slice_cells(latest / "few-shot_1shot_report.html")
+    assert [cell["caption"] for cell in cells] == [Path(row["top_slice_ours"]).name for row in studies]
+    files = [row["file"] for row in images]
+    slices = {file: resized_slice(ScanReader(), file) for file in files}
+    for cell, row in zip(cells, studies, strict=True):
+        shown = decoded(cell["png"])
+        roughness = {}
+        for file, image in slices.items():
+            rest = shown - 0.5 * image
+            roughness[file] = np.abs(np.diff(rest, axis=0)).mean() + np.abs(np.diff(rest, axis=1)).mean()
+        top = roughness.pop(row["top_slice_ours"])
+        assert top < 0.85 * min(roughness.values()), (top, sorted(roughness.values())[:2])  # measured 0.70 at most
 
 
 def test_benchmark_rows_get_their_study_and_the_study_auroc() -> None:

@@ -44,15 +44,16 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.transforms.v2 import InterpolationMode, Resize
 
 from ..data.medical import MEDICAL_CATEGORIES, MedicalAD
+from ..data.readers import ScanReader, reader_of
 from ..distributed import gather_shards, process_share
 from ..errors import MvfaInputError
 from ..lightning_model import Mvfa
 from ..metrics import exact_auroc, undefined_auroc_reason
 from ..reports.cells import Stat
-from ..reports.page import TileMap
-from ..reports.report import RunReport, make_tile
+from ..reports.page import SliceThumbnail, TileMap
+from ..reports.report import RunReport, make_tile, slice_thumbnail
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps
-from ..studies import fit_study_threshold, has_volumes, study_auroc, study_auroc_reason, study_results
+from ..studies import StudyResult, fit_study_threshold, has_volumes, study_auroc, study_auroc_reason, study_results
 from ..tensor_files import check_tensor_archive
 from ..utils import write_atomically, write_rows
 from .options import backbone_arguments
@@ -371,6 +372,7 @@ class Totals:
     rows: list[dict[str, object]] = field(default_factory=list)  # one per run: AC and AS of both fusions
     images: list[dict[str, object]] = field(default_factory=list)  # one per test image of every run
     studies: list[dict[str, object]] = field(default_factory=list)  # one per test volume of every run
+    study_slices: list[SliceThumbnail] = field(default_factory=list)  # the highest slice of each of studies
     pixels: list[dict[str, object]] = field(default_factory=list)  # one per run with masks
     pipelines: set[str] = field(default_factory=set)
     k_shots: set[int] = field(default_factory=set)
@@ -421,9 +423,11 @@ def _evaluate_run(args: argparse.Namespace, category: str, seed: int, totals: To
     values = ", ".join(f"{key} {value:.2f}" for key, value in row.items() if isinstance(value, float))
     _say("   " + values + "".join(f"; {reason}" for reason in reasons))
     if rank_zero_only.rank == 0:
-        _record_run(datamodule, scores, _thresholds(model), category, seed, output, totals, first=seed == args.seeds[0])
+        thresholds = _thresholds(model)
+        _record_run(datamodule, scores, thresholds, category, seed, output, totals, first=seed == args.seeds[0])
         if studies is not None:
             _record_studies(studies, category, seed, totals)
+            totals.study_slices += top_slice_thumbnails(studies["ours"], scores, reader_of(datamodule), thresholds)
 
 
 def split_study_results(
@@ -472,6 +476,31 @@ def _record_studies(studies: dict[str, Any], category: str, seed: int, totals: T
                 "score_authors": authors.score,
             }
         )
+
+
+def ours_view(scores: SplitScores, index: int, thresholds: tuple[float | None, float | None]) -> TileMap:
+    """The model's own (``ours``) map, score, threshold and decision of test image ``index``, as pictures show it."""
+    image_threshold, pixel_threshold = thresholds
+    score = float(scores.score[index])
+    decision = None if image_threshold is None else int(score > image_threshold)
+    scale = "zero-shot score" if scores.few_shot_score is None else "z-score"
+    return TileMap("ours", scores.anomaly_map[index].numpy(), score, image_threshold, decision, scale, pixel_threshold)
+
+
+def top_slice_thumbnails(
+    results: list[StudyResult], scores: SplitScores, reader: ScanReader, thresholds: tuple[float | None, float | None]
+) -> list[SliceThumbnail]:
+    """Each study's highest slice as the study table shows it: read with the run's ``reader``, its ``ours`` map over it.
+
+    ``results`` are the studies of the test split (:func:`~anomalib_mvfa.studies.study_results`, with names);
+    a slice that cannot be read is named with the reason (:func:`~anomalib_mvfa.reports.report.slice_thumbnail`).
+    """
+    return [
+        slice_thumbnail(
+            result.top_name, reader, ours_view(scores, result.top_slice, thresholds), Path(result.top_name).name
+        )
+        for result in results
+    ]
 
 
 def _record_run(
@@ -529,15 +558,12 @@ def _record_run(
         report.add_summary(category, totals.pixels[-1])
     if first:
         test_data = ResizedItems(datamodule.test_data, scores.anomaly_map.shape[-1])
-        scale = "zero-shot score" if scores.few_shot_score is None else "z-score"
         for kind, index in pick_gallery(scores.score, scores.labels, image_threshold):
             item = test_data[index]
             views = [
-                TileMap("ours", scores.anomaly_map[index].numpy(), float(scores.score[index]), image_threshold,
-                        None if image_threshold is None else int(scores.score[index] > image_threshold),
-                        scale, pixel_threshold),
+                ours_view(scores, index, thresholds),
                 TileMap("authors", authors_map[index].numpy(), float(authors_score[index]), None, None, "test min-max"),
-            ]  # fmt: skip
+            ]
             mask = None if scores.masks is None else scores.masks[index]
             tile = make_tile(kind, files[index], int(scores.labels[index]), item.image, mask, views, model="ours")
             report.add_tile(category, tile)
@@ -603,8 +629,12 @@ def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> 
         write_rows(output / f"{stem}_pixels.csv", totals.pixels)
     tables = {"AUROC % (mean ± std over seeds)": _report_rows(summary)}
     if totals.studies:
-        tables["Studies: one row per test volume (ours; score of its slices, decision at the study threshold)"] = [
-            study_report_row(row) for row in totals.studies
+        heading = (
+            "Studies: one row per test volume (ours; score of its slices, decision at the study threshold; "
+            "its highest slice under ours' map, one colour scale over the table)"
+        )
+        tables[heading] = [
+            study_report_row(row, thumbnail) for row, thumbnail in zip(totals.studies, totals.study_slices, strict=True)
         ]
     notes = [note, THRESHOLD_NOTE]
     warning = "Random CLIP weights: the numbers mean nothing." if totals.random_weights else None
@@ -635,8 +665,8 @@ def _report_rows(summary: list[dict[str, object]]) -> list[dict[str, object]]:
     return rows
 
 
-def study_report_row(row: dict[str, object]) -> dict[str, object]:
-    """A volume's row of the report page's study table.
+def study_report_row(row: dict[str, object], highest_slice: SliceThumbnail | None = None) -> dict[str, object]:
+    """A volume's row of the report page's study table; ``highest_slice`` shows its highest slice, else its name.
 
     Example:
         >>> row = {"category": "CT", "seed": 0, "study": "1.2.3", "slices": 40, "label": 1, "score_ours": 2.5,
@@ -653,7 +683,7 @@ def study_report_row(row: dict[str, object]) -> dict[str, object]:
         "label": "abnormal" if row.get("label") else "normal",
         "score": row["score_ours"],
         "decision": None if decision is None else ("abnormal" if decision else "normal"),
-        "highest slice": Path(str(row.get("top_slice_ours") or "")).name,
+        "highest slice": highest_slice or Path(str(row.get("top_slice_ours") or "")).name,
     }
 
 

@@ -7,7 +7,8 @@ from disk, offline, with no other file and no script.
 
 A gallery tile is one test image: the image, its ground-truth mask, then one panel per model (or
 fusion) with that model's anomaly map over the image, so a benchmark shows the models side by
-side on the same image.
+side on the same image. A table cell may show an image too (:class:`SliceThumbnail`, e.g. a study's
+highest-scoring slice): one small panel drawn as a tile's map panel, embedded the same way.
 
 Example:
     >>> section = ReportSection("Brain", curves=[Path("curves/Brain_roc.png")], tiles=[tile])  # doctest: +SKIP
@@ -27,7 +28,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 
 from .. import __version__
 from ..errors import MvfaInputError
@@ -41,6 +44,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # inches per panel of a gallery tile, and its resolution
 PANEL_SIZE = 2.4
 TILE_DPI = 100
+# pixels of the side of a table cell's slice picture (SliceThumbnail)
+THUMBNAIL_PIXELS = 128
 # the scale of a map that says nothing of its scale: its colours are shared by the maps of its name only
 DEFAULT_SCALE = "score"
 # the colour of the pixel threshold's contour on a map and its mark on the colour bar (jet over grey never gives it)
@@ -78,6 +83,7 @@ td.number { text-align: right; font-variant-numeric: tabular-nums; white-space: 
 figure { margin: 0; }
 figcaption { font-size: 0.85rem; color: #3b434b; margin-top: 0.2rem; overflow-wrap: anywhere; }
 img { max-width: 100%; height: auto; display: block; border: 1px solid #e3e6e9; }
+td.slice { min-width: 128px; max-width: 180px; }
 .empty { color: #5f6871; font-style: italic; }
 """
 
@@ -138,6 +144,30 @@ class GalleryTile:
 
 
 @dataclass
+class SliceThumbnail:
+    """A table cell that shows one image (a study's highest slice): the image with a model's map over it.
+
+    Drawn as a gallery tile's map panel (same colours, same pixel-threshold contour), without title or
+    colour bar; the maps of one table share one colour scale per :func:`colour_key`.
+
+    Attributes:
+        name: what the cell says the image is (caption and alt text), e.g. ``"IM0031.dcm"``.
+        image: ``H x W x 3`` image, floats in [0, 1] or ``uint8``; ``None`` when it could not be read.
+        view: the model's map of the image (``H x W``), ``None`` for the image alone.
+        reason: why there is no image, shown beside the name.
+
+    Example:
+        >>> SliceThumbnail("vol.nii.gz#axial=003", None, reason="the file does not exist").image is None
+        True
+    """
+
+    name: str
+    image: np.ndarray | None
+    view: TileMap | None = None
+    reason: str | None = None
+
+
+@dataclass
 class ReportSection:
     """One category: its curve PNG files and its gallery.
 
@@ -181,15 +211,24 @@ def colour_limits(tiles: list[GalleryTile]) -> dict[tuple[str, str], tuple[float
         >>> colour_limits([GalleryTile("true positive", "a.png", 1, np.zeros((1, 2, 3)), None, maps)])
         {('z-score', ''): (0.0, 2.0)}
     """
+    return map_limits([tile_map for tile in tiles for tile_map in tile.maps])
+
+
+def map_limits(maps: list[TileMap]) -> dict[tuple[str, str], tuple[float, float]]:
+    """Per :func:`colour_key`, the lowest and highest finite value of ``maps``.
+
+    Example:
+        >>> map_limits([TileMap("ours", np.array([[1.0, np.nan, 3.0]]), 2.0, None, None)])
+        {('score', 'ours'): (1.0, 3.0)}
+    """
     limits: dict[tuple[str, str], tuple[float, float]] = {}
-    for tile in tiles:
-        for tile_map in tile.maps:
-            values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
-            finite = values[np.isfinite(values)]
-            if finite.size == 0:
-                continue
-            low, high = limits.get(colour_key(tile_map), (math.inf, -math.inf))
-            limits[colour_key(tile_map)] = (min(low, float(finite.min())), max(high, float(finite.max())))
+    for tile_map in maps:
+        values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size == 0:
+            continue
+        low, high = limits.get(colour_key(tile_map), (math.inf, -math.inf))
+        limits[colour_key(tile_map)] = (min(low, float(finite.min())), max(high, float(finite.max())))
     return limits
 
 
@@ -231,33 +270,77 @@ def render_tile(tile: GalleryTile, limits: dict[tuple[str, str], tuple[float, fl
         axes[1].imshow(np.asarray(tile.mask, dtype=bool), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
 
     for axis, tile_map in zip(axes[2:], tile.maps, strict=True):
-        low, high = limits.get(colour_key(tile_map), (0.0, 1.0))
-        high = high if high > low else low + 1.0
-        values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
-        axis.imshow(image)
-        overlay = axis.imshow(np.ma.masked_invalid(values), cmap="jet", alpha=0.5, vmin=low, vmax=high)
+        low, high = _map_range(tile_map, limits)
+        overlay = _draw_map(axis, image, tile_map, low, high)
         axis.set_title(_map_title(tile_map), fontsize=9)
         bar = figure.colorbar(overlay, ax=axis, fraction=0.046, pad=0.03)
         bar.ax.tick_params(labelsize=7)
         label = f"{tile_map.scale}, one colour scale per category"
         threshold = tile_map.pixel_threshold
         if threshold is not None and math.isfinite(threshold):
-            finite = values[np.isfinite(values)]
-            if finite.size and finite.min() < threshold < finite.max():
-                axis.contour(
-                    np.nan_to_num(values, nan=low),
-                    levels=[threshold],
-                    colors=CONTOUR_COLOUR,
-                    linewidths=1.2,
-                    linestyles="solid",
-                )
             if low <= threshold <= high:
                 bar.ax.axhline(threshold, color=CONTOUR_COLOUR, linewidth=2)
             label += f"\npixel threshold {format_number(threshold)}"
         bar.set_label(label, fontsize=7)
+    return _png_bytes(figure, bbox_inches="tight", pad_inches=0.05)
 
+
+def render_thumbnail(
+    thumbnail: SliceThumbnail, limits: dict[tuple[str, str], tuple[float, float]] | None = None
+) -> bytes:
+    """PNG bytes of a table cell's image: one ``H x W`` pixel panel, the map over the image as in a tile.
+
+    Raises:
+        MvfaInputError: there is no image, the image is not ``H x W x 3``, or the map is not its ``H x W``.
+
+    Example:
+        >>> view = TileMap("ours", np.random.rand(32, 32), 1.83, 1.2, 1, "z-score", 0.5)
+        >>> render_thumbnail(SliceThumbnail("IM0031.dcm", np.random.rand(32, 32, 3), view))[1:4]
+        b'PNG'
+    """
+    _check_thumbnail(thumbnail)
+    image = _display_image(thumbnail.image)
+    height, width = image.shape[:2]
+    figure = Figure(figsize=(width / TILE_DPI, height / TILE_DPI), dpi=TILE_DPI)
+    axis = figure.add_axes((0.0, 0.0, 1.0, 1.0))
+    axis.set_axis_off()
+    if thumbnail.view is None:
+        axis.imshow(image)
+    else:
+        limits = {**map_limits([thumbnail.view]), **(limits or {})}
+        _draw_map(axis, image, thumbnail.view, *_map_range(thumbnail.view, limits))
+    return _png_bytes(figure)
+
+
+def _map_range(tile_map: TileMap, limits: dict[tuple[str, str], tuple[float, float]]) -> tuple[float, float]:
+    """The colour range of ``tile_map`` in ``limits`` (never empty)."""
+    low, high = limits.get(colour_key(tile_map), (0.0, 1.0))
+    return low, high if high > low else low + 1.0
+
+
+def _draw_map(axis: Axes, image: np.ndarray, tile_map: TileMap, low: float, high: float) -> AxesImage:
+    """Draw ``image``, the map over it in ``low`` to ``high`` and the pixel threshold's contour; the map's artist."""
+    values = np.asarray(tile_map.anomaly_map, dtype=np.float64)
+    axis.imshow(image)
+    overlay = axis.imshow(np.ma.masked_invalid(values), cmap="jet", alpha=0.5, vmin=low, vmax=high)
+    threshold = tile_map.pixel_threshold
+    if threshold is not None and math.isfinite(threshold):
+        finite = values[np.isfinite(values)]
+        if finite.size and finite.min() < threshold < finite.max():
+            axis.contour(
+                np.nan_to_num(values, nan=low),
+                levels=[threshold],
+                colors=CONTOUR_COLOUR,
+                linewidths=1.2,
+                linestyles="solid",
+            )
+    return overlay
+
+
+def _png_bytes(figure: Figure, **options: object) -> bytes:
+    """The figure as PNG bytes at :data:`TILE_DPI`."""
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=TILE_DPI, bbox_inches="tight", pad_inches=0.05)
+    figure.savefig(buffer, format="png", dpi=TILE_DPI, **options)
     return buffer.getvalue()
 
 
@@ -285,8 +368,9 @@ def write_report(
         ``path``.
 
     Raises:
-        ValueError: a curve file is missing or not a PNG, or a gallery tile's image, mask or map
-            has the wrong shape. Every input is checked before anything is written.
+        ValueError: a curve file is missing or not a PNG, or a gallery tile's (or a table's
+            :class:`SliceThumbnail`'s) image, mask or map has the wrong shape. Every input is checked
+            before anything is written.
 
     Example:
         >>> write_report(Path("results/report.html"), "MVFA, 4-shot", {"AC": rows}, sections,
@@ -296,6 +380,15 @@ def write_report(
     from ..utils import write_atomically  # noqa: PLC0415 (the utils module loads anomalib and lightning)
 
     path = Path(path)
+    for heading, rows in tables.items():
+        for value in (value for row in rows for value in row.values()):
+            if not isinstance(value, SliceThumbnail) or value.image is None:
+                continue  # a thumbnail without an image shows its name and why
+            try:
+                _check_thumbnail(value)
+            except ValueError as error:
+                msg = f"table {heading!r}: {error}"
+                raise MvfaInputError(msg) from error
     for section in sections:
         for curve in section.curves:
             _check_curve(section.category, Path(curve))
@@ -341,6 +434,23 @@ def _check_tile(tile: GalleryTile) -> None:
             raise MvfaInputError(msg)
 
 
+def _check_thumbnail(thumbnail: SliceThumbnail) -> None:
+    """Raise MvfaInputError naming the thumbnail unless its image is ``H x W x 3`` and its map ``H x W``."""
+    if thumbnail.image is None:
+        msg = f"image {thumbnail.name!r}: there is no image to draw ({thumbnail.reason or 'no reason given'})"
+        raise MvfaInputError(msg)
+    shape = np.shape(thumbnail.image)
+    if len(shape) != 3 or shape[2] != 3:
+        msg = f"image {thumbnail.name!r}: must be H x W x 3, got shape {shape}"
+        raise MvfaInputError(msg)
+    if thumbnail.view is not None and np.shape(thumbnail.view.anomaly_map) != shape[:2]:
+        msg = (
+            f"image {thumbnail.name!r}: anomaly map {thumbnail.view.name!r} has shape "
+            f"{np.shape(thumbnail.view.anomaly_map)}, which differs from the image's {shape[:2]}"
+        )
+        raise MvfaInputError(msg)
+
+
 def _display_image(image: np.ndarray) -> np.ndarray:
     """The image as floats in [0, 1] (8-bit images are scaled; anything else is clipped)."""
     image = np.asarray(image)
@@ -382,10 +492,13 @@ def _table(rows: list[dict[str, object]], css_class: str, caption: str) -> str:
     """An HTML table of ``rows``; columns in order of first appearance, headed with their unit; missing cells '-'.
 
     Every cell is written by :func:`.cells.format_cell`: metrics in [0, 1] in percent, numbers
-    with a fixed number of significant digits.
+    with a fixed number of significant digits; a :class:`SliceThumbnail` as its image (one colour
+    scale per :func:`colour_key` over the table) captioned with its name.
     """
     if not rows:
         return f'<p class="empty">{html.escape(caption)}: no rows.</p>'
+    thumbnails = [value for row in rows for value in row.values() if isinstance(value, SliceThumbnail)]
+    limits = map_limits([thumbnail.view for thumbnail in thumbnails if thumbnail.view is not None])
     columns = list(dict.fromkeys(key for row in rows for key in row))
     head = "".join(  # headings may break after an underscore, so that wide tables fit
         f'<th scope="col">{html.escape(column_label(column)).replace("_", "_<wbr>")}</th>' for column in columns
@@ -395,6 +508,9 @@ def _table(rows: list[dict[str, object]], css_class: str, caption: str) -> str:
         cells = []
         for column in columns:
             value = row.get(column)
+            if isinstance(value, SliceThumbnail):
+                cells.append(f'<td class="slice">{_thumbnail_cell(value, limits)}</td>')
+                continue
             text = html.escape(format_cell(column, value))
             cells.append(f'<td class="number">{text}</td>' if is_number(value) else f"<td>{text}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
@@ -430,6 +546,15 @@ def _image(css_class: str, data: bytes, alt: str, caption: str) -> str:
         f'<figure><img class="{css_class}" src="{_png_uri(data)}" alt="{html.escape(alt)}">'
         f"<figcaption>{html.escape(caption)}</figcaption></figure>"
     )
+
+
+def _thumbnail_cell(thumbnail: SliceThumbnail, limits: dict[tuple[str, str], tuple[float, float]]) -> str:
+    """A table cell's figure of ``thumbnail``; its name and why there is no image where there is none."""
+    if thumbnail.image is None:
+        reason = thumbnail.reason or "no image"
+        return f'{html.escape(thumbnail.name)} <span class="empty">(not shown: {html.escape(reason)})</span>'
+    over = "" if thumbnail.view is None else f" with the anomaly map of {thumbnail.view.name} over it"
+    return _image("thumb", render_thumbnail(thumbnail, limits), f"{thumbnail.name}{over}", thumbnail.name)
 
 
 def _label_text(label: int) -> str:

@@ -14,16 +14,25 @@ Example:
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from torch.nn.functional import interpolate
 
+from ..data.readers import SampleName
 from .curves import CurvePlot, CurveSeries, write_curves
-from .page import GalleryTile, ReportSection, TileMap, write_report
+from .page import THUMBNAIL_PIXELS, GalleryTile, ReportSection, SliceThumbnail, TileMap, write_report
 from .results import pixel_sample
 
+if TYPE_CHECKING:
+    from ..data.readers import ScanReader
+
 Level = str  # "image" or "pixel"
+# the most characters of why an image cannot be shown (the cell names the image already)
+REASON_CHARACTERS = 160
 
 
 class RunReport:
@@ -129,3 +138,37 @@ def make_tile(
     return GalleryTile(
         kind=kind, file=file, label=int(label), image=tile_image(image), mask=mask_array, maps=maps, model=model
     )
+
+
+def slice_thumbnail(
+    sample: str, reader: ScanReader, view: TileMap | None = None, name: str | None = None, size: int = THUMBNAIL_PIXELS
+) -> SliceThumbnail:
+    """A table cell's picture of ``sample``, read with ``reader`` (the run's), ``size`` pixels square.
+
+    The image is resized as the model saw it (square, bicubic) and ``view``'s map with it (bilinear,
+    antialiased); the cell is captioned ``name`` (``sample`` without one). A sample that cannot be read
+    gives a cell with the name and why, not an error: the page is written all the same.
+
+    Example:
+        >>> from anomalib_mvfa.data import ScanReader
+        >>> cell = slice_thumbnail("absent.nii.gz#axial=003", ScanReader())
+        >>> cell.image is None, cell.reason is not None
+        (True, True)
+    """
+    shown = sample if name is None else name
+    try:
+        image = reader.read_image(sample)
+    except (ValueError, OSError) as error:  # the reader's MvfaInputError, or the file went away since the run
+        file = SampleName.parse(sample).file
+        reason = str(error) or type(error).__name__
+        reason = reason.replace(str(file), file.name)  # the cell names the slice: its long path says no more
+        if len(reason) > REASON_CHARACTERS:
+            reason = reason[: REASON_CHARACTERS - 1] + "…"
+        return SliceThumbnail(shown, None, reason=reason)
+    image = interpolate(image[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    pixels = (tile_image(image[0]) * 255).round().astype(np.uint8)
+    if view is not None:
+        values = torch.as_tensor(np.asarray(view.anomaly_map, dtype=np.float32))[None, None]
+        values = interpolate(values, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        view = replace(view, anomaly_map=values[0, 0].numpy())
+    return SliceThumbnail(shown, pixels, view)
