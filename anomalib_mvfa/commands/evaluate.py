@@ -53,7 +53,16 @@ from ..reports.cells import Stat
 from ..reports.page import SliceThumbnail, TileMap
 from ..reports.report import RunReport, make_tile, slice_thumbnail
 from ..reports.results import finite_or_none, pick_gallery, pixel_summary, save_maps
-from ..studies import StudyResult, fit_study_threshold, has_volumes, study_auroc, study_auroc_reason, study_results
+from ..studies import (
+    StudyLabels,
+    StudyResult,
+    fit_study_threshold,
+    has_volumes,
+    read_study_labels,
+    study_auroc,
+    study_auroc_reason,
+    study_results,
+)
 from ..tensor_files import check_tensor_archive
 from ..utils import write_atomically, write_rows
 from .options import backbone_arguments
@@ -437,25 +446,33 @@ def split_study_results(
 
     The study threshold (of the model's own scores) is fitted on the validation split's studies,
     scored here for that; the authors' fusion has no threshold (it normalises with the test set).
+    With ``--study-labels``, the file's labels are the studies' labels of both splits.
     """
     samples = datamodule.test_data.samples
     if "study" not in samples or not has_volumes(list(samples["study"])):
         return None
     files = [str(path) for path in samples.image_path]
     method, k = args.study_score, args.study_k
+    given = _study_labels(args)
     val_data = getattr(datamodule, "val_data", None)
     threshold = None
     if val_data is not None and "study" in val_data.samples:
         validation = score_test_split(model, datamodule, args.batch_size, split="val")
         val_studies = list(val_data.samples["study"])
-        fitted = study_results(val_studies, validation.score, validation.labels, None, method, k)
+        fitted = study_results(val_studies, validation.score, validation.labels, None, method, k, study_labels=given)
         threshold = fit_study_threshold(fitted)
     studies = list(samples["study"])
     return {
-        "ours": study_results(studies, scores.score, scores.labels, files, method, k, threshold),
-        "authors": study_results(studies, authors_fusion(scores)[0], scores.labels, files, method, k),
+        "ours": study_results(studies, scores.score, scores.labels, files, method, k, threshold, given),
+        "authors": study_results(studies, authors_fusion(scores)[0], scores.labels, files, method, k, None, given),
         "threshold": threshold,
     }
+
+
+def _study_labels(args: argparse.Namespace) -> StudyLabels | None:
+    """The labels of ``--study-labels`` (:func:`~anomalib_mvfa.studies.read_study_labels`), ``None`` without it."""
+    path = getattr(args, "study_labels", None)
+    return None if not path else read_study_labels(path)
 
 
 def _record_studies(studies: dict[str, Any], category: str, seed: int, totals: Totals) -> None:
@@ -577,6 +594,7 @@ def run(args: argparse.Namespace) -> int:
     """
     categories = _categories(args)
     _check_templates(args)
+    _study_labels(args)  # a bad labels file stops the command before any training
     with shared_run_folder(args.output) as output:
         return _run_into(args, categories, output)
 
@@ -609,9 +627,12 @@ def _run_into(args: argparse.Namespace, categories: list[str], output: Path) -> 
     )
     if totals.studies:
         method = f"top_k_mean, k={args.study_k}" if args.study_score == "top_k_mean" else args.study_score
+        truth = (
+            f"labelled by {args.study_labels}" if args.study_labels else "a study abnormal when any of its slices is"
+        )
         note += (
             f"study_AUROC: AUROC of the study scores ({method} of the slice scores) of the test split's volumes "
-            "(NIfTI files, DICOM series), a study abnormal when any of its slices is; study decisions use a threshold "
+            f"(NIfTI files, DICOM series), {truth}; study decisions use a threshold "
             "fitted on the validation split's volumes.\n"
         )
     if totals.undefined:

@@ -176,7 +176,7 @@ def evaluate(parser: argparse.ArgumentParser) -> None:
 
 
 def add_study_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--study-score`` and ``--study-k``: how the slice scores of a volume become its study score."""
+    """``--study-score`` and ``--study-k`` (a volume's study score of its slice scores), ``--study-labels``."""
     add_option(
         parser,
         "--study-score",
@@ -185,6 +185,21 @@ def add_study_arguments(parser: argparse.ArgumentParser) -> None:
         help="study score of a volume (NIfTI file, DICOM series) from its slice scores",
     )
     add_option(parser, "--study-k", type=int, default=3, help="slices --study-score top_k_mean averages")
+    add_option(
+        parser,
+        "--study-labels",
+        default=None,
+        help=f"{STUDY_LABELS_HELP} for the study AUROC, the study table and the study threshold fitted on the "
+        "validation split; every volume of those splits needs a row",
+    )
+
+
+# --study-labels of evaluate and benchmark (see anomalib_mvfa.studies.read_study_labels)
+STUDY_LABELS_HELP = (
+    "CSV file of study labels: a header row with the columns study and label, then one row per volume: its DICOM "
+    "SeriesInstanceUID or NIfTI file (path, or file name alone) and 0/1 (or normal/abnormal); these labels, not "
+    "'abnormal when any slice is', are the volumes' ground truth"
+)
 
 
 # the run folders of evaluate and benchmark (see anomalib_mvfa.commands.run_folder)
@@ -249,6 +264,13 @@ def benchmark(parser: argparse.ArgumentParser) -> None:
         parser, "--workers", type=int, default=None, help="parallel worker processes; default: one per GPU when several"
     )
     add_feature_pipeline_argument(parser, "the config's feature_pipeline, else each model's own (Mvfa: authors)")
+    add_option(
+        parser,
+        "--study-labels",
+        default=None,
+        help=f"{STUDY_LABELS_HELP} for the study_AUROC column; every test volume needs a row; overrides the "
+        "config's study_labels",
+    )
     add_option(
         parser,
         "--in-process",

@@ -18,6 +18,10 @@ version folder of its own under the output folder (``v0``, ``v1``, ...; ``latest
 PatchCore ``pre_trained=False``, WinCLIP without its download): for speed studies only, and the
 rows say that their accuracy means nothing.
 
+Where a test split holds volumes (NIfTI files, DICOM series), the tables get a study_AUROC column, a
+study abnormal when any of its slices is; ``study_labels: <file>.csv`` (or ``--study-labels``) gives
+the studies' labels instead (:func:`~anomalib_mvfa.studies.read_study_labels`).
+
 Example config::
 
     models:

@@ -17,6 +17,7 @@ import torch
 
 from ...distributed import launched_processes
 from ...errors import MvfaInputError
+from ...studies import read_study_labels
 from ..options import benchmark as add_arguments
 from ..run_folder import new_run_folder
 from .config import RANDOM_WEIGHTS, BenchmarkConfig
@@ -40,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
     Started by a multi-process launcher, every process would run every job, so it stops.
 
     Raises:
-        MvfaInputError: If the config is missing or incomplete, names no job, or ``--workers`` is below 1.
+        MvfaInputError: If the config is missing or incomplete, names no job, its study labels file cannot
+            be read, or ``--workers`` is below 1.
     """
     processes = launched_processes()
     if processes > 1:
@@ -52,6 +54,9 @@ def run(args: argparse.Namespace) -> int:
     config = BenchmarkConfig.from_file(args.config)
     config.random_weights = config.random_weights or args.random_weights
     config.feature_pipeline = args.feature_pipeline or config.feature_pipeline
+    config.study_labels = args.study_labels or config.study_labels
+    if config.study_labels:
+        read_study_labels(config.study_labels)  # a bad labels file stops the command before any job
     if not grid(config):
         msg = f"Benchmark config '{args.config}' names no job: its categories or seeds are an empty list."
         raise MvfaInputError(msg)

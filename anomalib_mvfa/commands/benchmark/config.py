@@ -65,6 +65,7 @@ class BenchmarkConfig:
     random_weights: bool = False
     output: str = "results/benchmark"
     feature_pipeline: str | None = None  # for models that take one and whose init_args do not set it
+    study_labels: str | None = None  # CSV of the volumes' labels (anomalib_mvfa.studies.read_study_labels)
 
     @classmethod
     def from_file(cls, path: str | Path) -> BenchmarkConfig:

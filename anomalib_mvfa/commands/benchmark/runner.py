@@ -21,7 +21,7 @@ import signal
 import threading
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from multiprocessing.connection import Connection
@@ -34,7 +34,7 @@ from anomalib.engine import Engine
 from ..._compat import winclip_without_pretrained_weights
 from ...metrics import undefined_auroc_reason
 from ...reports.recorder import TestRecorder
-from ...studies import has_volumes, study_auroc, study_auroc_reason, study_results
+from ...studies import has_volumes, read_study_labels, study_auroc, study_auroc_reason, study_results
 from ...utils import write_atomically, write_rows
 from ..options import preset_init_args
 from ..progress import on_terminal, overall_bar, say
@@ -180,7 +180,8 @@ def run_job(job: Job, config: BenchmarkConfig) -> dict[str, Any]:
         test_seconds = time.perf_counter() - started
     pipeline = getattr(model, "feature_pipeline", None)
     accuracy, undefined = _defined_aurocs(results, datamodule)
-    accuracy[STUDY_METRIC], reason = study_auroc_of_rows(recorder.rows, datamodule)
+    study_labels = read_study_labels(config.study_labels) if config.study_labels else None
+    accuracy[STUDY_METRIC], reason = study_auroc_of_rows(recorder.rows, datamodule, study_labels)
     undefined += [reason] if reason else []
     pixels = {"scores": recorder.pixel_scores, "targets": recorder.pixel_targets, "summary": recorder.pixel_summary()}
     recorder.save_maps()
@@ -224,12 +225,15 @@ def _defined_aurocs(results: dict[str, Any], datamodule: Any) -> tuple[dict[str,
     return values, reasons
 
 
-def study_auroc_of_rows(rows: list[dict[str, Any]], datamodule: Any) -> tuple[float | None, str | None]:
+def study_auroc_of_rows(
+    rows: list[dict[str, Any]], datamodule: Any, study_labels: Mapping[str, int] | None = None
+) -> tuple[float | None, str | None]:
     """AUROC of the study scores (highest slice score) of the test rows, and why it is undefined.
 
     Each row gains its ``study`` and ``slice`` (from the test split's samples table, the file itself
     where there is none). ``(None, None)`` where no study holds several slices (2D images only: the
-    image AUROC says it all).
+    image AUROC says it all). A study is abnormal when any of its rows is, or as ``study_labels``
+    (the config's ``study_labels`` file, :func:`~anomalib_mvfa.studies.read_study_labels`) says.
     """
     samples = getattr(getattr(datamodule, "test_data", None), "samples", None)
     identities = {}
@@ -241,7 +245,8 @@ def study_auroc_of_rows(rows: list[dict[str, Any]], datamodule: Any) -> tuple[fl
     studies = [str(row["study"]) for row in rows]
     if not has_volumes(studies):
         return None, None
-    results = study_results(studies, [row["score"] for row in rows], [row["label"] for row in rows])
+    scores, labels = [row["score"] for row in rows], [row["label"] for row in rows]
+    results = study_results(studies, scores, labels, study_labels=study_labels)
     reason = study_auroc_reason(results)
     if reason is not None:
         return None, reason.replace("study AUROC", "study_AUROC")
