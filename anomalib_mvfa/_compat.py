@@ -162,6 +162,47 @@ def read_predict_dataset_as(dataset: Any, subclass: type) -> None:
     dataset.__class__ = subclass
 
 
+def list_prediction_scans_with(dataset_class: type) -> None:
+    """Let ``anomalib predict --data <path>`` read a folder or file of scans that anomalib lists no image in.
+
+    No public way exists: ``Engine.predict(data_path=...)`` (which ``anomalib predict --data <path>``
+    calls) builds ``PredictDataset(data_path)``, looked up as a global of ``anomalib.engine.engine``,
+    before any model or callback code runs, and anomalib's listing knows image suffixes only: a
+    folder of DICOM files or NIfTI volumes stops with "Found 0 images in <folder>". That global is
+    replaced by a function that builds anomalib's own dataset as before and, only where anomalib's
+    listing refuses the path (a ``ValueError``), builds ``dataset_class(path)`` instead, whose error
+    names the path when it has nothing readable either. Calling it again changes nothing.
+
+    Args:
+        dataset_class: A subclass of anomalib's ``PredictDataset`` that takes the path alone.
+
+    Example:
+        >>> from anomalib_mvfa.data import ScanPredictDataset
+        >>> list_prediction_scans_with(ScanPredictDataset)
+    """
+    from anomalib.engine import engine as engine_module  # noqa: PLC0415
+
+    purpose = f"listing prediction folders of scans with {dataset_class.__name__}"
+    anomalib_dataset = require_internal(engine_module, "PredictDataset", "anomalib", purpose)
+    if getattr(anomalib_dataset, "falls_back_to", None) is not None:
+        return
+    if not issubclass(dataset_class, anomalib_dataset):
+        msg = f"{dataset_class.__name__} is not a subclass of anomalib's {anomalib_dataset.__name__}."
+        raise TypeError(msg)
+
+    def prediction_dataset(path: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return anomalib_dataset(path, *args, **kwargs)
+        except ValueError as refused:  # "Found 0 images in ...", "... is not an image file"
+            try:
+                return dataset_class(path)
+            except ValueError as unreadable:
+                raise unreadable from refused
+
+    prediction_dataset.falls_back_to = dataset_class  # type: ignore[attr-defined]
+    engine_module.PredictDataset = prediction_dataset
+
+
 # ------------------------------------------------------------------------------------------------
 # torchmetrics and anomalib models (owned by reports/ and commands/)
 # ------------------------------------------------------------------------------------------------

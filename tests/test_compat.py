@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 from anomalib.data import Folder, PredictDataset
+from anomalib.engine import Engine
+from anomalib.engine import engine as engine_module
 from anomalib.models.image.winclip import torch_model as winclip_torch_model
 from lightning.pytorch import LightningModule, Trainer
 from PIL import Image
@@ -51,6 +53,14 @@ def test_anomalib_prediction_datasets_read_16_bit_images_through_the_package_rea
     assert torch.allclose(expected[0].double(), torch.from_numpy(stretched), atol=1e-6)
     assert torch.equal(dataset[0].image, expected)
     assert not torch.equal(own, expected)
+
+
+def test_anomalib_predict_builds_its_dataset_through_the_engine_module_global(tmp_path) -> None:
+    """``list_prediction_scans_with``: ``Engine.predict`` still calls ``PredictDataset(data_path)`` of its module."""
+    assert "PredictDataset(data_path" in inspect.getsource(Engine.predict)
+    assert engine_module.PredictDataset.falls_back_to is ScanPredictDataset  # installed by anomalib_mvfa.data
+    Image.fromarray(np.zeros((8, 8), dtype=np.uint8)).save(tmp_path / "image.png")
+    assert type(engine_module.PredictDataset(tmp_path)) is PredictDataset  # images: anomalib's own dataset
 
 
 # ------------------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import pydicom
 import pytest
 import torch
 import torch.nn.functional as F  # noqa: N812
+from anomalib.data import PredictDataset
 from PIL import Image
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -276,6 +277,28 @@ def test_prediction_on_a_folder_of_16_bit_pngs_scores_them_as_their_8_bit_copies
         assert images.mean() < 0.9, f"{name}: images read saturated"
     assert torch.allclose(scores["eight"], scores["sixteen"], atol=1e-3)
     assert scores["eight"].std() > 0
+
+
+def test_prediction_on_a_folder_of_dicom_files_anomalib_finds_no_image_in_reads_every_frame(tmp_path) -> None:
+    """``Engine.predict(data_path=...)``, as ``anomalib predict --data <folder>`` calls it, on DICOM files only."""
+    folder = tmp_path / "dicom"
+    rng = np.random.default_rng(0)
+    write_dicom(folder / "one.dcm", [_ct_slice(rng, lesion=False)[0]])
+    write_dicom(folder / "series" / "IM0002", [_ct_slice(rng, lesion=True)[0] for _ in range(2)])  # two frames
+    (folder / "notes.txt").write_text("not a scan")
+    with pytest.raises(ValueError, match="Found 0 images"):  # anomalib's own listing
+        PredictDataset(folder)
+    predictions = cpu_engine(tmp_path / "predict").predict(Mvfa(**TINY, k_shot=0), data_path=folder)
+    scored = [name for batch in predictions for name in batch.image_path]
+    expected = ScanReader().samples(folder / "one.dcm") + ScanReader().samples(folder / "series" / "IM0002")
+    assert sorted(scored) == sorted(str(name) for name in expected)
+    assert len(scored) == 3
+    assert torch.cat([batch.pred_score for batch in predictions]).isfinite().all()
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a scan")
+    with pytest.raises(MvfaInputError, match="holds no readable file") as raised:
+        cpu_engine(tmp_path / "predict").predict(Mvfa(**TINY, k_shot=0), data_path=tmp_path / "empty")
+    assert str(tmp_path / "empty") in str(raised.value)
 
 
 def test_prediction_on_a_folder_whose_scans_anomalib_leaves_out_stops_naming_scan_folder(tmp_path) -> None:

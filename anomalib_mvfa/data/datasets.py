@@ -29,7 +29,7 @@ from anomalib.data.utils import LabelName
 from torchvision.transforms.v2 import Transform
 from torchvision.tv_tensors import Mask
 
-from .._compat import read_predict_dataset_as
+from .._compat import list_prediction_scans_with, read_predict_dataset_as
 from ..errors import MvfaFileNotFoundError, MvfaInputError
 from . import nifti
 from .dicom import read_header
@@ -492,3 +492,8 @@ def adopt_prediction_datasets(dataloaders: Any) -> int:
     if adopted:
         logger.info("Prediction images are read with anomalib_mvfa's reader (16-bit aware, every image mode).")
     return adopted
+
+
+# ``anomalib predict --data <folder>`` of DICOM or NIfTI files (which anomalib's listing refuses) reads them
+# with ScanPredictDataset (see anomalib_mvfa._compat.list_prediction_scans_with)
+list_prediction_scans_with(ScanPredictDataset)
