@@ -83,12 +83,14 @@ def deploy_table(output: str) -> dict[str, list[str]]:
 def test_speed_deploy_prints_each_paths_fidelity_against_float32(capsys) -> None:
     code = main([
         "speed", "--deploy", *TINY_CLIP, "--k-shot", "2", "--epochs", "0", "--batch-size", "4",
-        "--held-out", "4", "--repeats", "1", "--paths", "onnxruntime,torch bf16 autocast,torch bf16 encoder",
+        "--held-out", "4", "--repeats", "1",
+        "--paths", "onnxruntime,torch bf16 autocast,torch bf16 encoder,torch bf16 encoder+search",
     ])  # fmt: skip
     output = capsys.readouterr().out
     assert code == 0, output
     table = deploy_table(output)
-    assert list(table) == ["torch float32", "torch bf16 encoder", "torch bf16 autocast", "onnxruntime"], output
+    bf16_paths = ["torch bf16 encoder", "torch bf16 encoder+search", "torch bf16 autocast"]
+    assert list(table) == ["torch float32", *bf16_paths, "onnxruntime"], output
     columns = ["images/s", "ratio", "memory", "setup", "score", "map", "spearman", "image", "pixel"]
     onnx = dict(zip(columns, table["onnxruntime"], strict=True))
     assert float(onnx["score"]) <= EXPORT_TOLERANCE
@@ -96,7 +98,7 @@ def test_speed_deploy_prints_each_paths_fidelity_against_float32(capsys) -> None
     assert float(onnx["spearman"]) >= 0.999
     assert float(onnx["image"]) == 0
     assert float(onnx["pixel"]) == pytest.approx(0, abs=0.01)
-    for name in ("torch bf16 autocast", "torch bf16 encoder"):  # the encoder's: a checkpoint reloaded
+    for name in bf16_paths:  # the encoder's: a checkpoint reloaded with inference_precision (and search_precision)
         bf16 = dict(zip(columns, table[name], strict=True))
         assert 0 < float(bf16["score"]) <= BFLOAT16_SCORE_TOLERANCE, name
         assert float(bf16["map"]) <= BFLOAT16_MAP_TOLERANCE, name

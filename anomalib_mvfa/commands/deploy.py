@@ -5,6 +5,8 @@ One process, one fitted model, the same images and memory bank for every path:
 - ``torch float32``: eager PyTorch, the reference every other path is compared with;
 - ``torch bf16 encoder``: the model with ``inference_precision="bfloat16"`` (reloaded from its
   checkpoint): the image encoder under bfloat16 autocast, the branches, search and fusion in float32;
+- ``torch bf16 encoder+search``: the same with ``search_precision="bfloat16"`` too (neighbours chosen
+  with bfloat16 similarities, their distances exact);
 - ``torch bf16 autocast``: the whole model under ``torch.autocast`` to bfloat16 (on the CPU; on
   CUDA too when ``--device`` is one);
 - ``torch.compile``: the model compiled by TorchInductor (its compile time is printed apart);
@@ -152,13 +154,18 @@ def _torch_runner(model: Mvfa, autocast: torch.dtype | None = None) -> Runner:
     return run
 
 
-def _with_bfloat16_encoder(model: Mvfa, run_folder: Path, device: torch.device) -> Mvfa:
-    """The fitted model reloaded from its checkpoint with ``inference_precision="bfloat16"``, as a user sets it."""
+def _reloaded_in_bfloat16(model: Mvfa, run_folder: Path, device: torch.device, search: str = "float32") -> Mvfa:
+    """The fitted model reloaded from its checkpoint in bfloat16, as a user sets it.
+
+    ``inference_precision="bfloat16"``, and ``search`` as its ``search_precision``.
+    """
     checkpoint = next(run_folder.rglob("model.ckpt"), None)
     if checkpoint is None:
         msg = f"no model.ckpt under {run_folder}: the fit wrote no checkpoint to reload."
         raise FileNotFoundError(msg)
-    reloaded = Mvfa.load_from_checkpoint(checkpoint, inference_precision="bfloat16", map_location=device)
+    reloaded = Mvfa.load_from_checkpoint(
+        checkpoint, inference_precision="bfloat16", search_precision=search, map_location=device
+    )
     if reloaded.image_size != model.image_size:
         msg = f"the reloaded checkpoint scores {reloaded.image_size}-pixel images, the fitted model {model.image_size}."
         raise ValueError(msg)
@@ -203,7 +210,12 @@ def deployment_paths(
     from anomalib.deploy import CompressionType  # noqa: PLC0415
 
     yield "torch float32", lambda: _torch_runner(model)
-    yield "torch bf16 encoder", lambda: _torch_runner(_with_bfloat16_encoder(model, folder.parent / "run", device))
+    run_folder = folder.parent / "run"
+    yield "torch bf16 encoder", lambda: _torch_runner(_reloaded_in_bfloat16(model, run_folder, device))
+    yield (
+        "torch bf16 encoder+search",
+        lambda: _torch_runner(_reloaded_in_bfloat16(model, run_folder, device, "bfloat16")),
+    )
     yield "torch bf16 autocast", lambda: _torch_runner(model, torch.bfloat16)
     yield "torch.compile", lambda: _torch_runner(torch.compile(model))  # type: ignore[arg-type]
     if device.type != "cpu":
@@ -267,8 +279,8 @@ def fidelity(result: PreparedPath, reference: PreparedPath, held: HeldOut) -> st
 
 
 DEPLOY_PATHS = (
-    "torch float32", "torch bf16 encoder", "torch bf16 autocast", "torch.compile", "onnxruntime", "openvino f32",
-    "openvino default", "openvino int8",
+    "torch float32", "torch bf16 encoder", "torch bf16 encoder+search", "torch bf16 autocast", "torch.compile",
+    "onnxruntime", "openvino f32", "openvino default", "openvino int8",
 )  # fmt: skip
 
 
