@@ -271,8 +271,8 @@ def check_images(images: torch.Tensor, image_size: int, name: str = "images", fi
         raise MvfaInputError(msg)
     if not finite or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return  # exported graphs take no data-dependent branch
-    if torch.isfinite(images.sum(dtype=torch.float64)):
-        return  # one reduction: NaN and infinity carry through a sum (float64: no overflow of finite values)
+    if torch.isfinite(images.sum()):
+        return  # one reduction: NaN and infinity carry through a sum (finite values that overflow it: checked below)
     is_finite = torch.isfinite(images)
     if not is_finite.all():
         bad = (~is_finite).flatten(1).sum(dim=1)

@@ -670,3 +670,16 @@ def print_catalogue() -> None:
 
 if __name__ == "__main__":
     sys.exit(print_catalogue())
+
+
+def test_finite_images_whose_sum_overflows_are_not_refused() -> None:
+    """The input check sums the batch first: a sum that overflows (finite values) is looked at value by value."""
+    from anomalib_mvfa.encoder import check_images  # noqa: PLC0415
+    from anomalib_mvfa.errors import MvfaInputError  # noqa: PLC0415
+
+    huge = torch.full((2, 3, 8, 8), torch.finfo(torch.float32).max / 2)
+    assert not torch.isfinite(huge.sum())  # the shortcut cannot decide
+    check_images(huge, image_size=8)  # every value finite: accepted
+    huge[1, 0, 2, 3] = float("inf")
+    with pytest.raises(MvfaInputError, match=r"images contain 1 NaN or infinite value\(s\), the first in image 1"):
+        check_images(huge, image_size=8)
