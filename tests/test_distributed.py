@@ -6,8 +6,8 @@ build the same memory banks, and score every test image exactly once to the same
 A test here runs once more (and the run says so: pytest-rerunfailures' "R") only when one of its
 spawned processes died by a signal: torch's gloo can abort a process as it exits (a C++ exception
 in a worker thread, or tensors freed during interpreter shutdown), outside any code of this package
-or of the test. It happened once in CI (process 1, SIGABRT, in a two-process test run, torch 2.10)
-and in none of 21 runs of that test here (13 with torch 2.14, 8 with 2.10).
+or of the test. CI saw it in two different tests of this file (torch 2.10 and 2.14: a SIGABRT of one
+of the two processes), and 21 runs of the first of them here saw none.
 A failed assertion or a Python exception in a process is never rerun.
 """
 
