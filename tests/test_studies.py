@@ -82,6 +82,17 @@ def _series_category(root: Path) -> Path:
     return root
 
 
+def evaluate_rows(output: Path) -> tuple[list[dict[str, str]], list[dict[str, str]], dict[str, str]]:
+    """The per-image rows, the per-study rows and the one run row of a 1-shot ``evaluate`` run's folder."""
+
+    def rows(name: str) -> list[dict[str, str]]:
+        with (output / f"few-shot_1shot_{name}.csv").open() as file:
+            return list(csv.DictReader(file))
+
+    (run,) = rows("runs")
+    return rows("images"), rows("studies"), run
+
+
 def test_evaluate_reports_study_auroc_of_dicom_series(tmp_path) -> None:
     root = _series_category(tmp_path / "data")
     code = main([
@@ -94,12 +105,7 @@ def test_evaluate_reports_study_auroc_of_dicom_series(tmp_path) -> None:
     table = (latest / "few-shot_1shot.md").read_text()
     assert "| dataset | ours AC | ours AS | ours study_AUROC | authors AC | authors AS | authors study_AUROC |" in table
     assert "study_AUROC: AUROC of the study scores (top_k_mean, k=2 of the slice scores)" in table
-    with (latest / "few-shot_1shot_images.csv").open() as file:
-        images = list(csv.DictReader(file))
-    with (latest / "few-shot_1shot_studies.csv").open() as file:
-        studies = list(csv.DictReader(file))
-    with (latest / "few-shot_1shot_runs.csv").open() as file:
-        (run,) = list(csv.DictReader(file))
+    images, studies, run = evaluate_rows(latest)
     assert len(images) == 12
     assert len(studies) == 4
     # independent: top-2 mean of each series' slice scores, AUROC with scikit-learn

@@ -28,7 +28,7 @@ from anomalib_mvfa.studies import (
 )
 
 from .test_evaluation import TINY
-from .test_studies import _MeanScorer, _random_studies, _series_category
+from .test_studies import _MeanScorer, _random_studies, _series_category, evaluate_rows
 
 
 def _labels_file(folder: Path, text: str, name: str = "labels.csv") -> Path:
@@ -229,12 +229,7 @@ def test_evaluate_reports_the_study_auroc_of_the_labels_of_the_file(tmp_path) ->
     ])  # fmt: skip
     assert code == 0
     latest = tmp_path / "out" / "latest"
-    with (latest / "few-shot_1shot_images.csv").open() as file:
-        images = list(csv.DictReader(file))
-    with (latest / "few-shot_1shot_studies.csv").open() as file:
-        studies = list(csv.DictReader(file))
-    with (latest / "few-shot_1shot_runs.csv").open() as file:
-        (run,) = list(csv.DictReader(file))
+    images, studies, run = evaluate_rows(latest)
     highest = {}
     for row in images:
         highest[row["study"]] = max(highest.get(row["study"], -np.inf), float(row["score_ours"]))
